@@ -1,0 +1,1 @@
+"""Command-line interface: `ctc-drafter generate|demo|distill|train|eval|report`."""

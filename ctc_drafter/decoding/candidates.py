@@ -1,0 +1,116 @@
+"""Who proposes candidates: one interface, so new drafters plug in.
+
+A CandidateGenerator turns the draft's frame log-probs into a TokenTree under the root token the
+base model already chose. Two ship:
+  - `medusa`: the paper's static tree (Medusa's 63 choices over the frames' top-k, one level per
+    frame), every path collapsed by the CTC rule and identical collapsed prefixes merged;
+  - `beam` (default): CTC prefix beam search, the N most probable collapsed sequences merged into a
+    trie capped at a node budget.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..draft.ctc import collapse, prefix_beam_search
+from ..errors import CTCDrafterError
+from .tree import TokenTree
+
+# Medusa's mc_sim_7b_63: the 63 paths (top-k rank per level) of the paper's `--tree-choices medusa`.
+MEDUSA_63 = [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
+    [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8],
+    [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0],
+    [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0],
+    [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1],
+    [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0],
+]
+
+# Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
+# forward costs about the same for 1 or 256 tokens) but grows fast on a CPU (SmolLM2-135M, 2 cores:
+# ~90 ms for 1 token, ~210 ms for 16); see BENCHMARKS.md for the measurement behind the CPU value.
+DEFAULT_BUDGET = {"cpu": 12, "cuda": 64, "mps": 32}
+
+
+def default_budget(device: torch.device | str) -> int:
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return DEFAULT_BUDGET.get(kind, 16)
+
+
+class CandidateGenerator(ABC):
+    """Maps the draft's output for the newest position to a tree of candidate continuations."""
+
+    name: str = "base"
+
+    def __init__(self, budget: int, ctc: bool = True):
+        if budget < 1:
+            raise CTCDrafterError(f"node budget must be at least 1, got {budget}")
+        self.budget = budget
+        self.ctc = ctc  # False for Medusa-style CE heads: frame j is token j, no blank, no merging
+
+    @abstractmethod
+    def build(self, root: int, frame_logprobs: torch.Tensor, max_depth: int) -> TokenTree:
+        """frame_logprobs [L, V+1] (blank last) -> tree rooted at `root`, depth <= max_depth."""
+
+
+class MedusaTreeCandidates(CandidateGenerator):
+    """The paper-faithful static tree with the CTC transform."""
+
+    name = "medusa"
+
+    def __init__(self, budget: int = 64, ctc: bool = True, choices=MEDUSA_63):
+        super().__init__(budget, ctc)
+        self.choices = [list(c) for c in choices]
+        self.topk = 1 + max(max(c) for c in self.choices)
+        self.levels = max(len(c) for c in self.choices)
+
+    def build(self, root, frame_logprobs, max_depth):
+        L, S = frame_logprobs.shape
+        blank = S - 1
+        levels = min(self.levels, L)
+        lp = frame_logprobs[:levels].float()
+        if not self.ctc:
+            lp = lp[:, :blank]
+        vals, idx = lp.topk(min(self.topk, lp.shape[1]), dim=-1)
+        vals, idx = vals.tolist(), idx.tolist()
+        scored = []
+        for path in self.choices:
+            if len(path) > levels or max(path) >= len(idx[0]):
+                continue
+            syms = [idx[f][r] for f, r in enumerate(path)]
+            logp = sum(vals[f][r] for f, r in enumerate(path))
+            toks = collapse(syms, blank) if self.ctc else syms
+            scored.append((toks, logp))
+        # Each path's probability counts once for its collapsed sequence; merged prefixes add up.
+        return TokenTree.from_sequences(root, scored, budget=self.budget, max_depth=max_depth)
+
+
+class BeamCandidates(CandidateGenerator):
+    """CTC prefix beam search over all frames; the most probable collapsed sequences form the trie."""
+
+    name = "beam"
+
+    def __init__(self, budget: int = 16, ctc: bool = True, beam: int | None = None, topk: int = 8):
+        super().__init__(budget, ctc)
+        self.beam = beam or max(8, budget)
+        self.topk = topk
+
+    def build(self, root, frame_logprobs, max_depth):
+        S = frame_logprobs.shape[1]
+        lp = frame_logprobs if self.ctc else frame_logprobs[:, : S - 1]
+        seqs = prefix_beam_search(lp, blank=S - 1, beam=self.beam, topk=self.topk, ctc=self.ctc)
+        return TokenTree.from_sequences(root, [(list(s), p) for s, p in seqs], budget=self.budget,
+                                        max_depth=max_depth)
+
+
+GENERATORS = {"medusa": MedusaTreeCandidates, "beam": BeamCandidates}
+
+
+def make_generator(name: str, budget: int | None, device, ctc: bool = True) -> CandidateGenerator:
+    if name not in GENERATORS:
+        raise CTCDrafterError(f"unknown candidate generator {name!r} (use {' or '.join(GENERATORS)})")
+    if budget is None:
+        budget = 64 if name == "medusa" else default_budget(device)
+    return GENERATORS[name](budget=budget, ctc=ctc)

@@ -1,0 +1,250 @@
+"""Generation: vanilla decoding and CTC speculative decoding through one API.
+
+    prefill            prompt -> base KV cache, first token
+    decode_one_token   vanilla step: 1 token in, 1 token out
+    speculative_step   draft frames -> candidate tree -> one base pass over the tree (4D tree mask)
+                       -> accept the longest matching path + the base's bonus token -> compact KV
+
+Shapes are for batch 1, the setting of the paper and of interactive use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..draft.model import CTCDraftModel, DraftCache
+from ..errors import CTCDrafterError
+from ..models.base import BaseModel
+from .candidates import CandidateGenerator, make_generator
+from .tree import TokenTree
+from .verify import accept_greedy, accept_sampling, compact_kv, warp_probs
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new tokens only
+    steps: int  # base forward passes, prefill included (vanilla: one per token)
+    accept_lengths: list[int] = field(default_factory=list)  # tokens emitted by each of those passes
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per speculative step
+    text: str | None = None
+    stop_reason: str = ""  # eos | length | context
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def mean_accept_length(self) -> float:
+        """beta: tokens per base forward pass (1.0 for vanilla decoding)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "mean_accept_length": round(self.mean_accept_length, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "wall_s": round(self.wall_s, 4),
+            "prefill_s": round(self.prefill_s, 4),
+            "accept_lengths": self.accept_lengths,
+            "mean_tree_size": round(sum(self.tree_sizes) / len(self.tree_sizes), 2) if self.tree_sizes else 0,
+            "stop_reason": self.stop_reason,
+            "tokens": self.tokens,
+        }
+
+
+def new_kv_cache(base: BaseModel):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=base.config)
+
+
+class _Picker:
+    """Chooses one token from logits: argmax, or a sample from the warped distribution."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, seed: int | None):
+        if temperature < 0:
+            raise CTCDrafterError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise CTCDrafterError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise CTCDrafterError(f"top_k must be >= 0, got {top_k}")
+        self.greedy = temperature == 0
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.gen = torch.Generator()
+        self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+    def probs(self, logits):
+        return warp_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def pick(self, logits) -> int:  # logits [V]
+        if self.greedy:
+            return int(logits.argmax().item())
+        return int(torch.multinomial(self.probs(logits).cpu(), 1, generator=self.gen).item())
+
+    def accept(self, tree: TokenTree, logits):  # logits [n,V]
+        if self.greedy:
+            return accept_greedy(tree, logits)
+        return accept_sampling(tree, self.probs(logits), self.gen)
+
+
+class CTCDrafter:
+    """A frozen base model plus a CTC draft; `generate` is lossless with respect to the base."""
+
+    def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str | CandidateGenerator = "beam",
+                 budget: int | None = None, draft_trained: bool = True):
+        self.base = base
+        self.draft = draft.bind(base.model) if draft is not None else None
+        self.draft_trained = draft_trained
+        if isinstance(generator, CandidateGenerator):
+            self.candidates = generator
+        else:
+            ctc = draft is None or draft.config.loss == "ctc"
+            self.candidates = make_generator(generator, budget, base.device, ctc=ctc)
+
+    @classmethod
+    def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
+                        dtype="auto", generator: str = "beam", budget: int | None = None) -> "CTCDrafter":
+        from ..draft import load_draft
+        from ..models.base import load_base_model
+
+        base = load_base_model(base_model, device=device, dtype=dtype)
+        draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
+        return cls(base, draft, generator=generator, budget=budget, draft_trained=trained)
+
+    # ---- the steps -----------------------------------------------------------------------------
+
+    def prefill(self, prompt: torch.Tensor, cache):
+        """prompt [1,T] -> hidden [1,T,d], logits of the last position [1,V]."""
+        hidden, logits = self.base.forward(prompt, cache, logits_at=slice(-1, None))
+        return hidden, logits[:, -1]
+
+    def decode_one_token(self, token: int, cache):
+        """One vanilla step: feed `token`, get logits for the next one [V]."""
+        ids = torch.tensor([[token]], device=self.base.device)
+        _, logits = self.base.forward(ids, cache)
+        return logits[0, -1]
+
+    def speculative_step(self, root: int, s_last, cache, dcache: DraftCache, picker: _Picker, max_depth: int):
+        """Draft, build the tree, verify it in one base pass, accept. Returns (new tokens, hidden of path, n nodes)."""
+        past = cache.get_seq_length()
+        if max_depth > 0:
+            frames = self.draft.frames(s_last, dcache)[0]  # [L, V+1]
+            tree = self.candidates.build(root, frames, max_depth)
+        else:
+            tree = TokenTree([root], [-1])
+        ids, pos, mask = tree.verify_inputs(past, self.base.device, self.base.dtype)
+        hidden, logits = self.base.forward(ids, cache, position_ids=pos, attention_mask=mask)  # [1,n,d], [1,n,V]
+        path, bonus = picker.accept(tree, logits[0])
+        compact_kv(cache, past, path)
+        new = [tree.tokens[i] for i in path[1:]] + [bonus]
+        return new, hidden[:, path], len(tree)
+
+    # ---- the loops -----------------------------------------------------------------------------
+
+    def _check_prompt(self, input_ids) -> torch.Tensor:
+        if isinstance(input_ids, torch.Tensor):
+            ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+            if ids.shape[0] != 1:
+                raise CTCDrafterError("batch size must be 1")
+        else:
+            ids = torch.tensor([list(input_ids)], dtype=torch.long)
+        if ids.shape[1] == 0:
+            raise CTCDrafterError("empty prompt")
+        if ids.shape[1] >= self.base.max_length:
+            raise CTCDrafterError(
+                f"prompt is {ids.shape[1]} tokens but the base model's context is {self.base.max_length}")
+        return ids.to(self.base.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, streamer=None, speculative: bool = True, seed: int | None = None) -> GenerationResult:
+        """Generate up to `max_new_tokens` after `input_ids` (list or [1,T] tensor).
+
+        speculative=False runs the vanilla loop through the same code (the baseline). Stops at EOS
+        (included in the output, as HF `generate` does), at max_new_tokens, or at the context limit.
+        """
+        if max_new_tokens < 1:
+            raise CTCDrafterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if speculative and self.draft is None:
+            raise CTCDrafterError("speculative decoding needs a draft model")
+        prompt = self._check_prompt(input_ids)
+        picker = _Picker(temperature, top_k, top_p, seed)
+        eos = self.base.eos_token_ids
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        t0 = time.perf_counter()
+        cache = new_kv_cache(self.base)
+        hidden, logits = self.prefill(prompt, cache)
+        token = picker.pick(logits[0])
+        prefill_s = time.perf_counter() - t0
+        res = GenerationResult(tokens=[token], steps=1, accept_lengths=[1], prefill_s=prefill_s)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        limit = min(max_new_tokens, self.base.max_length - prompt.shape[1])
+        if speculative:
+            dcache = DraftCache()
+            next_ids = torch.cat([prompt[:, 1:], torch.tensor([[token]], device=prompt.device)], 1)
+            s_last = self.draft.extend(hidden, next_ids, dcache)
+        while not self._finished(res, eos, limit):
+            remaining = limit - len(res.tokens)
+            if speculative:
+                new, path_hidden, n = self.speculative_step(res.tokens[-1], s_last, cache, dcache, picker,
+                                                            max_depth=remaining - 1)
+                res.tree_sizes.append(n)
+            else:
+                new = [picker.pick(self.decode_one_token(res.tokens[-1], cache))]
+            new = _truncate(new, eos, remaining)
+            res.tokens += new
+            res.steps += 1
+            res.accept_lengths.append(len(new))
+            if streamer is not None:
+                streamer.put(torch.tensor(new))
+            if speculative and not self._finished(res, eos, limit):
+                ids = torch.tensor([new], device=prompt.device)
+                s_last = self.draft.extend(path_hidden, ids, dcache)
+        if streamer is not None:
+            streamer.end()
+        res.wall_s = time.perf_counter() - t0
+        res.stop_reason = ("eos" if res.tokens[-1] in eos else
+                           "length" if len(res.tokens) >= max_new_tokens else "context")
+        return res
+
+    @staticmethod
+    def _finished(res: GenerationResult, eos: set[int], limit: int) -> bool:
+        return res.tokens[-1] in eos or len(res.tokens) >= limit
+
+    def chat(self, messages, template: str = "auto", **kw) -> GenerationResult:
+        """Generate a reply to a prompt string or a list of {role, content} messages."""
+        from ..models.templates import build_prompt_ids
+
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = build_prompt_ids(self.base.tokenizer, messages, template)
+        res = self.generate(ids, **kw)
+        res.text = self.decode(res.tokens)
+        return res
+
+    def decode(self, tokens: list[int]) -> str:
+        eos = self.base.eos_token_ids
+        if tokens and tokens[-1] in eos:
+            tokens = tokens[:-1]
+        return self.base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _truncate(new: list[int], eos: set[int], remaining: int) -> list[int]:
+    new = new[:remaining]
+    for i, t in enumerate(new):
+        if t in eos:
+            return new[: i + 1]
+    return new

@@ -1,0 +1,86 @@
+"""Token trees: candidate continuations merged into a trie, and the tensors that verify it.
+
+Node 0 is the root: the token the base model already chose (not yet in its KV cache). Every other
+node is a draft token; parents come before children, siblings are ordered best first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TokenTree:
+    tokens: list[int]  # node -> token id (node 0 is the root)
+    parents: list[int]  # node -> parent node (-1 for the root)
+    depths: list[int] = field(default_factory=list)
+    children: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.depths:
+            self.depths = [0] * len(self.tokens)
+            for i in range(1, len(self.tokens)):
+                self.depths[i] = self.depths[self.parents[i]] + 1
+        if not self.children:
+            self.children = [[] for _ in self.tokens]
+            for i in range(1, len(self.tokens)):
+                self.children[self.parents[i]].append(i)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def from_sequences(cls, root: int, scored: list[tuple[list[int], float]], budget: int,
+                       max_depth: int | None = None) -> "TokenTree":
+        """Merge scored token sequences into a trie and keep the `budget` best nodes (root included).
+
+        A node's score is the summed probability of the sequences through it, so a parent scores at
+        least as high as its child and the kept set is prefix-closed; ties keep the shallower node.
+        """
+        import math
+
+        score: dict[tuple[int, ...], float] = {}
+        for seq, logp in scored:
+            p = math.exp(logp)
+            seq = tuple(seq[:max_depth] if max_depth is not None else seq)
+            for d in range(1, len(seq) + 1):
+                score[seq[:d]] = score.get(seq[:d], 0.0) + p
+        keep = sorted(score, key=lambda s: (-score[s], len(s), s))[: max(0, budget - 1)]
+        keep.sort(key=lambda s: (len(s), -score[s], s))  # parents first, best sibling first
+        index = {(): 0}
+        tokens, parents = [root], [-1]
+        for s in keep:
+            index[s] = len(tokens)
+            tokens.append(s[-1])
+            parents.append(index[s[:-1]])
+        return cls(tokens, parents)
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[n, n] bool: row i is True on i and its ancestors (what node i may attend to)."""
+        n = len(self.tokens)
+        m = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            if i:
+                m[i] = m[self.parents[i]]
+            m[i, i] = True
+        return m
+
+    def verify_inputs(self, past_len: int, device, dtype):
+        """input_ids [1,n], position_ids [1,n], additive 4D mask [1,1,n,past+n] for one base pass."""
+        n = len(self.tokens)
+        ids = torch.tensor([self.tokens], device=device)
+        pos = (torch.tensor(self.depths, device=device) + past_len)[None]
+        allowed = torch.cat([torch.ones(n, past_len, dtype=torch.bool), self.ancestor_mask()], dim=1)
+        mask = torch.zeros(n, past_len + n, dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return ids, pos, mask.to(device)[None, None]
+
+    def path_to(self, node: int) -> list[int]:
+        """Nodes from the root to `node`, both included."""
+        path = []
+        while node != -1:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]

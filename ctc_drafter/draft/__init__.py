@@ -1,0 +1,44 @@
+"""The CTC draft model, its config, the CTC rule, and how a draft is found for a base."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import CTCDrafterError
+from .config import DraftConfig
+from .ctc import collapse, prefix_beam_search
+from .model import CTCDraftModel, DraftCache, new_draft_for
+
+SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "assets" / "default_draft"
+
+__all__ = ["DraftConfig", "CTCDraftModel", "DraftCache", "new_draft_for", "collapse", "prefix_beam_search",
+           "load_draft", "SHIPPED_DRAFT"]
+
+
+def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftModel, bool]:
+    """Resolve --draft-model for `base` (a BaseModel). Returns (draft bound to base, trained?).
+
+    'default': the draft shipped for the embedded default base (an untrained, deterministically
+    initialised one while none ships); 'untrained': a fresh draft (seed 0) for any base; else a folder.
+    """
+    from ..models.base import DEFAULT_NAME
+
+    if name_or_path in ("default", "untrained"):
+        if name_or_path == "default" and base.name != DEFAULT_NAME:
+            raise CTCDrafterError(
+                f"--draft-model default is the draft for {DEFAULT_NAME}; base {base.name} needs a trained draft "
+                "folder (ctc-drafter train), or 'untrained' for a random one")
+        if name_or_path == "default" and (SHIPPED_DRAFT / "model.safetensors").is_file():
+            draft = CTCDraftModel.from_pretrained(SHIPPED_DRAFT, device=base.device, dtype=base.dtype)
+            return draft.bind(base.model), True
+        if not quiet:
+            print("ctc-drafter: note: using an UNTRAINED draft (deterministic init, seed 0); expect little or no "
+                  "speedup", file=sys.stderr)
+        return new_draft_for(base, seed=0), False
+    draft = CTCDraftModel.from_pretrained(name_or_path, device=base.device, dtype=base.dtype)
+    draft.bind(base.model)
+    if draft.config.base_model and draft.config.base_model != base.name and not quiet:
+        print(f"ctc-drafter: warning: draft was trained for {draft.config.base_model}, base is {base.name}",
+              file=sys.stderr)
+    return draft, True

