@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random Llama bases (with SmolLM2's real tokenizer) for fast CPU tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctc_drafter.models.base import BaseModel
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_llama(vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, max_pos=512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                      bos_token_id=0, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture
+def toy_base():
+    """A float64 tiny Llama (vocab 64, no tokenizer, no EOS): for exactness tests on token ids."""
+    return BaseModel(tiny_llama(), None, "toy")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer (chat template included), from the converted embedded default."""
+    from transformers import AutoTokenizer
+
+    from ctc_drafter.models.base import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A local HF folder: tiny random Llama with SmolLM2's vocabulary and tokenizer (loads like a user's model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = smol_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny-smol")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
