@@ -46,7 +46,7 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval()
     d = tmp_path_factory.mktemp("tiny-smol")
     model.save_pretrained(d)

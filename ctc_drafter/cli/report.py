@@ -1,12 +1,74 @@
-"""`ctc-drafter report`: not built yet."""
+"""`ctc-drafter report`: speedup (gamma), tokens per step (beta), agreement and accuracy of two answer files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 from ..errors import CTCDrafterError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="(not built yet)")
+    p = sub.add_parser("report", help="compare a speculative answer file with a baseline one",
+                       description="Speedup (gamma, gamma_mean), tokens per verification step (beta), token-exact "
+                                   "agreement and GSM8K accuracy of a speculative answer file against a baseline.")
+    p.add_argument("spec", metavar="SPEC.jsonl", help="answer file of the speculative run")
+    p.add_argument("--baseline", required=True, metavar="BASE.jsonl", help="answer file of the baseline run")
+    p.add_argument("--plot", metavar="OUT.png", help="write a PNG: speedup and beta per category, accepted lengths")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--question-file", help="question file, for categories the answer files do not record")
+    p.add_argument("--gsm8k-file", help="GSM8K file with reference answers ('#### N'), for accuracy")
+    p.add_argument("--tokenizer", help="tokenizer folder (or 'default') to count tokens of answers that record none")
+    p.add_argument("--base-model", help="same as --tokenizer: the base model whose tokenizer counts tokens")
     p.set_defaults(func=run)
 
 
+def tokenizer_loader(name: str | None):
+    """A function loading the tokenizer on first use (most reports never need one), or None."""
+    if not name:
+        return None
+
+    def load():
+        from transformers import AutoTokenizer
+
+        from ..models.base import DEFAULT_BASE, _quiet_transformers, default_model_dir
+
+        _quiet_transformers()
+        if name == DEFAULT_BASE:
+            return AutoTokenizer.from_pretrained(default_model_dir())
+        p = Path(name).expanduser()
+        if not p.exists():
+            raise CTCDrafterError(f"tokenizer not found: {name} (give a model folder, a .gguf file or 'default')")
+        try:
+            if p.is_file():
+                return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            return AutoTokenizer.from_pretrained(p)
+        except Exception as e:  # noqa: BLE001 - any loader failure is a bad path for the user
+            raise CTCDrafterError(f"cannot load a tokenizer from {name}: {str(e).strip().splitlines()[0]}") from e
+
+    return load
+
+
 def run(args) -> int:
-    raise CTCDrafterError("'report' is not built yet")
+    from ..evaluation.report import build_report, format_report, plot_report
+
+    if args.tokenizer and args.base_model and args.tokenizer != args.base_model:
+        raise CTCDrafterError("give --tokenizer or --base-model, not both")
+    for path, flag in ((args.question_file, "--question-file"), (args.gsm8k_file, "--gsm8k-file")):
+        if path and not Path(path).is_file():
+            raise CTCDrafterError(f"{flag} {path} not found")
+    r = build_report(args.spec, args.baseline, load_tokenizer=tokenizer_loader(args.tokenizer or args.base_model),
+                     question_file=args.question_file, gsm8k_file=args.gsm8k_file)
+    if args.plot:
+        plot_report(r, args.plot)
+        r["plot"] = str(args.plot)
+    if args.json:
+        print(json.dumps(r, ensure_ascii=False))
+    else:
+        print(format_report(r))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    if r["gamma"] is None:
+        print("ctc-drafter: warning: gamma could not be computed (see notes)", file=sys.stderr)
+    return 0

@@ -43,7 +43,7 @@ def prefix_beam_search(logprobs: torch.Tensor, blank: int, beam: int = 16, topk:
     topk=None the result is exact: every collapsed sequence with its total probability.
     ctc=False treats the frames as Medusa-style heads: frame j is token j, no blank, no merging.
     """
-    lp = logprobs.detach().float().cpu()
+    lp = logprobs.detach().double().cpu()
     L, S = lp.shape
     # beams: prefix -> [log P(ending in blank), log P(ending in its last symbol)]
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, NEG_INF]}
@@ -75,7 +75,8 @@ def prefix_beam_search(logprobs: torch.Tensor, blank: int, beam: int = 16, topk:
                 else:
                     e2 = nxt[prefix + (c,)]
                     e2[1] = _lae(e2[1], total + p)
-        ranked = sorted(nxt.items(), key=lambda kv: -_lae(*kv[1]))
+        # Impossible prefixes (e.g. a repeat with no frame left for the blank) carry -inf: drop them.
+        ranked = sorted(((k, v) for k, v in nxt.items() if _lae(*v) > NEG_INF), key=lambda kv: -_lae(*kv[1]))
         beams = dict(ranked[:beam]) if beam is not None else dict(ranked)
     out = [(p, _lae(*v)) for p, v in beams.items()]
     out.sort(key=lambda x: -x[1])

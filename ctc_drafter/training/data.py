@@ -1,0 +1,225 @@
+"""Training data: distilled shards -> batches of (hidden, next ids, sampled positions, CTC label windows).
+
+For a sequence of T tokens with base targets y (y[t] = the base's greedy token after position t) and
+loss mask m (m[t] = 1 where token t+1 is an assistant token), a position t trains when m[t] = 1 and
+at least one label follows it:
+
+    draft input at t:   hidden h_t, next id y[t]                  (x_{t+1}: the base's token there)
+    CTC labels of t:    y[t+1], ..., y[t+k]                        (x_{t+2} .. x_{t+k+1})
+
+The label window stops early at the end of the sequence and at the first position whose next token
+is not an assistant token (m[t+j] = 0: the turn ended), so its length varies from 1 to k.
+
+Token arrays are read eagerly (small); stored hidden states are sliced lazily from the memory-mapped
+shard files, so a data folder with --save-hidden need not fit in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.shards import check_manifest_matches, read_manifest
+from ..errors import CTCDrafterError
+
+
+@dataclass
+class TrainSequence:
+    uid: int  # stable index over all data folders, in load order (seeds its position sampling)
+    input_ids: torch.Tensor  # [T] long
+    targets: torch.Tensor  # [T] long
+    label_len: torch.Tensor  # [T] int8: CTC label window length at each position (0 = does not train)
+    shard: Path
+    span: tuple[int, int]  # token range inside the shard (for its stored hidden states)
+    has_hidden: bool
+
+    @property
+    def num_positions(self) -> int:
+        return int((self.label_len > 0).sum())
+
+
+def label_window_lengths(loss_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """loss_mask [T] bool -> [T] int8: number of labels y[t+1..t+j] (j <= k) inside the assistant turn.
+
+    0 where t itself does not train (m[t] = 0) or where no label follows it.
+    """
+    T = loss_mask.numel()
+    m = loss_mask.bool()
+    ok = m.clone()  # ok_j[t] = m[t] and m[t+1] .. m[t+j] all set
+    n = torch.zeros(T, dtype=torch.int8)
+    for j in range(1, k + 1):
+        nxt = torch.zeros(T, dtype=torch.bool)
+        nxt[: T - j] = m[j:]
+        ok &= nxt
+        n += ok.to(torch.int8)
+    return n
+
+
+def _read_token_arrays(path: Path):
+    """The small arrays of one shard (no hidden states), with clear errors for broken files."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            missing = {"input_ids", "targets", "loss_mask", "offsets"} - keys
+            if missing:
+                raise CTCDrafterError(f"shard {path} is not a distilled shard (missing {', '.join(sorted(missing))})")
+            arrays = {k: f.get_tensor(k) for k in ("input_ids", "targets", "loss_mask", "offsets")}
+            hidden_dim = f.get_slice("hidden").get_shape()[-1] if "hidden" in keys else None
+    except CTCDrafterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+        raise CTCDrafterError(f"shard {path} is unreadable: {e}") from e
+    return arrays, hidden_dim
+
+
+def _shards_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("shard_*.safetensors") if p.is_file())
+
+
+def load_sequences(data_dirs: list[str], base, label_len: int, max_len: int) -> tuple[list[TrainSequence], list[dict]]:
+    """Every sequence with at least one trainable position, from every data folder (in order).
+
+    Checks each folder's manifest against `base`. Returns (sequences, per-folder summaries).
+    """
+    seqs: list[TrainSequence] = []
+    summaries = []
+    vocab, d = int(base.config.vocab_size), int(base.config.hidden_size)
+    uid = 0
+    for name in data_dirs:
+        directory = Path(name).expanduser()
+        if not directory.is_dir():
+            raise CTCDrafterError(f"data folder not found: {name}")
+        try:
+            manifest = read_manifest(directory)
+        except PermissionError as e:
+            raise CTCDrafterError(f"data folder {name} is unreadable: {e.strerror}") from e
+        check_manifest_matches(manifest, base)
+        shards = _shards_in(directory)
+        n_seq = n_pos = 0
+        for shard in shards:
+            arrays, hidden_dim = _read_token_arrays(shard)
+            if hidden_dim is not None and hidden_dim != d:
+                raise CTCDrafterError(f"shard {shard} stores hidden size {hidden_dim}, the base has {d}")
+            ids, tgt = arrays["input_ids"].long(), arrays["targets"].long()
+            if ids.numel() and (int(ids.max()) >= vocab or int(tgt.max()) >= vocab or int(ids.min()) < 0):
+                raise CTCDrafterError(f"shard {shard} has token ids outside the base vocabulary ({vocab})")
+            off = arrays["offsets"].tolist()
+            mask = arrays["loss_mask"].bool()
+            for a, b in zip(off[:-1], off[1:]):
+                b = min(b, a + max_len)  # truncate long sequences; windows then end at the cut
+                lens = label_window_lengths(mask[a:b], label_len)
+                n_seq += 1
+                if int((lens > 0).sum()) == 0:
+                    uid += 1
+                    continue
+                seqs.append(TrainSequence(uid, ids[a:b], tgt[a:b], lens, shard, (a, b), hidden_dim is not None))
+                n_pos += seqs[-1].num_positions
+                uid += 1
+        summaries.append({"data": str(directory), "shards": len(shards), "sequences": n_seq, "positions": n_pos})
+    if not seqs:
+        where = ", ".join(data_dirs)
+        raise CTCDrafterError(f"no trainable positions in {where}: no sequence has an assistant token with a "
+                              "next token to predict (empty dataset?)")
+    return seqs, summaries
+
+
+def data_fingerprint(seqs: list[TrainSequence]) -> str:
+    """Identifies the training data (which sequences, how long) so --recover can refuse other data."""
+    h = hashlib.sha256()
+    h.update(json.dumps([[s.uid, len(s.input_ids), s.num_positions] for s in seqs]).encode())
+    return h.hexdigest()[:16]
+
+
+def split_eval(seqs: list[TrainSequence], eval_frac: float, seed: int):
+    """Deterministic held-out split by sequence: (train, eval)."""
+    if not 0 <= eval_frac < 1:
+        raise CTCDrafterError(f"--eval-frac must be in [0, 1), got {eval_frac}")
+    n = len(seqs)
+    n_eval = int(round(eval_frac * n))
+    if eval_frac > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)
+    else:
+        n_eval = 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(perm[:n_eval])
+    return [s for i, s in enumerate(seqs) if i not in held], [s for i, s in enumerate(seqs) if i in held]
+
+
+def sample_positions(seq: TrainSequence, max_positions: int, seed: int, epoch: int) -> torch.Tensor:
+    """Up to P trainable positions of `seq`, sorted; the same (seed, epoch, sequence) gives the same ones."""
+    valid = torch.nonzero(seq.label_len > 0).flatten()
+    if valid.numel() <= max_positions:
+        return valid
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + seq.uid * 104_729) % (2**63 - 1))
+    pick = torch.randperm(valid.numel(), generator=g)[:max_positions]
+    return valid[pick].sort().values
+
+
+class HiddenReader:
+    """Lazy reads of stored hidden states: one memory-mapped handle per shard, opened on first use."""
+
+    def __init__(self):
+        self._open = {}
+
+    def get(self, seq: TrainSequence) -> torch.Tensor:  # -> [T, d] float16
+        from safetensors import safe_open
+
+        f = self._open.get(seq.shard)
+        if f is None:
+            f = self._open[seq.shard] = safe_open(str(seq.shard), "pt")
+        a, b = seq.span
+        return f.get_slice("hidden")[a:b]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B,T] long (right-padded with 0)
+    next_ids: torch.Tensor  # [B,T] long: the base's token at t (x_{t+1})
+    hidden: torch.Tensor | None  # [B,T,d] stored hidden states, or None (compute with the base)
+    positions: torch.Tensor  # [B,P] long: trained positions (padding: 0)
+    labels: torch.Tensor  # [B,P,k] long: CTC label windows (padding: 0)
+    label_len: torch.Tensor  # [B,P] long: window lengths (0 = padding position)
+    num_sequences: int
+
+    def to(self, device) -> "Batch":
+        mv = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.next_ids), mv(self.hidden), mv(self.positions), mv(self.labels),
+                     mv(self.label_len), self.num_sequences)
+
+
+def make_batch(seqs: list[TrainSequence], positions: list[torch.Tensor], k: int,
+               hidden_reader: HiddenReader | None) -> Batch:
+    """Pad sequences and their sampled positions into one batch; labels y[t+1 .. t+len]."""
+    B = len(seqs)
+    T = max(len(s.input_ids) for s in seqs)
+    P = max(1, max(p.numel() for p in positions))
+    ids = torch.zeros(B, T, dtype=torch.long)
+    nxt = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, P, dtype=torch.long)
+    labels = torch.zeros(B, P, k, dtype=torch.long)
+    lens = torch.zeros(B, P, dtype=torch.long)
+    use_hidden = hidden_reader is not None and all(s.has_hidden for s in seqs)
+    hidden = None
+    for b, (s, p) in enumerate(zip(seqs, positions)):
+        n = len(s.input_ids)
+        ids[b, :n] = s.input_ids
+        nxt[b, :n] = s.targets
+        pos[b, : p.numel()] = p
+        lens[b, : p.numel()] = s.label_len[p].long()
+        # window j of position t is y[t+1+j]; clamp the index, the length masks what is past the end
+        idx = (p[:, None] + 1 + torch.arange(k)).clamp(max=n - 1)
+        labels[b, : p.numel()] = s.targets[idx]
+        if use_hidden:
+            h = hidden_reader.get(s)
+            if hidden is None:
+                hidden = torch.zeros(B, T, h.shape[-1], dtype=h.dtype)
+            hidden[b, :n] = h
+    # zero the labels past each window so padding never leaks into a loss or metric
+    labels = labels * (torch.arange(k) < lens[..., None])
+    return Batch(ids, nxt, hidden, pos, labels, lens, B)

@@ -1,0 +1,68 @@
+"""Training losses over draft frame logits.
+
+    ctc     CTC over the L frames (blank = vocab_size), labels = the position's window y[t+1..t+len]
+    ce      Medusa-style: frame j predicts label j by cross-entropy over the vocabulary (no blank)
+    ctc+ce  their sum (the draft still decodes with CTC)
+
+Both are summed over a position's labels and averaged over positions, so they share one scale
+(negative log-likelihood of a label window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("ctc", "ce", "ctc+ce")
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # scalar, what backward runs on
+    parts: dict  # name -> float, for logs
+    num_positions: int
+
+
+def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, blank: int) -> torch.Tensor:
+    """logits [N,L,V+1] (valid positions only), labels [N,k], label_len [N] (>= 1) -> mean NLL over positions.
+
+    zero_infinity: a window that needs more frames than L (k plus its repeats) cannot be aligned; it
+    then contributes nothing instead of an infinite loss.
+    """
+    N, L, _ = logits.shape
+    lp = torch.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # [L,N,V+1]
+    frames = torch.full((N,), L, dtype=torch.long, device=logits.device)
+    nll = F.ctc_loss(lp, labels, frames, label_len, blank=blank, reduction="none", zero_infinity=True)
+    return nll.sum() / max(N, 1)
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Frame j vs label j (j < min(L, len)), over the vocabulary only: summed per position, mean over positions."""
+    N, L, _ = logits.shape
+    k = labels.shape[1]
+    n = min(L, k)
+    tok = logits[:, :n, :vocab_size].float()  # [N,n,V]
+    valid = torch.arange(n, device=logits.device)[None] < label_len[:, None]  # [N,n]
+    nll = F.cross_entropy(tok.reshape(N * n, vocab_size), labels[:, :n].reshape(-1), reduction="none").view(N, n)
+    return (nll * valid).sum() / max(N, 1)
+
+
+def compute_losses(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, kind: str,
+                   vocab_size: int) -> LossParts:
+    """logits [B,P,L,V+1], labels [B,P,k], label_len [B,P] (0 = padding) -> the `kind` loss and its parts."""
+    valid = label_len > 0
+    lg, lab, ln = logits[valid], labels[valid], label_len[valid]  # [N,L,V+1], [N,k], [N]
+    parts = {}
+    total = logits.new_zeros((), dtype=torch.float32)
+    if kind in ("ctc", "ctc+ce"):
+        c = ctc_loss(lg, lab, ln, blank=vocab_size)
+        parts["ctc"] = float(c.detach())
+        total = total + c
+    if kind in ("ce", "ctc+ce"):
+        c = ce_loss(lg, lab, ln, vocab_size)
+        parts["ce"] = float(c.detach())
+        total = total + c
+    parts["loss"] = float(total.detach())
+    return LossParts(total, parts, int(valid.sum()))

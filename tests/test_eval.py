@@ -1,0 +1,201 @@
+"""`ctc-drafter eval` end to end on a tiny model (real shared question files), then `report` on its answers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import SHARED_DATA
+from ctc_drafter.cli.main import main
+from ctc_drafter.evaluation.eval import answer_question, reorganize_answer_file
+from ctc_drafter.evaluation.questions import GSM8K_INSTRUCTION, Question, load_questions
+
+MT_BENCH = SHARED_DATA / "mt_bench" / "question.jsonl"
+GSM8K = SHARED_DATA / "gsm8k" / "test.jsonl"
+FASTCHAT_KEYS = {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+CHOICE_KEYS = {"index", "turns", "idxs", "new_tokens", "wall_time"}
+
+
+def lines(path):
+    return [json.loads(x) for x in open(path)]
+
+
+def eval_args(model_dir, bench, answer_dir, model_id, *extra):
+    qf = MT_BENCH if bench == "mt_bench" else GSM8K
+    return ["eval", "--bench", bench, "--question-file", str(qf), "--question-end", "3", "--base-model",
+            str(model_dir), "--draft-model", "untrained", "--model-id", model_id, "--answer-dir", str(answer_dir),
+            "--max-new-tokens", "6", "--device", "cpu", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Speculative and baseline answers to 3 questions of each bench (beam for MT-bench, medusa for GSM8K)."""
+    d = tmp_path_factory.mktemp("answers")
+    for bench, gen in (("mt_bench", "beam"), ("gsm8k", "medusa")):
+        assert main(eval_args(tiny_model_dir, bench, d, f"{bench}-spec", "--tree-choices", gen)) == 0
+        assert main(eval_args(tiny_model_dir, bench, d, f"{bench}-base", "--baseline")) == 0
+    return d
+
+
+@pytest.mark.parametrize("bench, n_turns", [("mt_bench", 2), ("gsm8k", 1)])
+def test_answer_files_follow_fastchat_schema(runs, bench, n_turns):
+    for kind in ("spec", "base"):
+        recs = lines(runs / f"{bench}-{kind}.jsonl")
+        ids = [r["question_id"] for r in recs]
+        assert ids == ([81, 82, 83] if bench == "mt_bench" else [0, 1, 2])
+        for r in recs:
+            assert FASTCHAT_KEYS <= r.keys() and r["model_id"] == f"{bench}-{kind}"
+            assert len(r["answer_id"]) == 32 and r["bench"] == bench
+            (c,) = r["choices"]
+            assert CHOICE_KEYS <= c.keys() and c["index"] == 0
+            for key in ("turns", "idxs", "new_tokens", "wall_time", "accept_lengths", "tokens"):
+                assert len(c[key]) == n_turns, key
+            for j in range(n_turns):
+                assert 1 <= c["new_tokens"][j] <= 6 and c["new_tokens"][j] == len(c["tokens"][j])
+                assert sum(c["accept_lengths"][j]) == c["new_tokens"][j]
+                assert len(c["accept_lengths"][j]) == c["idxs"][j] and c["wall_time"][j] > 0
+            m = r["meta"]
+            assert m["speculative"] == (kind == "spec") and m["max_new_tokens"] == 6 and m["device"] == "cpu"
+            if kind == "spec":
+                assert m["generator"] == ("beam" if bench == "mt_bench" else "medusa")
+                assert m["draft_trained"] is False and m["budget"] >= 1
+        if bench == "mt_bench":
+            assert recs[0]["category"] == "writing"
+
+
+def test_report_on_eval_output(runs, capsys, tmp_path):
+    png = tmp_path / "mt.png"
+    code = main(["report", str(runs / "mt_bench-spec.jsonl"), "--baseline", str(runs / "mt_bench-base.jsonl"),
+                 "--json", "--plot", str(png)])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and png.stat().st_size > 10_000
+    assert r["n_questions"] == 3 and r["bench"] == "mt_bench"
+    assert r["agreement"] == 1.0 and r["agreement_by"] == "token ids"  # greedy speculation is lossless
+    assert r["beta"] >= 1.0 and r["beta_baseline"] == 1.0
+    assert r["gamma"] > 0 and r["gamma_mean"] > 0 and "writing" in r["per_category"]
+    assert sum(r["accept_length_hist"].values()) == sum(
+        c["idxs"][j] for rec in lines(runs / "mt_bench-spec.jsonl") for c in rec["choices"] for j in range(2))
+
+    code = main(["report", str(runs / "gsm8k-spec.jsonl"), "--baseline", str(runs / "gsm8k-base.jsonl"),
+                 "--gsm8k-file", str(GSM8K)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "agreement with baseline (token ids): 3/3" in out and "GSM8K accuracy: speculative" in out
+    # without the flag, the question file recorded in the answers' meta holds the references
+    assert main(["report", str(runs / "gsm8k-spec.jsonl"), "--baseline", str(runs / "gsm8k-base.jsonl"), "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)["gsm8k_accuracy"]
+    assert acc["n"] == 3 and acc["reference_file"] == str(GSM8K.resolve())
+
+
+def test_second_turn_follows_the_models_first_answer():
+    """MT-bench turn 2 is asked after the model's own answer to turn 1, not after a reference answer."""
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def chat(self, messages, template, speculative, seed, **kw):
+            self.calls.append([dict(m) for m in messages])
+            n = len(self.calls)
+            return type("R", (), {"text": f" answer {n} ", "steps": n, "new_tokens": n, "wall_s": 0.1,
+                                  "accept_lengths": [1] * n, "tokens": list(range(n)), "stop_reason": "length"})()
+
+    drafter = Recorder()
+    (c,) = answer_question(drafter, Question(1, ["first?", "second?"], "x"), True, {}, "auto", None)
+    assert drafter.calls[1] == [{"role": "user", "content": "first?"}, {"role": "assistant", "content": "answer 1"},
+                                {"role": "user", "content": "second?"}]
+    assert c["turns"] == ["answer 1", "answer 2"] and c["idxs"] == [1, 2]
+
+
+def test_resume_answers_only_missing_questions(runs, tiny_model_dir, tmp_path, capsys):
+    d = tmp_path / "resume"
+    d.mkdir()
+    src = runs / "mt_bench-base.jsonl"
+    full = lines(src)
+    # a kill mid-run: one complete line and half of the next
+    text = open(src).read().splitlines()
+    (d / "mt_bench-base.jsonl").write_text(text[0] + "\n" + text[1][: len(text[1]) // 2])
+    capsys.readouterr()
+    assert main(eval_args(tiny_model_dir, "mt_bench", d, "mt_bench-base", "--baseline")) == 0
+    err = capsys.readouterr().err
+    assert "1 question(s) already answered" in err and "answering the other 2" in err
+    recs = lines(d / "mt_bench-base.jsonl")
+    assert [r["question_id"] for r in recs] == [81, 82, 83]
+    assert recs[0]["answer_id"] == full[0]["answer_id"]  # kept, not re-answered
+    assert recs[1]["answer_id"] != full[1]["answer_id"]
+    assert [r["choices"][0]["tokens"] for r in recs] == [r["choices"][0]["tokens"] for r in full]  # greedy
+    # a complete file: nothing left to do, file unchanged
+    before = open(d / "mt_bench-base.jsonl").read()
+    assert main(eval_args(tiny_model_dir, "mt_bench", d, "mt_bench-base", "--baseline")) == 0
+    assert "answering the other 0" in capsys.readouterr().err
+    assert open(d / "mt_bench-base.jsonl").read() == before
+
+
+def test_resume_refuses_to_mix_baseline_and_speculative(runs, tiny_model_dir, tmp_path, capsys):
+    shutil.copy(runs / "gsm8k-base.jsonl", tmp_path / "gsm8k-base.jsonl")
+    code = main(eval_args(tiny_model_dir, "gsm8k", tmp_path, "gsm8k-base"))  # no --baseline this time
+    assert code == 2 and "speculative=True" in capsys.readouterr().err
+
+
+def test_reorganize_sorts_and_deduplicates(tmp_path):
+    p = tmp_path / "a.jsonl"
+    recs = [{"question_id": 3, "answer_id": "x"}, {"question_id": 1, "answer_id": "y"},
+            {"question_id": 3, "answer_id": "z"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert reorganize_answer_file(p) == 2
+    assert [(r["question_id"], r["answer_id"]) for r in lines(p)] == [(1, "y"), (3, "z")]
+
+
+# ---- bad input (all fail before the model loads) -----------------------------------------------
+
+def run_cli(capsys, argv):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_missing_question_file(tmp_path, capsys):
+    args = eval_args("unused", "mt_bench", tmp_path, "x")
+    args[args.index("--question-file") + 1] = str(tmp_path / "nope.jsonl")
+    code, err = run_cli(capsys, args)
+    assert code == 2 and "question file not found" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bench, other, hint", [("mt_bench", GSM8K, "--bench gsm8k"),
+                                               ("gsm8k", MT_BENCH, "--bench mt_bench")])
+def test_bench_and_file_mismatch(tmp_path, capsys, bench, other, hint):
+    args = eval_args("unused", bench, tmp_path, "x")
+    args[args.index("--question-file") + 1] = str(other)
+    code, err = run_cli(capsys, args)
+    assert code == 2 and hint in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("flags, msg", [(["--question-begin", "80"], "--question-begin 80 is out of range"),
+                                        (["--question-begin", "-1"], "--question-begin -1 is out of range"),
+                                        (["--question-begin", "2", "--question-end", "2"], "--question-end 2"),
+                                        (["--question-end", "81"], "--question-end 81 is out of range")])
+def test_question_range(tmp_path, capsys, flags, msg):
+    args = eval_args("unused", "mt_bench", tmp_path, "x")
+    i = args.index("--question-end")
+    del args[i:i + 2]
+    code, err = run_cli(capsys, args + flags)
+    assert code == 2 and msg in err
+
+
+def test_bad_question_line_is_counted_and_skipped(tmp_path, capsys):
+    good = open(MT_BENCH).read().splitlines()[:2]
+    p = tmp_path / "q.jsonl"
+    p.write_text(good[0] + "\nnot json at all\n\n" + good[1] + "\n")
+    qs = load_questions(p, "mt_bench")
+    err = capsys.readouterr().err
+    assert [q.question_id for q in qs] == [81, 82] and len(qs[0].turns) == 2
+    assert "q.jsonl:2 is not a JSON object" in err and "skipped 1 bad line" in err
+
+
+def test_gsm8k_questions_get_line_ids_and_the_instruction():
+    qs = load_questions(GSM8K, "gsm8k", 5, 7)
+    assert [q.question_id for q in qs] == [5, 6]
+    first = json.loads(open(GSM8K).read().splitlines()[5])["question"]
+    assert qs[0].turns == [GSM8K_INSTRUCTION + first]
