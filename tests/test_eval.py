@@ -199,3 +199,145 @@ def test_gsm8k_questions_get_line_ids_and_the_instruction():
     assert [q.question_id for q in qs] == [5, 6]
     first = json.loads(open(GSM8K).read().splitlines()[5])["question"]
     assert qs[0].turns == [GSM8K_INSTRUCTION + first]
+
+
+# ---- HF baselines: --engine hf / hf-prompt-lookup ----------------------------------------------
+
+HF_ENGINES = ("hf", "hf-prompt-lookup")
+
+
+@pytest.fixture(scope="module")
+def hf_runs(runs, tiny_model_dir):
+    """HF generate and HF prompt-lookup answers to the first 2 questions of each bench, next to `runs`.
+
+    --draft-model names a folder that does not exist: HF engines must not load a draft.
+    """
+    for bench in ("mt_bench", "gsm8k"):
+        for engine in HF_ENGINES:
+            args = eval_args(tiny_model_dir, bench, runs, f"{bench}-{engine}", "--engine", engine)
+            args[args.index("--question-end") + 1] = "2"
+            args[args.index("--draft-model") + 1] = str(runs / "no-such-draft")
+            assert main(args) == 0
+    return runs
+
+
+@pytest.mark.parametrize("bench", ["mt_bench", "gsm8k"])
+def test_hf_engines_answer_token_for_token_like_our_baseline(hf_runs, bench):
+    ours = {r["question_id"]: r for r in lines(hf_runs / f"{bench}-base.jsonl")}
+    for engine in HF_ENGINES:
+        recs = lines(hf_runs / f"{bench}-{engine}.jsonl")
+        assert len(recs) == 2
+        for r in recs:
+            m = r["meta"]
+            assert m["engine"] == engine and m["speculative"] == (engine == "hf-prompt-lookup")
+            assert m["prompt_lookup_tokens"] == (10 if engine == "hf-prompt-lookup" else None)
+            assert m["draft_model"] is None and m["generator"] is None
+            (c,), (mine,) = r["choices"], ours[r["question_id"]]["choices"]
+            assert c["tokens"] == mine["tokens"] and c["turns"] == mine["turns"]  # greedy: same answers
+            for j in range(len(c["turns"])):
+                n = c["new_tokens"][j]
+                assert n == len(c["tokens"][j]) and c["wall_time"][j] > 0
+                assert sum(c["accept_lengths"][j]) == n and len(c["accept_lengths"][j]) == c["idxs"][j]
+                if engine == "hf":
+                    assert c["idxs"][j] == n  # one base pass per token, prefill included
+                else:
+                    assert 1 <= c["idxs"][j] <= n
+
+
+def test_report_names_the_engines(hf_runs, capsys):
+    spec, hf, lookup = (hf_runs / f"mt_bench-{k}.jsonl" for k in ("spec", "hf", "hf-prompt-lookup"))
+    assert main(["report", str(spec), "--baseline", str(hf), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["engines"]["baseline"] == "HF generate" and r["engines"]["spec"].startswith("ours, speculative (beam")
+    assert r["n_questions"] == 2 and r["agreement"] == 1.0 and r["agreement_by"] == "token ids"
+    assert r["gamma"] > 0 and r["beta_baseline"] == 1.0
+    assert "compared on the 2 questions both files answer (1 only in the speculative file" in r["notes"][0]
+
+    assert main(["report", str(spec), "--baseline", str(lookup)]) == 0
+    out = capsys.readouterr().out
+    assert "  engine:    HF prompt lookup (K=10)" in out and "agreement with baseline (token ids): 2/2" in out
+    assert "the baseline file is a speculative run (HF prompt lookup (K=10)), not vanilla" in out
+
+    assert main(["report", str(lookup), "--baseline", str(hf_runs / "mt_bench-base.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "engine:    HF prompt lookup" in out and "engine:    ours, vanilla" in out
+
+
+@pytest.mark.parametrize("file, engine, held", [("gsm8k-base", "hf", "'ours'"),  # ours, vanilla
+                                                ("gsm8k-hf", "hf-prompt-lookup", "'hf'")])
+def test_resume_refuses_another_engine(hf_runs, tiny_model_dir, tmp_path, capsys, file, engine, held):
+    shutil.copy(hf_runs / f"{file}.jsonl", tmp_path / f"{file}.jsonl")
+    code = main(eval_args(tiny_model_dir, "gsm8k", tmp_path, file, "--engine", engine))
+    assert code == 2 and f"engine={held} but this run has engine='{engine}'" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_prompt_lookup_size(hf_runs, tiny_model_dir, tmp_path, capsys):
+    shutil.copy(hf_runs / "gsm8k-hf-prompt-lookup.jsonl", tmp_path)
+    code = main(eval_args(tiny_model_dir, "gsm8k", tmp_path, "gsm8k-hf-prompt-lookup", "--engine", "hf-prompt-lookup",
+                          "--prompt-lookup-tokens", "4"))
+    assert code == 2 and "prompt_lookup_tokens=10 but this run has prompt_lookup_tokens=4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, msg", [(["--engine", "hf", "--baseline"], "--baseline is our own vanilla loop"),
+                                        (["--engine", "hf", "--prompt-lookup-tokens", "3"],
+                                         "--prompt-lookup-tokens applies only to --engine hf-prompt-lookup"),
+                                        (["--engine", "hf-prompt-lookup", "--prompt-lookup-tokens", "0"],
+                                         "--prompt-lookup-tokens must be >= 1")])
+def test_bad_engine_flags(tmp_path, capsys, flags, msg):
+    code, err = run_cli(capsys, eval_args("unused", "mt_bench", tmp_path, "x") + flags)
+    assert code == 2 and msg in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def copy_model():
+    """A 1-layer float64 Llama whose next token is always its input token (attention and MLP write nothing).
+
+    Greedy from a prompt ending in 5 repeats 5, so prompt lookup's candidates (copied from the 5s of the
+    prompt) are all accepted: passes and tokens per pass are known by hand.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctc_drafter.models.base import BaseModel
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=31,
+                      pad_token_id=31, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).to(torch.float64).eval()
+    with torch.no_grad():
+        m.model.embed_tokens.weight.copy_(torch.eye(32))
+        m.lm_head.weight.copy_(torch.eye(32))
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return BaseModel(m, None, "copy")
+
+
+@pytest.mark.parametrize("k, steps, accept, inputs", [
+    (None, 8, [1] * 8, [7] + [1] * 7),  # plain generate: prefill, then one token per pass
+    # lookup, K=3, 8 tokens: pass 1 = prompt (7) + 3 candidates, all right, + bonus = 4 tokens;
+    # pass 2 = last token + 3 candidates -> 4 more, the budget
+    (3, 2, [4, 4], [10, 4]),
+])
+def test_hf_engine_counts_base_passes(k, steps, accept, inputs):
+    import functools
+
+    from ctc_drafter.decoding import CTCDrafter
+    from ctc_drafter.evaluation.hf_engine import HFEngine
+
+    base = copy_model()
+    prompt = [3, 5, 5, 5, 5, 5, 5]
+    ours = CTCDrafter(base).generate(prompt, max_new_tokens=8, speculative=False)
+    seen = []  # input lengths of the model's forward calls, counted apart from the engine's own hook
+    forward = base.model.forward
+
+    @functools.wraps(forward)
+    def counted(*a, **kw):
+        seen.append(kw["input_ids"].shape[1])
+        return forward(*a, **kw)
+
+    base.model.forward = counted
+    res = HFEngine(base, prompt_lookup_tokens=k).generate(prompt, max_new_tokens=8)
+    assert res.tokens == ours.tokens == [5] * 8 and res.stop_reason == "length"
+    assert seen == inputs and res.steps == len(seen) == steps and res.accept_lengths == accept

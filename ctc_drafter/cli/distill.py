@@ -1,7 +1,12 @@
-"""`ctc-drafter distill`: chat data -> training shards labelled by the frozen base (input of `train`)."""
+"""`ctc-drafter distill`: chat data -> training shards labelled by the frozen base (input of `train`).
+
+One process by default; `--workers N` (CPU) or `--gpus "0;1"` / `"0,1;2,3"` (a worker per GPU group)
+start worker processes; under `accelerate launch` each launched process takes its share of shards.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -9,78 +14,134 @@ from pathlib import Path
 from .common import add_model_args
 
 
+def _mode(text: str) -> str:
+    from ..data.distill import MODE_ALIASES, MODES
+
+    mode = MODE_ALIASES.get(text, text)
+    if mode not in MODES:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(MODES)})")
+    return mode
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "distill", help="label chat data with the base model (self-distillation) for `train`",
-        description="Have the base model answer the user turns of chat data (or keep the data's replies), then "
+        description="Have the base model answer the user turns of chat data (or keep the data's answers), then "
                     "record its greedy next token at every position into shards for `ctc-drafter train`. "
                     "Re-running with the same options resumes an interrupted run.")
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                   help="JSON or JSON Lines files: ShareGPT conversations, {messages}, {turns} (MT-Bench), "
-                        "{question, answer} (GSM8K), {instruction, output} or {prompt, response}")
+    p.add_argument("--data", nargs="+", action="extend", required=True, metavar="FILE",
+                   help="JSON or JSON Lines files (repeat the flag or list several): ShareGPT conversations, "
+                        "{messages}, {turns} (MT-Bench, Arena), {question, answer} (GSM8K), {instruction, output} "
+                        "or {prompt, response}; malformed records are counted and skipped")
     p.add_argument("--out", default=None,
                    help="folder for the shards and manifest.json (default: data/<base model name>)")
     add_model_args(p, draft=False)
-    p.add_argument("--responses", choices=["base", "data"], default="base",
-                   help="base: the base model answers every user turn (default, what the draft must predict); "
-                        "data: keep the data's own replies")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--mode", "--responses", dest="mode", type=_mode, default="regenerate",
+                   metavar="{regenerate,teacher-forced}",
+                   help="regenerate (default): the base answers every user turn itself, greedy, seeing its own "
+                        "earlier answers; teacher-forced: keep the dataset's answers (records without are skipped)")
+    p.add_argument("--max-len", "--max-length", dest="max_len", type=int, default=None,
                    help="tokens per conversation, longer ones are cut (default: 2048 or the base's limit)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per generated reply")
-    p.add_argument("--temperature", type=float, default=0.0, help="for generated replies; 0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per generated answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="for generated answers; 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N conversations")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N records")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per base pass (default: 32 on CUDA, 4 otherwise)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 18, help="tokens per shard file (about)")
-    p.add_argument("--group-size", type=int, default=256,
-                   help="conversations processed together; a resumed run restarts at a group boundary")
+    p.add_argument("--shard-size", type=int, default=64,
+                   help="records per shard: shard i holds records [i*N, (i+1)*N) (default 64)")
     p.add_argument("--save-hidden", action="store_true",
                    help="also store the base's last hidden states (fp16): `train` then skips the base pass, "
                         "at d*2 bytes per token on disk")
+    par = p.add_mutually_exclusive_group()
+    par.add_argument("--gpus", default=None, metavar="GROUPS",
+                     help="one worker process per GPU group: '0;1;2;3' (a GPU each) or '0,1;2,3' (a model "
+                          "spread over two GPUs each)")
+    par.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="N worker processes on --device (CPU machines; on GPUs use --gpus)")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
     p.add_argument("--json", action="store_true", help="print the manifest's summary as JSON")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..data.distill import DistillOptions, distill
-    from ..errors import CTCDrafterError
-    from ..models.base import load_base_model
+def _options(args, max_len: int, on_cuda: bool):
+    from ..data.distill import DistillOptions
 
-    for path in args.data:  # before the (slow) model load
-        if not Path(path).is_file():
-            raise CTCDrafterError(f"data file not found: {path}")
-    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
-    batch = args.batch_size or (32 if base.device.type == "cuda" else 4)
-    opts = DistillOptions(
-        responses=args.responses, template=args.template,
-        max_length=args.max_length or min(2048, base.max_length), max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, limit=args.limit,
-        shard_tokens=args.shard_tokens, group_size=args.group_size, save_hidden=args.save_hidden, batch_size=batch)
-    out = Path(args.out) if args.out else Path("data") / base.name
-    was_complete = (out / "manifest.json").is_file() and not args.overwrite and _complete(out)
-    m = distill(base, args.data, out, opts, overwrite=args.overwrite, progress=not args.json)
+    return DistillOptions(
+        mode=args.mode, template=args.template, max_len=args.max_len or min(2048, max_len),
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        limit=args.limit, shard_size=args.shard_size, save_hidden=args.save_hidden,
+        batch_size=args.batch_size or (32 if on_cuda else 4))
+
+
+def _check_parallel_args(args) -> list[list[int]] | None:
+    """GPU groups of --gpus (checked against this machine), or None; clear errors for bad combinations."""
+    from ..data import distill as D
+    from ..errors import CTCDrafterError
+
+    if D.launched_distributed() and (args.gpus or args.workers):
+        raise CTCDrafterError("--gpus / --workers start their own processes; under accelerate launch leave them out")
+    if args.workers is not None and args.workers < 1:
+        raise CTCDrafterError("--workers must be at least 1")
+    if args.gpus is None:
+        return None
+    groups = D.parse_gpu_groups(args.gpus)
+    if args.device not in ("auto", "cuda"):
+        raise CTCDrafterError(f"--gpus runs on CUDA GPUs; it cannot be combined with --device {args.device}")
+    D.check_gpu_groups(groups, args.gpus)
+    return groups
+
+
+def run(args) -> int:
+    from ..data import distill as D
+    from ..models.base import load_base_model, resolve_device
+
+    # Everything the user can get wrong is checked before the (slow) model load: the options, the
+    # data, and whether --out can take this run (the base's identity comes from its config alone).
+    groups = _check_parallel_args(args)
+    plan = D.read_plan(args.data, D.DistillOptions(mode=args.mode, limit=args.limit, shard_size=args.shard_size))
+    spec = D.BaseSpec(args.base_model, "cuda" if groups else args.device, args.dtype)
+    device = resolve_device(spec.device)
+    signature, dtype, max_len = D.describe_base(spec, device)
+    opts = _options(args, max_len, device.type == "cuda")
+    opts.validate()
+    out = Path(args.out) if args.out else Path("data") / signature["base_model"]
+    was_complete = D.prepare_out_dir(out, D.new_manifest(signature, dtype, plan, opts), args.overwrite,
+                                     write=False)["complete"]
+    common = {"overwrite": args.overwrite, "progress": not args.json, "plan": plan}
+    if groups or (args.workers or 1) > 1:
+        m = D.distill_with_workers(spec, args.data, out, opts, gpu_groups=groups, workers=args.workers or 1, **common)
+    elif D.launched_distributed():
+        state = D.distributed_state(cpu=device.type == "cpu")
+        base = load_base_model(args.base_model, device=state.device if args.device == "auto" else args.device,
+                               dtype=args.dtype)
+        m = D.distill_data_parallel(state, base, args.data, out, opts, **common)
+        if m is None:  # not the main process: the main one reports
+            return 0
+    else:
+        base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
+        m = D.distill(base, args.data, out, opts, **common)
+    _print_summary(m, out, was_complete, args.json)
+    return 0
+
+
+def _print_summary(m: dict, out: Path, was_complete: bool, as_json: bool) -> None:
     st = m["stats"]
-    if args.json:
-        print(json.dumps({"out": str(out), "shards": len(m["shards"]), "complete": m["complete"], **st}))
-        return 0
+    if as_json:
+        print(json.dumps({"out": str(out), "shards": len(m["shards"]), "complete": m["complete"],
+                          "malformed_examples": m["malformed"]["examples"], **st}))
+        return
     if was_complete:
         print(f"{out} is already complete (use --overwrite to distil again)", file=sys.stderr)
     agree = f"{100 * st['agreement']:.1f}%" if st["agreement"] is not None else "n/a"
     skipped = ", ".join(f"{n} {r}" for r, n in st["skipped"].items()) or "none"
-    print(f"{out}: {st['sequences']} sequences, {st['tokens']} tokens ({st['train_tokens']} train), "
-          f"{len(m['shards'])} shards from {st['conversations']} conversations; skipped: {skipped}")
-    print(f"base {m['base']['base_model']} ({m['dtype']}); replies {m['options']['responses']}"
-          + (f", {st['replies_generated']} generated, {st['replies_unfinished']} cut at the token limit"
-             if m["options"]["responses"] == "base" else "")
+    print(f"{out}: {st['sequences']} sequences, {st['tokens']} tokens ({st['assistant_tokens']} assistant), "
+          f"{len(m['shards'])} shards from {st['records']} records; skipped: {skipped}; malformed: {st['malformed']}")
+    for reason in m["malformed"]["examples"]:
+        print(f"  malformed: {reason}", file=sys.stderr)
+    print(f"base {m['base']['base_model']} ({m['dtype']}); mode {m['mode']}"
+          + (f", {st['replies_generated']} answers generated, {st['replies_unfinished']} cut at the token limit"
+             if m["mode"] == "regenerate" else "")
           + f"; data tokens matching the base's greedy choice: {agree}")
-    return 0
 
-
-def _complete(out: Path) -> bool:
-    try:
-        return bool(json.loads((out / "manifest.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False

@@ -1,6 +1,8 @@
 """`ctc-drafter eval`: answer MT-bench or GSM8K questions, timing each turn, into a FastChat answer file.
 
 Run once with speculation and once with --baseline (another --model-id), then `ctc-drafter report`.
+`--engine hf` / `hf-prompt-lookup` answer through Hugging Face `generate` instead (plain greedy, or
+HF's prompt-lookup speculative decoding), timed and recorded the same way: the table's reference points.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CTCDrafterError
+from ..evaluation.hf_engine import DEFAULT_PROMPT_LOOKUP_TOKENS, ENGINES
 from .common import add_decoding_args, add_model_args
 
 
@@ -20,6 +23,12 @@ def add_parser(sub) -> None:
     p.add_argument("--question-file", required=True, help="MT-bench question.jsonl or GSM8K test.jsonl")
     p.add_argument("--model-id", required=True, help="names the run and its answer file")
     p.add_argument("--baseline", action="store_true", help="vanilla decoding through the same code (no draft)")
+    p.add_argument("--engine", default="ours", choices=ENGINES,
+                   help="ours (CTC speculation, or vanilla with --baseline); hf: HF generate; hf-prompt-lookup: "
+                        "HF generate with prompt lookup decoding (--draft-model, --tree-choices, --budget unused)")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=None, metavar="K",
+                   help=f"candidate tokens per step for --engine hf-prompt-lookup "
+                        f"(default {DEFAULT_PROMPT_LOOKUP_TOKENS})")
     p.add_argument("--question-begin", type=int, default=None, help="first question index (0-based)")
     p.add_argument("--question-end", type=int, default=None, help="one past the last question index")
     p.add_argument("--answer-dir", default="data/model_answer", help="where {model_id}.jsonl goes")
@@ -38,23 +47,35 @@ def _check_args(args) -> None:
         raise CTCDrafterError(f"--num-choices must be >= 1, got {args.num_choices}")
     if not args.model_id.strip() or "/" in args.model_id:
         raise CTCDrafterError(f"--model-id {args.model_id!r} must be a non-empty name without '/'")
+    if args.baseline and args.engine != "ours":
+        raise CTCDrafterError(f"--baseline is our own vanilla loop; it does not combine with --engine {args.engine} "
+                              "(--engine hf is HF's vanilla loop)")
+    if args.prompt_lookup_tokens is not None:
+        if args.engine != "hf-prompt-lookup":
+            raise CTCDrafterError("--prompt-lookup-tokens applies only to --engine hf-prompt-lookup")
+        if args.prompt_lookup_tokens < 1:
+            raise CTCDrafterError(f"--prompt-lookup-tokens must be >= 1, got {args.prompt_lookup_tokens}")
 
 
-def _meta(args, drafter) -> dict:
+def _meta(args, engine) -> dict:
     from ..evaluation.eval import ANSWER_FORMAT
 
-    spec = not args.baseline
+    ours = args.engine == "ours"
+    spec = not args.baseline if ours else args.engine == "hf-prompt-lookup"  # lookup drafts and verifies too
+    draft = ours and spec
     return {
         "format": ANSWER_FORMAT,
         "bench": args.bench,
+        "engine": args.engine,
         "speculative": spec,
-        "generator": drafter.candidates.name if spec else None,
-        "budget": drafter.candidates.budget if spec else None,
-        "draft_model": args.draft_model if spec else None,
-        "draft_trained": drafter.draft_trained if spec else None,
-        "base_model": drafter.base.name,
-        "device": str(drafter.base.device),
-        "dtype": str(drafter.base.dtype).replace("torch.", ""),
+        "generator": engine.candidates.name if draft else None,
+        "budget": engine.candidates.budget if draft else None,
+        "prompt_lookup_tokens": engine.prompt_lookup_tokens if args.engine == "hf-prompt-lookup" else None,
+        "draft_model": args.draft_model if draft else None,
+        "draft_trained": engine.draft_trained if draft else None,
+        "base_model": engine.base.name,
+        "device": str(engine.base.device),
+        "dtype": str(engine.base.dtype).replace("torch.", ""),
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
@@ -65,8 +86,32 @@ def _meta(args, drafter) -> dict:
     }
 
 
+def _load_engine(args):
+    """Our CTCDrafter (draft loaded only when speculating), or HF generate on the same base (no draft)."""
+    if args.engine == "ours":
+        from ..decoding import CTCDrafter
+
+        return CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
+                                          device=args.device, dtype=args.dtype, generator=args.generator,
+                                          budget=args.budget)
+    from ..evaluation.hf_engine import HFEngine
+    from ..models.base import load_base_model
+
+    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
+    k = None if args.engine == "hf" else (args.prompt_lookup_tokens or DEFAULT_PROMPT_LOOKUP_TOKENS)
+    return HFEngine(base, prompt_lookup_tokens=k)
+
+
+def _mode(args, engine) -> str:
+    if args.engine == "hf":
+        return "HF generate"
+    if args.engine == "hf-prompt-lookup":
+        return f"HF prompt lookup (K={engine.prompt_lookup_tokens})"
+    c = engine.candidates
+    return "baseline" if args.baseline else f"speculative ({c.name}, budget {c.budget})"
+
+
 def run(args) -> int:
-    from ..decoding import CTCDrafter
     from ..evaluation.eval import run_eval
     from ..evaluation.questions import load_questions
 
@@ -74,19 +119,16 @@ def run(args) -> int:
     # Questions first: a bad file or range fails in a second, before minutes of model loading.
     questions = load_questions(args.question_file, args.bench, args.question_begin, args.question_end)
     answer_file = Path(args.answer_file) if args.answer_file else Path(args.answer_dir) / f"{args.model_id}.jsonl"
-    drafter = CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
-                                         device=args.device, dtype=args.dtype, generator=args.generator,
-                                         budget=args.budget)
+    engine = _load_engine(args)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                   "top_k": args.top_k}
-    s = run_eval(drafter, questions, answer_file, args.model_id, _meta(args, drafter), speculative=not args.baseline,
+    speculative = args.engine == "ours" and not args.baseline
+    s = run_eval(engine, questions, answer_file, args.model_id, _meta(args, engine), speculative=speculative,
                  gen_kwargs=gen_kwargs, template=args.template, seed=args.seed, num_choices=args.num_choices,
                  progress=not args.no_progress)
     tps = s["new_tokens"] / s["wall_s"] if s["wall_s"] > 0 else 0.0
     beta = s["new_tokens"] / s["steps"] if s["steps"] else 0.0
-    c = drafter.candidates
-    mode = "baseline" if args.baseline else f"speculative ({c.name}, budget {c.budget})"
-    print(f"[{mode}] answered {s['answered']} question(s), skipped {s['skipped']} already answered; "
+    print(f"[{_mode(args, engine)}] answered {s['answered']} question(s), skipped {s['skipped']} already answered; "
           f"{s['new_tokens']} tokens in {s['wall_s']:.2f} s = {tps:.1f} tokens/s, {beta:.2f} tokens/step "
           f"-> {answer_file}", file=sys.stderr)
     return 0

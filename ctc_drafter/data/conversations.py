@@ -7,6 +7,10 @@ Accepted files: a JSON list, or JSON Lines (one record a line). Each record is o
     Q&A             {"question": ..., "answer": ...}                (GSM8K)
     instruction     {"instruction": ..., "input": ..., "output": ...} (Alpaca)
     prompt          {"prompt": ..., "response"|"completion"|"output": ...}
+
+A record that is not usable (not an object, bad JSON on its line, missing fields, wrong types, empty
+text) becomes a `Malformed` entry: reported, counted and skipped, never fatal. A file none of whose
+records is in a known format, or that cannot be read at all, is an error.
 """
 
 from __future__ import annotations
@@ -40,8 +44,25 @@ class Conversation:
         return out
 
 
+@dataclass
+class Malformed:
+    """A record that could not be used, kept in place so record numbering (and shard assignment) stays put."""
+
+    id: str
+    reason: str
+
+
+class MalformedRecord(CTCDrafterError):
+    """Raised by parse_record; `known` says whether the record looked like one of the accepted formats."""
+
+    def __init__(self, message: str, known: bool = True):
+        super().__init__(message)
+        self.known = known
+
+
 def read_records(path: Path) -> list:
-    """A JSON list or JSON Lines file as a list of records."""
+    """A JSON list or JSON Lines file as a list of records; a JSON Lines line that does not parse
+    becomes a MalformedRecord in its place."""
     path = Path(path)
     if not path.is_file():
         raise CTCDrafterError(f"data file not found: {path}")
@@ -49,25 +70,28 @@ def read_records(path: Path) -> list:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CTCDrafterError(f"cannot read {path}: {e}") from e
-    if path.suffix == ".json" or text.lstrip().startswith("["):
+    head = text.lstrip()[:1]
+    if head in ("[", "{"):
         try:
-            records = json.loads(text)
+            whole = json.loads(text)
         except json.JSONDecodeError as e:
-            raise CTCDrafterError(f"{path} is not valid JSON: {e}") from e
-        if isinstance(records, dict) and isinstance(records.get("data"), list):
-            records = records["data"]
-        if not isinstance(records, list):
-            raise CTCDrafterError(f"{path} should hold a JSON list of records (or be JSON Lines)")
-        return records
+            if head == "[":
+                raise CTCDrafterError(f"{path} is not valid JSON: {e}") from e
+            whole = None  # JSON Lines: one object per line
+        if isinstance(whole, dict) and isinstance(whole.get("data"), list):
+            return whole["data"]
+        if isinstance(whole, list):
+            return whole
+        if isinstance(whole, dict):
+            return [whole]
     records = []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on.
-    for n, line in enumerate(text.split("\n"), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise CTCDrafterError(f"{path} line {n} is not valid JSON: {e.msg}") from e
+            records.append(MalformedRecord(f"line {n} is not valid JSON ({e.msg})", known=False))
     return records
 
 
@@ -99,34 +123,81 @@ def _from_turn_list(turns: list, rid: str) -> Conversation:
     return Conversation(rid, users, replies)
 
 
-def parse_record(rec, rid: str) -> Conversation:
-    """One record of any accepted format as a Conversation (possibly with no user turns)."""
-    if not isinstance(rec, dict):
-        raise CTCDrafterError(f"record {rid} is not a JSON object")
-    rid = str(rec.get("id", rec.get("question_id", rid)))
+def _reply_or_none(rec: dict, keys: tuple[str, ...], rid: str) -> list[str] | None:
+    """The record's reference answer as a one-item list, None when it has none; wrong type -> malformed."""
+    for k in keys:
+        if k in rec and rec[k] is not None:
+            if not isinstance(rec[k], str):
+                raise MalformedRecord(f"record {rid}: {k!r} is not text")
+            return [rec[k]]
+    return None
+
+
+def _parse_known(rec: dict, rid: str) -> Conversation:
     for key in ("conversations", "conversation", "messages"):
-        if isinstance(rec.get(key), list):
+        if key in rec:
+            if not isinstance(rec[key], list):
+                raise MalformedRecord(f"record {rid}: {key!r} is not a list of turns")
             return _from_turn_list(rec[key], rid)
-    if isinstance(rec.get("turns"), list):
-        return Conversation(rid, [t for t in rec["turns"] if isinstance(t, str)], None)
-    if _text(rec.get("question")) is not None:
-        ans = _text(rec.get("answer"))
-        return Conversation(rid, [rec["question"]], None if ans is None else [ans])
-    if _text(rec.get("instruction")) is not None:
-        prompt = rec["instruction"] + (f"\n\n{rec['input']}" if _text(rec.get("input")) else "")
-        out = _text(rec.get("output"))
-        return Conversation(rid, [prompt], None if out is None else [out])
-    if _text(rec.get("prompt")) is not None:
-        reply = next((rec[k] for k in ("response", "completion", "output") if _text(rec.get(k)) is not None), None)
-        return Conversation(rid, [rec["prompt"]], None if reply is None else [reply])
-    raise CTCDrafterError(
+    if "turns" in rec:
+        turns = rec["turns"]
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            raise MalformedRecord(f"record {rid}: 'turns' is not a list of strings")
+        return Conversation(rid, list(turns), None)
+    for key, answers in (("question", ("answer",)), ("instruction", ("output",)),
+                         ("prompt", ("response", "completion", "output"))):
+        if key not in rec:
+            continue
+        if not isinstance(rec[key], str):
+            raise MalformedRecord(f"record {rid}: {key!r} is not text")
+        prompt = rec[key]
+        if key == "instruction" and _text(rec.get("input")):
+            prompt += f"\n\n{rec['input']}"
+        return Conversation(rid, [prompt], _reply_or_none(rec, answers, rid))
+    raise MalformedRecord(
         f"record {rid}: unrecognised format (expected conversations/messages, turns, question/answer, "
-        f"instruction/output or prompt/response)")
+        f"instruction/output or prompt/response)", known=False)
+
+
+def parse_record(rec, rid: str) -> Conversation:
+    """One record of any accepted format as a Conversation with at least one non-empty user turn.
+
+    Raises MalformedRecord (a CTCDrafterError) for anything else.
+    """
+    if isinstance(rec, MalformedRecord):
+        raise MalformedRecord(f"record {rid}: {rec}", known=rec.known)
+    if not isinstance(rec, dict):
+        raise MalformedRecord(f"record {rid} is not a JSON object", known=False)
+    rid = str(rec.get("id", rec.get("question_id", rid)))
+    conv = _parse_known(rec, rid)
+    if not conv.users:
+        raise MalformedRecord(f"record {rid}: no user turn")
+    if not conv.users[0].strip():
+        raise MalformedRecord(f"record {rid}: empty user turn")
+    return conv
+
+
+def iter_records(paths: list[Path]) -> Iterator[Conversation | Malformed]:
+    """Every record of every file, in order (ids default to file:index); unusable ones as Malformed.
+
+    A file with records but none in a known format is an error (it is not chat data at all).
+    """
+    for path in paths:
+        records = read_records(path)
+        out, known = [], False
+        for i, rec in enumerate(records):
+            rid = f"{Path(path).name}:{i}"
+            try:
+                out.append(parse_record(rec, rid))
+                known = True
+            except MalformedRecord as e:
+                out.append(Malformed(rid, str(e)))
+                known = known or e.known
+        if records and not known:
+            raise CTCDrafterError(f"{path}: unknown data format ({out[0].reason})")
+        yield from out
 
 
 def iter_conversations(paths: list[Path]) -> Iterator[Conversation]:
-    """Every record of every file, in order (ids default to file:index)."""
-    for path in paths:
-        records = read_records(path)
-        for i, rec in enumerate(records):
-            yield parse_record(rec, f"{Path(path).name}:{i}")
+    """The usable conversations of every file, in order (malformed records left out)."""
+    return (r for r in iter_records(paths) if isinstance(r, Conversation))

@@ -1,20 +1,29 @@
 """Distillation: chat data -> training shards labelled by the frozen base model.
 
-    conversations --(responses="base")--> the base answers every user turn itself (self-distillation,
-                                          so the draft learns the base's own continuations)
-                  --chat template-------> ids + assistant mask, cut to max_length
-                  --one base pass-------> the base's greedy next token at every position (+ hidden states)
-                  --buffer--------------> shards of about shard_tokens tokens + manifest.json
+    records --(mode "regenerate")-------> the base answers every user turn itself, greedy, seeing its
+                                          own earlier replies (the draft learns the base's continuations)
+            --(mode "teacher-forced")---> the dataset's own answers are kept
+            --chat template-------------> ids + assistant mask, cut to --max-len
+            --one base pass-------------> the base's greedy next token at every position (+ hidden states)
+            --shard i = records [i*S, (i+1)*S)--> shard_0000i.safetensors + shard_0000i.json (its counts)
 
-Work goes in groups of `group_size` conversations (answered and labelled together). A shard is
-written only at a group boundary and the manifest's cursor (conversations consumed) is updated
-right after it, so an interrupted run resumes at the last shard and redoes at most one shard.
+The record -> shard assignment is fixed by the data and --shard-size alone, so shards can be made in
+any order, by any number of processes (`--workers`, `--gpus`, `accelerate launch`), and a rerun
+redoes only shards without their .json: the result is the same files as one uninterrupted process.
+A shard's .json is written after its tensors (both atomically), so Ctrl-C never leaves a shard that
+looks finished but is not. When every shard is done, one process gathers the .json files into
+manifest.json and marks it complete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,38 +31,41 @@ import torch
 
 from ..errors import CTCDrafterError
 from ..models.templates import build_prompt_ids, encode_conversation
-from .conversations import Conversation, iter_conversations
+from .conversations import Conversation, Malformed, iter_records
 from .shards import MANIFEST, Sequence, read_manifest, shard_name, write_manifest, write_shard
 
-FORMAT = "ctc-drafter-distill"
-VERSION = 1
-RESPONSES = ("base", "data")
+FORMAT = 1  # manifest format
+MODES = ("regenerate", "teacher-forced")
+MODE_ALIASES = {"base": "regenerate", "data": "teacher-forced", "teacher_forced": "teacher-forced"}
 LOGIT_ELEMS = 1 << 26  # LM-head rows per chunk * vocab: bounds the [rows, V] logits block (256 MB fp32)
+MALFORMED_EXAMPLES = 5  # reasons the manifest keeps
 
 
 @dataclass
 class DistillOptions:
-    responses: str = "base"  # base: the base answers each user turn; data: keep the dataset's replies
+    mode: str = "regenerate"  # regenerate: the base answers each user turn; teacher-forced: the dataset's answers
     template: str = "auto"
-    max_length: int = 2048  # tokens per sequence (prompt + replies), longer ones are cut
+    max_len: int = 2048  # tokens per sequence (prompt + replies), longer ones are cut
     max_new_tokens: int = 512  # per generated reply
     temperature: float = 0.0  # 0 = greedy replies
     top_p: float = 1.0
     seed: int = 0
-    limit: int | None = None  # conversations to read (all when None)
-    shard_tokens: int = 1 << 18
-    group_size: int = 256  # conversations per unit of work; a checkpoint can only fall between groups
+    limit: int | None = None  # records to read (all when None)
+    shard_size: int = 64  # records per shard: fixes which shard every record lands in
     save_hidden: bool = False
     batch_size: int = 8  # sequences per base pass; does not change the data, so a resume may change it
 
+    def __post_init__(self):
+        self.mode = MODE_ALIASES.get(self.mode, self.mode)
+
     def validate(self) -> None:
-        if self.responses not in RESPONSES:
-            raise CTCDrafterError(f"--responses must be one of {', '.join(RESPONSES)}, got {self.responses!r}")
-        for name in ("max_length", "max_new_tokens", "shard_tokens", "group_size", "batch_size"):
+        if self.mode not in MODES:
+            raise CTCDrafterError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("max_new_tokens", "shard_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise CTCDrafterError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_length < 2:
-            raise CTCDrafterError("--max-length must be at least 2")
+        if self.max_len < 2:
+            raise CTCDrafterError("--max-len must be at least 2")
         if self.limit is not None and self.limit < 1:
             raise CTCDrafterError("--limit must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -63,8 +75,8 @@ class DistillOptions:
         """The options that decide what the shards hold: a resumed run must agree on all of them."""
         d = asdict(self)
         d.pop("batch_size")
-        d.pop("limit")  # conversations are taken in order: a larger limit extends a folder
-        if self.responses == "data":  # generation settings play no part
+        d.pop("limit")  # records are taken in order: a larger limit extends a folder
+        if self.mode == "teacher-forced":  # generation settings play no part
             for k in ("max_new_tokens", "temperature", "top_p", "seed"):
                 d.pop(k)
         return d
@@ -72,14 +84,15 @@ class DistillOptions:
 
 @dataclass
 class Stats:
-    conversations: int = 0  # read, including skipped ones
+    records: int = 0  # read, including skipped and malformed ones
+    malformed: int = 0
     sequences: int = 0
     tokens: int = 0
-    train_tokens: int = 0  # positions with loss_mask 1
-    agree: int = 0  # train positions where the data's next token is the base's greedy token
+    assistant_tokens: int = 0  # positions with loss_mask 1 (the next token is the assistant's)
+    agree: int = 0  # trained positions where the data's next token is the base's greedy token
     replies_generated: int = 0
-    replies_unfinished: int = 0  # cut by max_new_tokens / max_length before the base ended them
-    skipped: dict = field(default_factory=dict)  # reason -> conversations
+    replies_unfinished: int = 0  # cut by max_new_tokens / max_len before the base ended them
+    skipped: dict = field(default_factory=dict)  # reason -> records
 
     def add(self, other: "Stats") -> None:
         for k, v in asdict(other).items():
@@ -94,7 +107,7 @@ class Stats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["agreement"] = round(self.agree / self.train_tokens, 4) if self.train_tokens else None
+        d["agreement"] = round(self.agree / self.assistant_tokens, 4) if self.assistant_tokens else None
         return d
 
     @classmethod
@@ -207,7 +220,7 @@ def answer_conversations(base, convs: list[Conversation], opts: DistillOptions, 
     """Self-distillation: the base answers each user turn in turn, seeing its own earlier replies.
 
     A conversation stops at a reply the base did not finish (a cut reply is kept: its tokens are
-    still the base's) or when its prompt leaves no room under max_length. None: no reply at all.
+    still the base's) or when its prompt leaves no room under --max-len. None: no reply at all.
     """
     tok = base.tokenizer
     users = [_usable_users(c) for c in convs]
@@ -220,7 +233,7 @@ def answer_conversations(base, convs: list[Conversation], opts: DistillOptions, 
                 continue
             msgs = Conversation(convs[c].id, u[: turn + 1], answered[c].replies if turn else []).messages()
             prompt = build_prompt_ids(tok, msgs, opts.template)
-            budget = min(opts.max_new_tokens, opts.max_length - len(prompt))
+            budget = min(opts.max_new_tokens, opts.max_len - len(prompt))
             if budget < 1:
                 going[c] = False
                 continue
@@ -270,44 +283,39 @@ def base_example(tokenizer, users: list[str], a: Answered, template: str, max_le
     return _with_loss_mask(ids, amask, max_length)
 
 
-def _check_has_replies(convs: list[Conversation]) -> None:
-    for c in convs:
-        if c.replies is None:
-            raise CTCDrafterError(f"conversation {c.id} has no replies in the data; use --responses base "
-                                  f"to have the base model answer it")
-
-
 def conversations_to_examples(base, convs: list[Conversation], opts: DistillOptions, stats: Stats) -> list:
     """Each conversation -> (ids, loss_mask) or None (skipped, with the reason counted)."""
     tok = base.tokenizer
-    if opts.responses == "base":
-        answered = answer_conversations(base, convs, opts, stats)
-    else:
-        _check_has_replies(convs)
+    regen = opts.mode == "regenerate"
+    answered = answer_conversations(base, convs, opts, stats) if regen else None
     out = []
     for k, c in enumerate(convs):
         users = _usable_users(c)
-        n = len(answered[k].replies) if opts.responses == "base" and answered[k] else min(len(users), len(c.replies or []))
+        n = min(len(users), len(c.replies or []))
         if not users:
-            stats.skip("no user turn")
-            out.append(None)
-            continue
-        if n == 0 or (opts.responses == "data" and not any(x.strip() for x in c.replies[:n])):
-            stats.skip("no reply" if opts.responses == "data" else "no room for a reply under max_length")
+            reason = "no user turn"
+        elif regen and answered[k] is None:
+            reason = "no room for a reply under --max-len"
+        elif not regen and (n == 0 or not any(r.strip() for r in c.replies[:n])):
+            reason = "no dataset answer"
+        else:
+            reason = None
+        if reason:
+            stats.skip(reason)
             out.append(None)
             continue
         try:
-            if opts.responses == "base":
-                ex = base_example(tok, users, answered[k], opts.template, opts.max_length)
+            if regen:
+                ex = base_example(tok, users, answered[k], opts.template, opts.max_len)
             else:
-                ex = data_example(tok, Conversation(c.id, users[:n], c.replies[:n]).messages(), opts.template,
-                                  opts.max_length)
+                msgs = Conversation(c.id, users[:n], c.replies[:n]).messages()
+                ex = data_example(tok, msgs, opts.template, opts.max_len)
         except CTCDrafterError:  # this text breaks the template's token boundaries; the rest may not
             stats.skip("template not prefix-consistent")
             out.append(None)
             continue
         if ex is None:
-            stats.skip("no reply within max_length")
+            stats.skip("no reply within --max-len")
         out.append(ex)
     return out
 
@@ -325,21 +333,28 @@ def label_examples(base, examples: list, opts: DistillOptions, stats: Stats) -> 
             seqs[i] = Sequence(ids, targets, loss, hidden)
             stats.sequences += 1
             stats.tokens += len(ids)
-            stats.train_tokens += int(loss.sum())
+            stats.assistant_tokens += int(loss.sum())
             stats.agree += int(((targets[:-1] == ids[1:]) & loss[:-1]).sum())
     return [seqs[i] for i in sorted(seqs)]
 
 
-def process_group(base, convs: list[Conversation], opts: DistillOptions, first_index: int) -> tuple[list[Sequence], Stats]:
-    """One unit of work: conversations -> labelled Sequences, with their stats."""
-    stats = Stats(conversations=len(convs))
-    if opts.temperature > 0:  # seeded by position, so a resumed run samples the same replies
+
+
+def label_shard(base, records: list, opts: DistillOptions, first_index: int) -> tuple[list[Sequence], Stats]:
+    """One shard's records (Conversation or Malformed) -> labelled Sequences, with their stats.
+
+    Depends only on the records, the options and where the shard starts: any process makes the
+    same shard (batches are formed within the shard; sampling is seeded by the shard's position).
+    """
+    convs = [r for r in records if isinstance(r, Conversation)]
+    stats = Stats(records=len(records), malformed=len(records) - len(convs))
+    if opts.temperature > 0:
         torch.manual_seed(opts.seed + first_index)
     examples = conversations_to_examples(base, convs, opts, stats)
     return label_examples(base, examples, opts, stats), stats
 
 
-# --------------------------------------------------------------------------- folder, manifest, resume
+# --------------------------------------------------------------------------- the data plan
 
 
 def file_sha256(path: Path) -> str:
@@ -350,18 +365,78 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def new_manifest(base, sources: list[Path], opts: DistillOptions) -> dict:
+@dataclass
+class Plan:
+    """The records to distil (after --limit) and their fixed split into shards."""
+
+    records: list  # Conversation | Malformed, in file order
+    inputs: list[dict]  # {"path", "sha256", "records"} per data file
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(len(self.records) / self.shard_size)
+
+    def shard(self, i: int) -> tuple[int, list]:
+        """(index of its first record, records) of shard i: records [i*S, (i+1)*S)."""
+        first = i * self.shard_size
+        return first, self.records[first : first + self.shard_size]
+
+    def malformed(self) -> dict:
+        bad = [r for r in self.records if isinstance(r, Malformed)]
+        return {"count": len(bad), "examples": [r.reason for r in bad[:MALFORMED_EXAMPLES]]}
+
+
+def read_plan(data_paths: list, opts: DistillOptions) -> Plan:
+    """Read and check the data: one-line errors for missing, unreadable, unknown or unusable data."""
+    opts.validate()
+    paths = [Path(p) for p in data_paths]
+    if not paths:
+        raise CTCDrafterError("no data files given")
+    for p in paths:
+        if not p.is_file():
+            raise CTCDrafterError(f"data file not found: {p}")
+    records, inputs = [], []
+    for p in paths:
+        recs = list(iter_records([p]))
+        records += recs
+        inputs.append({"path": str(p.resolve()), "sha256": file_sha256(p), "records": len(recs)})
+    records = records[: opts.limit]
+    names = ", ".join(map(str, paths))
+    if not records:
+        raise CTCDrafterError(f"no records in {names}")
+    convs = [r for r in records if isinstance(r, Conversation)]
+    if not convs:
+        raise CTCDrafterError(f"no usable records in {names}: all {len(records)} are malformed "
+                              f"(first: {records[0].reason})")
+    if opts.mode == "teacher-forced" and not any(c.replies for c in convs):
+        raise CTCDrafterError(f"no record in {names} has a dataset answer, which --mode teacher-forced needs; "
+                              f"use --mode regenerate to have the base model answer")
+    return Plan(records, inputs, opts.shard_size)
+
+
+# --------------------------------------------------------------------------- folder, manifest, resume
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def new_manifest(signature: dict, dtype: str, plan: Plan, opts: DistillOptions) -> dict:
     return {
         "format": FORMAT,
-        "version": VERSION,
-        "base": base.signature(),
-        "dtype": str(base.dtype).replace("torch.", ""),
+        "producer": "ctc-drafter distill",
+        "base": signature,
+        "dtype": dtype,
         "template": opts.template,
+        "mode": opts.mode,
         "hidden": opts.save_hidden,
         "options": opts.content_key(),
-        "sources": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in sources],
-        "shards": [],  # {"file", "sequences", "tokens", "train_tokens", "conversations": [first, end)}
-        "cursor": 0,  # conversations consumed by the shards above
+        "inputs": plan.inputs,
+        "records": len(plan.records),
+        "shard_size": opts.shard_size,
+        "shards": [],  # {"file", "index", "first", "records", "sequences", "tokens", "assistant_tokens"}
+        "malformed": plan.malformed(),
         "stats": Stats().to_dict(),
         "complete": False,
     }
@@ -369,8 +444,8 @@ def new_manifest(base, sources: list[Path], opts: DistillOptions) -> dict:
 
 def _identity(m: dict) -> dict:
     """What must match for a run to continue a folder's data."""
-    return {"format": m.get("format"), "version": m.get("version"), "base": m.get("base"), "dtype": m.get("dtype"),
-            "options": m.get("options"), "sources": [s.get("sha256") for s in m.get("sources", [])]}
+    return {"format": m.get("format"), "base": m.get("base"), "dtype": m.get("dtype"), "options": m.get("options"),
+            "inputs": [s.get("sha256") for s in m.get("inputs", [])]}
 
 
 def _describe_mismatch(old: dict, new: dict) -> str:
@@ -382,21 +457,30 @@ def _describe_mismatch(old: dict, new: dict) -> str:
         if isinstance(a[k], dict) and isinstance(b[k], dict):
             diffs += [f"{kk} {a[k].get(kk)!r} -> {b[k].get(kk)!r}" for kk in sorted(set(a[k]) | set(b[k]))
                       if a[k].get(kk) != b[k].get(kk)]
-        elif k == "sources":
+        elif k == "inputs":
             diffs.append("the data files differ")
         else:
             diffs.append(f"{k} {a[k]!r} -> {b[k]!r}")
     return ", ".join(diffs)
 
 
+def result_name(i: int) -> str:
+    """Shard i's counts; its presence marks the shard finished."""
+    return shard_name(i).replace(".safetensors", ".json")
+
+
 def _owned_files(out_dir: Path) -> list[Path]:
     """Files distill writes (and may therefore delete)."""
-    pats = ("shard_*.safetensors", "shard_*.safetensors.tmp", MANIFEST, MANIFEST + ".tmp")
+    pats = ("shard_*.safetensors", "shard_*.json", "shard_*.tmp", MANIFEST, MANIFEST + ".tmp")
     return [p for pat in pats for p in out_dir.glob(pat)]
 
 
-def prepare_out_dir(out_dir: Path, fresh: dict, overwrite: bool) -> dict:
-    """The manifest to continue from: `fresh` for a new or overwritten folder, else the folder's own."""
+def prepare_out_dir(out_dir: Path, fresh: dict, overwrite: bool, write: bool = True) -> dict:
+    """The manifest to continue from: `fresh` for a new or overwritten folder, else the folder's own.
+
+    write=False makes the same checks and decision without touching the folder (the other processes
+    of a launch, while the main one prepares it).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise CTCDrafterError(f"--out {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,101 +490,416 @@ def prepare_out_dir(out_dir: Path, fresh: dict, overwrite: bool) -> dict:
         raise CTCDrafterError(f"--out {out_dir} holds files distill did not write (e.g. {foreign[0].name}); "
                               f"give an empty or new folder")
     if overwrite or not (out_dir / MANIFEST).is_file():
-        for p in owned:
-            p.unlink()
+        if write:
+            for p in owned:
+                p.unlink(missing_ok=True)
+            write_manifest(out_dir, fresh)
         return fresh
     old = read_manifest(out_dir)
     if _identity(old) != _identity(fresh):
         raise CTCDrafterError(f"{out_dir} holds data distilled with other settings ({_describe_mismatch(old, fresh)}); "
                               f"use --overwrite or another --out")
-    keep = {s["file"] for s in old["shards"]} | {MANIFEST}
-    for p in owned:  # half-written files and shards a crash left beyond the manifest's cursor
-        if p.name not in keep:
-            p.unlink()
-    missing = [s["file"] for s in old["shards"] if not (out_dir / s["file"]).is_file()]
+    if old.get("records", 0) > fresh["records"]:
+        raise CTCDrafterError(f"{out_dir} already holds the first {old['records']} records; "
+                              f"--limit {fresh['records']} asks for fewer (use --overwrite or another --out)")
+    if old.get("complete") and old.get("records") == fresh["records"]:
+        return old
+    if write:
+        for p in owned:  # half-written files a crash left
+            if p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+        write_manifest(out_dir, fresh)  # records, malformed: the new --limit's
+    return fresh
+
+
+def _read_result(out_dir: Path, i: int) -> dict | None:
+    try:
+        return json.loads((out_dir / result_name(i)).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def shard_done(out_dir: Path, plan: Plan, i: int) -> bool:
+    """Finished: its .json exists, covers the records the plan gives it, and its tensors are there."""
+    r = _read_result(out_dir, i)
+    first, records = plan.shard(i)
+    return (r is not None and r.get("first") == first and r.get("records") == len(records)
+            and (r.get("file") is None or (out_dir / r["file"]).is_file()))
+
+
+def pending_shards(out_dir: Path, plan: Plan) -> list[int]:
+    return [i for i in range(plan.num_shards) if not shard_done(out_dir, plan, i)]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save_shard(out_dir: Path, i: int, first: int, seqs: list[Sequence], stats: Stats, seconds: float,
+               worker: int = 0) -> dict:
+    """Shard i's tensors, then its counts (the order makes the .json the 'finished' mark)."""
+    (out_dir / result_name(i)).unlink(missing_ok=True)  # a redone shard is unfinished until the end
+    name = shard_name(i)
+    if seqs:
+        write_shard(out_dir / name, seqs)
+    else:  # every record skipped: no tensors, and none left from an earlier, longer version of it
+        (out_dir / name).unlink(missing_ok=True)
+    result = {"index": i, "file": name if seqs else None, "first": first, "records": stats.records,
+              "sequences": len(seqs), "tokens": stats.tokens, "assistant_tokens": stats.assistant_tokens,
+              "seconds": round(seconds, 2), "worker": worker, "stats": stats.to_dict()}
+    _write_json(out_dir / result_name(i), result)
+    return result
+
+
+def make_shard(base, out_dir: Path, i: int, first: int, records: list, opts: DistillOptions, worker: int = 0) -> int:
+    """Label and save shard i (records [first, first + len(records))); its token count."""
+    t0 = time.time()
+    seqs, stats = label_shard(base, records, opts, first)
+    save_shard(out_dir, i, first, seqs, stats, time.time() - t0, worker)
+    return stats.tokens
+
+
+def run_shards(base, plan: Plan, shard_ids: list[int], out_dir: Path, opts: DistillOptions, report=None,
+               worker: int = 0) -> None:
+    """Make the given shards in this process; report(records, tokens) after each."""
+    for i in shard_ids:
+        first, records = plan.shard(i)
+        tokens = make_shard(base, out_dir, i, first, records, opts, worker)
+        if report is not None:
+            report(len(records), tokens)
+
+
+def finalize(out_dir: Path, plan: Plan, manifest: dict) -> dict:
+    """Gather every shard's counts into the manifest and mark it complete."""
+    results = [_read_result(out_dir, i) for i in range(plan.num_shards)]
+    missing = [i for i, r in enumerate(results) if r is None or not shard_done(out_dir, plan, i)]
     if missing:
-        raise CTCDrafterError(f"{out_dir} lacks {missing[0]}, listed in its manifest; use --overwrite to start again")
-    return old
-
-
-def distill(base, data_paths: list[Path], out_dir: Path, opts: DistillOptions, overwrite: bool = False,
-            progress: bool = True) -> dict:
-    """Distil `data_paths` into shards under `out_dir`, resuming a run left unfinished there; the manifest."""
-    from tqdm.auto import tqdm
-
-    opts.validate()
-    if base.tokenizer is None:
-        raise CTCDrafterError("distill needs a base model with a tokenizer")
-    data_paths = [Path(p) for p in data_paths]
-    if not data_paths:
-        raise CTCDrafterError("no data files given")
-    for p in data_paths:
-        if not p.is_file():
-            raise CTCDrafterError(f"data file not found: {p}")
-    out_dir = Path(out_dir)
-    convs = list(iter_conversations(data_paths))[: opts.limit]
-    if not convs:
-        raise CTCDrafterError(f"no conversations in {', '.join(map(str, data_paths))}")
-    if opts.responses == "data":
-        _check_has_replies(convs)
-    manifest = prepare_out_dir(out_dir, new_manifest(base, data_paths, opts), overwrite)
-    if manifest["cursor"] > len(convs):
-        raise CTCDrafterError(f"{out_dir} already holds the first {manifest['cursor']} conversations; "
-                              f"--limit {opts.limit} asks for fewer (use --overwrite or another --out)")
-    if manifest["complete"] and manifest["cursor"] == len(convs):
-        return manifest
-    manifest["complete"] = False  # unfinished, or finished and now extended by a larger --limit
-    done = Stats.from_dict(manifest["stats"])  # what the shards written so far hold
-    with tqdm(total=len(convs), initial=manifest["cursor"], unit="conv", desc="distill", disable=not progress) as bar:
-        leftover = _run_groups(base, convs, out_dir, manifest, opts, done, bar)
-    done.add(leftover)  # groups after the last shard that produced nothing
-    if not manifest["shards"]:
-        skipped = ", ".join(f"{n} {r}" for r, n in done.skipped.items())
-        raise CTCDrafterError(f"no usable conversations (skipped: {skipped or 'none'})")
-    manifest.update(cursor=len(convs), complete=True, stats=done.to_dict())
+        raise CTCDrafterError(f"shard {missing[0]} of {out_dir} is not finished ({len(missing)} missing); "
+                              f"run the same command again to make it")
+    total = Stats()
+    for r in results:
+        total.add(Stats.from_dict(r["stats"]))
+    shards = [{k: r[k] for k in ("file", "index", "first", "records", "sequences", "tokens", "assistant_tokens")}
+              for r in results if r["file"]]
+    if not shards:
+        skipped = ", ".join(f"{n} {r}" for r, n in total.skipped.items())
+        raise CTCDrafterError(f"no usable records (skipped: {skipped or 'none'}; malformed: {total.malformed})")
+    manifest = {**manifest, "shards": shards, "stats": total.to_dict(), "complete": True,
+                "seconds": round(sum(r["seconds"] for r in results), 1)}
     write_manifest(out_dir, manifest)
     return manifest
 
 
-def _run_groups(base, convs, out_dir: Path, manifest: dict, opts: DistillOptions, done: Stats, bar) -> Stats:
-    """Process groups from the cursor on, writing a shard (then the manifest) whenever enough tokens
-    are buffered and at the end. Returns the stats of groups no shard holds (they yielded nothing)."""
-    total, cursor = len(convs), manifest["cursor"]
-    pending, buffer, t0 = Stats(), [], time.time()
-    for start in range(cursor, total, opts.group_size):
-        group = convs[start : start + opts.group_size]
-        seqs, stats = process_group(base, group, opts, start)
-        buffer += seqs
-        pending.add(stats)
-        end = start + len(group)
-        bar.update(len(group))
-        if buffer and (sum(len(s.input_ids) for s in buffer) >= opts.shard_tokens or end == total):
-            _write_shard(out_dir, manifest, buffer, cursor, end)
-            done.add(pending)
-            manifest["stats"] = done.to_dict()
-            t0 = _add_seconds(manifest, t0)
-            write_manifest(out_dir, manifest)  # the checkpoint: a rerun starts after this shard
-            buffer, pending, cursor = [], Stats(), end
-        bar.set_postfix(seqs=done.sequences + pending.sequences, shards=len(manifest["shards"]))
-    _add_seconds(manifest, t0)
-    return pending
+# --------------------------------------------------------------------------- one process
 
 
-def _add_seconds(manifest: dict, since: float) -> float:
-    """Wall time across all runs that built the folder."""
-    now = time.time()
-    manifest["seconds"] = round(manifest.get("seconds", 0.0) + now - since, 1)
-    return now
+def records_in(plan: Plan, shard_ids: list[int]) -> int:
+    return sum(len(plan.shard(i)[1]) for i in shard_ids)
 
 
-def _write_shard(out_dir: Path, manifest: dict, seqs: list[Sequence], first: int, end: int) -> None:
-    name = shard_name(len(manifest["shards"]))
-    write_shard(out_dir / name, seqs)
-    manifest["shards"].append({
-        "file": name,
-        "sequences": len(seqs),
-        "tokens": sum(len(s.input_ids) for s in seqs),
-        "train_tokens": sum(int(s.loss_mask.sum()) for s in seqs),
-        "conversations": [first, end],
-    })
-    manifest["cursor"] = end
+@contextmanager
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "distill"):
+    """A tqdm bar over records, with tokens/s; yields report(records, tokens) to advance it."""
+    from tqdm.auto import tqdm
+
+    t0, tokens = time.time(), [0]
+    with tqdm(total=total, initial=initial, unit="rec", desc=desc, disable=not enabled, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        def report(records: int, new_tokens: int) -> None:
+            tokens[0] += new_tokens
+            bar.update(records)
+            bar.set_postfix_str(f"{tokens[0] / max(time.time() - t0, 1e-9):.0f} tok/s")
+
+        yield report
+
+
+def _check_base(base) -> None:
+    if base.tokenizer is None:
+        raise CTCDrafterError("distill needs a base model with a tokenizer")
+
+
+def distill(base, data_paths: list[Path], out_dir: Path, opts: DistillOptions, overwrite: bool = False,
+            progress: bool = True, plan: Plan | None = None) -> dict:
+    """Distil `data_paths` into shards under `out_dir` in this process, resuming a run left unfinished there."""
+    opts.validate()
+    _check_base(base)
+    plan = plan or read_plan(data_paths, opts)
+    out_dir = Path(out_dir)
+    manifest = prepare_out_dir(out_dir, new_manifest(base.signature(), dtype_name(base.dtype), plan, opts), overwrite)
+    if manifest["complete"]:
+        return manifest
+    todo = pending_shards(out_dir, plan)
+    with progress_bar(len(plan.records), len(plan.records) - records_in(plan, todo), progress) as report:
+        run_shards(base, plan, todo, out_dir, opts, report)
+    return finalize(out_dir, plan, manifest)
+
+
+# --------------------------------------------------------------------------- accelerate launch
+
+
+def launched_distributed() -> bool:
+    """Started by `accelerate launch` / torchrun with several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def distributed_state(cpu: bool):
+    """accelerate's PartialState for this launch. Processes wait for each other only at the start and
+    at the end, possibly for as long as a shard takes, hence the long timeout."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu, timeout=timedelta(hours=24))
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise CTCDrafterError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate sees "
+                              f"{state.num_processes}; on a machine without GPUs pass --device cpu")
+    return state
+
+
+def distill_data_parallel(state, base, data_paths: list[Path], out_dir: Path, opts: DistillOptions,
+                          overwrite: bool = False, progress: bool = True, plan: Plan | None = None) -> dict | None:
+    """`distill` as one of the processes of a launch: process r makes shards r, r+n, ... (those not
+    finished yet); the main process prepares the folder first and writes the manifest last.
+
+    Every process runs the same checks on the same inputs, so a bad input stops all of them alike
+    before anyone waits for the others. Returns the manifest on the main process, None elsewhere.
+    """
+    opts.validate()
+    _check_base(base)
+    plan = plan or read_plan(data_paths, opts)
+    out_dir = Path(out_dir)
+    fresh = new_manifest(base.signature(), dtype_name(base.dtype), plan, opts)
+    manifest = prepare_out_dir(out_dir, fresh, overwrite, write=state.is_main_process)
+    if manifest["complete"]:
+        return manifest if state.is_main_process else None
+    state.wait_for_everyone()  # the folder is ready
+    mine = [i for i in range(state.process_index, plan.num_shards, state.num_processes)
+            if not shard_done(out_dir, plan, i)]
+    desc = f"distill [{state.process_index + 1}/{state.num_processes}]"
+    with progress_bar(records_in(plan, mine), 0, progress and state.is_main_process, desc) as report:
+        run_shards(base, plan, mine, out_dir, opts, report, worker=state.process_index)
+    state.wait_for_everyone()  # every shard is written
+    return finalize(out_dir, plan, manifest) if state.is_main_process else None
+
+
+# --------------------------------------------------------------------------- worker processes (--workers, --gpus)
+
+
+@dataclass
+class BaseSpec:
+    """How to load the base: what a worker process needs to load it itself."""
+
+    name_or_path: str
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def parse_gpu_groups(text: str) -> list[list[int]]:
+    """'0;1;2;3' -> [[0], [1], [2], [3]] (a worker each); '0,1;2,3' -> [[0, 1], [2, 3]]."""
+    groups = []
+    for part in text.split(";"):
+        ids = [x.strip() for x in part.split(",")]
+        if not part.strip() or not all(x.isdigit() for x in ids):
+            raise CTCDrafterError(f"--gpus {text!r}: give GPU numbers, ',' within a worker's group and ';' "
+                                  f"between workers, e.g. '0;1;2;3' or '0,1;2,3'")
+        groups.append([int(x) for x in ids])
+    return groups
+
+
+def check_gpu_groups(groups: list[list[int]], text: str) -> None:
+    """Every GPU named must exist here (numbers as CUDA_VISIBLE_DEVICES, if set, shows them)."""
+    if not torch.cuda.is_available():
+        raise CTCDrafterError(f"--gpus {text!r} given, but CUDA is not available here "
+                              f"(use --workers N for several CPU processes)")
+    n = torch.cuda.device_count()
+    bad = sorted({g for grp in groups for g in grp if g >= n})
+    if bad:
+        raise CTCDrafterError(f"--gpus {text!r} names GPU {bad[0]}, but only {n} GPU(s) are visible (0..{n - 1})")
+
+
+def visible_devices(group: list[int]) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker: the group's GPUs, as the parent's own visibility numbers them."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [x.strip() for x in parent.split(",")] if parent else None
+    return ",".join(names[g] if names else str(g) for g in group)
+
+
+def describe_base(spec: BaseSpec, device: torch.device) -> tuple[dict, str, int]:
+    """(signature, dtype name, max length) of a base from its config alone: the folder can be checked
+    before loading the weights (which worker processes load themselves)."""
+    from transformers import AutoConfig
+
+    from ..models.base import DEFAULT_BASE, DEFAULT_NAME, _model_name, default_model_dir, resolve_dtype
+
+    if spec.name_or_path == DEFAULT_BASE:
+        path, gguf, name = default_model_dir(), None, DEFAULT_NAME
+    else:
+        p = Path(spec.name_or_path).expanduser()
+        if not p.exists():
+            raise CTCDrafterError(f"base model not found: {spec.name_or_path} (give a local folder, a .gguf file "
+                                  f"or 'default')")
+        path, gguf = (p.parent, p.name) if p.is_file() else (p, None)
+        name = _model_name(p, gguf)
+    try:
+        cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model path for the user
+        raise CTCDrafterError(f"cannot load base model {spec.name_or_path}: {str(e).strip().splitlines()[0]}") from e
+    # as BaseModel.signature() / .max_length read them from the loaded model's config
+    sig = {"base_model": name, "hidden_size": int(cfg.hidden_size), "vocab_size": int(cfg.vocab_size)}
+    max_len = int(getattr(cfg, "max_position_embeddings", 1 << 30))
+    return sig, dtype_name(resolve_dtype(spec.dtype, device)), max_len
+
+
+def load_worker_base(spec: BaseSpec, gpus: int):
+    """The base in a worker: on --device (CPU workers), on its one visible GPU, or spread over its
+    visible GPUs like device_map="auto" (balanced) when it has several."""
+    from ..models.base import load_base_model, resolve_dtype
+
+    if gpus == 0:
+        return load_base_model(spec.name_or_path, device=spec.device, dtype=spec.dtype)
+    dtype = resolve_dtype(spec.dtype, torch.device("cuda"))
+    if gpus == 1:
+        return load_base_model(spec.name_or_path, device="cuda", dtype=dtype)
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    base = load_base_model(spec.name_or_path, device="cpu", dtype=dtype)
+    no_split = list(getattr(base.model, "_no_split_modules", None) or [])
+    memory = get_balanced_memory(base.model, dtype=dtype, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(base.model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    dispatch_model(base.model, device_map=device_map)
+    return base
+
+
+def _worker_main(rank: int, spec: BaseSpec, cuda_visible: str | None, threads: int | None, expect: tuple,
+                 opts: DistillOptions, out_dir: Path, work: list, queue) -> None:
+    """A worker process: load the base, make its shards, tell the parent ("progress" | "error" | "done")."""
+    if cuda_visible is not None:  # before anything touches CUDA (the parent set it for the spawn too)
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    if threads:
+        torch.set_num_threads(threads)
+    code = 0
+    try:
+        base = load_worker_base(spec, 0 if cuda_visible is None else len(cuda_visible.split(",")))
+        got = (base.signature(), dtype_name(base.dtype))
+        if got != expect:
+            raise CTCDrafterError(f"worker {rank} loaded {got}, the folder was prepared for {expect}")
+        _check_base(base)
+        for i, first, records in work:
+            tokens = make_shard(base, out_dir, i, first, records, opts, rank)
+            queue.put(("progress", rank, len(records), tokens))
+        queue.put(("done", rank))
+    except KeyboardInterrupt:
+        code = 130
+    except CTCDrafterError as e:
+        queue.put(("error", rank, str(e)))
+        code = 2
+    except BaseException as e:  # noqa: BLE001 - a bug: the parent reports it, the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        queue.put(("error", rank, f"{type(e).__name__}: {e}"))
+        code = 1
+    queue.close()
+    queue.join_thread()  # the message reaches the parent before this process ends
+    sys.exit(code)
+
+
+@contextmanager
+def _env(**values):
+    """Set environment variables for processes started inside (spawned children copy the environment)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _follow_workers(procs: list, queue, report) -> None:
+    """Relay progress until every worker is done; the first error (or silent death) stops the run."""
+    import queue as queue_mod
+
+    finished = set()
+    while len(finished) < len(procs):
+        try:
+            msg = queue.get(timeout=0.5)
+        except queue_mod.Empty:
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in finished and p.exitcode is not None]
+            if dead:  # its last message would have been queued before it exited
+                try:
+                    msg = queue.get(timeout=2)
+                except queue_mod.Empty:
+                    r, code = dead[0]
+                    raise CTCDrafterError(f"worker {r} stopped (exit code {code}) without finishing its shards; "
+                                          f"run the same command again to resume") from None
+            else:
+                continue
+        kind, rank, *rest = msg
+        if kind == "progress":
+            report(*rest)
+        elif kind == "done":
+            finished.add(rank)
+        else:
+            raise CTCDrafterError(f"worker {rank}: {rest[0]}")
+
+
+def distill_with_workers(spec: BaseSpec, data_paths: list[Path], out_dir: Path, opts: DistillOptions,
+                         gpu_groups: list[list[int]] | None = None, workers: int = 1, overwrite: bool = False,
+                         progress: bool = True, plan: Plan | None = None) -> dict:
+    """`distill` over worker processes: one per GPU group (`--gpus`), else `workers` on spec.device.
+
+    The shards still to make are dealt out round-robin; each worker loads the base itself. The same
+    shards come out as from one process, and an interrupted run resumes from whatever was finished.
+    """
+    from ..models.base import resolve_device
+
+    opts.validate()
+    plan = plan or read_plan(data_paths, opts)
+    out_dir = Path(out_dir)
+    device = torch.device("cuda") if gpu_groups else resolve_device(spec.device)
+    signature, dtype, _ = describe_base(spec, device)
+    manifest = prepare_out_dir(out_dir, new_manifest(signature, dtype, plan, opts), overwrite)
+    if manifest["complete"]:
+        return manifest
+    todo = pending_shards(out_dir, plan)
+    slots = [visible_devices(g) for g in gpu_groups] if gpu_groups else [None] * workers
+    slots = slots[: len(todo)]  # no idle workers
+    threads = None
+    if not gpu_groups and "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(slots)))
+    with progress_bar(len(plan.records), len(plan.records) - records_in(plan, todo), progress) as report:
+        run_workers(spec, slots, threads, (signature, dtype), opts, out_dir,
+                    [[(i, *plan.shard(i)) for i in todo[r :: len(slots)]] for r in range(len(slots))], report)
+    return finalize(out_dir, plan, manifest)
+
+
+def run_workers(spec: BaseSpec, slots: list, threads: int | None, expect: tuple, opts: DistillOptions,
+                out_dir: Path, works: list[list], report) -> None:
+    """One spawned process per slot (its CUDA_VISIBLE_DEVICES, or None for --device), each making
+    the shards of its work list; returns when all are done, raises on the first failure."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA_VISIBLE_DEVICES applies, no forked CUDA state
+    queue = ctx.Queue()
+    procs = []
+    try:
+        for rank, (visible, work) in enumerate(zip(slots, works)):
+            with _env(CUDA_VISIBLE_DEVICES=visible):
+                p = ctx.Process(target=_worker_main, name=f"distill-worker-{rank}",
+                                args=(rank, spec, visible, threads, expect, opts, out_dir, work, queue))
+                p.start()
+            procs.append(p)
+        _follow_workers(procs, queue, report)
+    finally:
+        for p in procs:  # after an error or Ctrl-C: finished shards stay, the rest is redone next time
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()

@@ -10,9 +10,11 @@ reference implementation writes (FastChat's plus per-turn speed):
                   # extras, for `report`:
                   "accept_lengths": [[tokens per step, ...] per turn], "tokens": [[ids] per turn],
                   "stop_reasons": [...]}],
-     "bench", "category", "meta": {format, speculative, generator, budget, draft_trained, device, ...}}
+     "bench", "category", "meta": {format, engine, speculative, generator, budget, draft_trained, device, ...}}
 
-`idxs` here counts base forward passes (prefill included), so sum(new_tokens)/sum(idxs) is beta.
+`idxs` here counts base forward passes (prefill included), so sum(new_tokens)/sum(idxs) is beta. The
+engine (`meta.engine`) is ours (CTCDrafter, speculative or --baseline) or HF generate (`hf`,
+`hf-prompt-lookup`, see hf_engine.py), whose passes are counted the same way.
 The reference's `idxs` are 0-based loop indices instead; `report` tells the two apart by `meta`.
 """
 
@@ -94,11 +96,14 @@ def reorganize_answer_file(path: str | Path) -> int:
 
 
 def check_resumable(existing: list[dict], meta: dict, path) -> None:
-    """Refuse to mix answers of a different kind (bench, base, baseline vs speculative) in one file."""
+    """Refuse to mix answers of a different kind (bench, engine, base, baseline vs speculative) in one file."""
     for rec in existing:
-        old = rec.get("meta") or {}
-        for key in ("bench", "speculative", "base_model", "max_new_tokens", "temperature"):
-            if key in old and old[key] != meta[key]:
+        old = dict(rec.get("meta") or {})
+        if old and "engine" not in old:
+            old["engine"] = "ours"  # written before HF engines existed
+        for key in ("bench", "engine", "prompt_lookup_tokens", "speculative", "base_model", "max_new_tokens",
+                    "temperature"):
+            if key in old and key in meta and old[key] != meta[key]:
                 raise CTCDrafterError(
                     f"{path} already holds answers with {key}={old[key]!r} but this run has {key}={meta[key]!r}; "
                     "use another --model-id or --answer-file")

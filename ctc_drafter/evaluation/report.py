@@ -7,6 +7,8 @@
     agreement   share of questions whose answers are identical token for token (texts when the files
                 carry no token ids); greedy decoding is lossless, so this must be 1.0 there
 
+Either side may come from any `eval --engine` (ours speculative or vanilla, HF generate, HF prompt
+lookup); the report names each side's engine, so "gamma over HF generate" is read off the same table.
 Reads this package's answer files and the reference implementation's (same FastChat schema, whose
 `idxs` are 0-based loop indices, i.e. steps - 1, and whose baseline runs record `new_tokens` as 0).
 """
@@ -51,6 +53,22 @@ class AnswerFile:
     @property
     def bench(self) -> str | None:
         return self.first.get("bench") or self.meta.get("bench")
+
+
+def engine_label(f: AnswerFile) -> str:
+    """Which decoder produced a file, in words: the rows of the benchmark table (ours vs HF)."""
+    m = f.meta
+    if not f.ours:
+        return "reference implementation" if m else "unknown (the file records no meta)"
+    engine = m.get("engine", "ours")  # files written before HF engines existed are ours
+    if engine == "hf":
+        return "HF generate"
+    if engine == "hf-prompt-lookup":
+        return f"HF prompt lookup (K={m.get('prompt_lookup_tokens')})"
+    if not m.get("speculative"):
+        return "ours, vanilla"
+    untrained = ", untrained draft" if m.get("draft_trained") is False else ""
+    return f"ours, speculative ({m.get('generator')}, budget {m.get('budget')}{untrained})"
 
 
 def load_answer_file(path: str | Path, what: str) -> AnswerFile:
@@ -238,9 +256,10 @@ def _check_same_bench(spec: AnswerFile, base: AnswerFile, keys: list[str]) -> No
 def _setup_notes(spec: AnswerFile, base: AnswerFile, notes: list[str]) -> None:
     """Warn where the two runs are not a like-for-like comparison."""
     if spec.meta.get("speculative") is False:
-        notes.append("the speculative file was run with --baseline (no speculation)")
+        notes.append(f"the speculative file is not a speculative run ({engine_label(spec)})")
     if base.meta.get("speculative") is True:
-        notes.append("the baseline file is a speculative run, not vanilla decoding")
+        notes.append(f"the baseline file is a speculative run ({engine_label(base)}), not vanilla decoding: gamma is "
+                     "the speedup over it")
     for key in ("base_model", "device", "dtype", "max_new_tokens", "temperature", "template"):
         a, b = spec.meta.get(key), base.meta.get(key)
         if a is not None and b is not None and a != b:
@@ -309,6 +328,7 @@ def build_report(spec_path, baseline_path, load_tokenizer=None, question_file: s
     return {
         "spec_file": spec.path, "baseline_file": base.path,
         "spec_model_id": spec.model_id, "baseline_model_id": base.model_id,
+        "engines": {"spec": engine_label(spec), "baseline": engine_label(base)},
         "bench": spec.bench or base.bench,
         "n_questions": len(keys),
         "gamma": overall["gamma"], "gamma_mean": overall["gamma_mean"],
@@ -337,13 +357,15 @@ def _f(v, fmt="{:.2f}", none="n/a"):
 
 def format_report(r: dict) -> str:
     m = r["meta"]["spec"]
+    eng = r.get("engines") or {}
     lines = [f"speculative: {r['spec_model_id']} ({r['spec_file']})",
-             f"baseline:    {r['baseline_model_id']} ({r['baseline_file']})"]
+             f"  engine:    {eng.get('spec', 'unknown')}",
+             f"baseline:    {r['baseline_model_id']} ({r['baseline_file']})",
+             f"  engine:    {eng.get('baseline', 'unknown')}"]
     if m:
-        lines.append(f"setup: {m.get('base_model')} on {m.get('device')} ({m.get('dtype')}), generator "
-                     f"{m.get('generator')} budget {m.get('budget')}, draft {m.get('draft_model')} (trained: "
-                     f"{m.get('draft_trained')}), temperature {m.get('temperature')}, max_new_tokens "
-                     f"{m.get('max_new_tokens')}")
+        draft = f", draft {m.get('draft_model')}" if m.get("draft_model") else ""
+        lines.append(f"setup: {m.get('base_model')} on {m.get('device')} ({m.get('dtype')}){draft}, temperature "
+                     f"{m.get('temperature')}, max_new_tokens {m.get('max_new_tokens')}")
     lines.append(f"bench: {r['bench'] or 'unknown'}, {r['n_questions']} question(s) compared")
     lines.append("")
     head = f"{'category':<14}{'n':>4}{'spec tok/s':>12}{'base tok/s':>12}{'gamma':>8}{'gamma_mean':>12}{'beta':>7}"

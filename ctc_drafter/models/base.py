@@ -158,6 +158,7 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter one-line errors
 
 
 def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:

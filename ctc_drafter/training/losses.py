@@ -53,7 +53,10 @@ def compute_losses(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.
                    vocab_size: int) -> LossParts:
     """logits [B,P,L,V+1], labels [B,P,k], label_len [B,P] (0 = padding) -> the `kind` loss and its parts."""
     valid = label_len > 0
-    lg, lab, ln = logits[valid], labels[valid], label_len[valid]  # [N,L,V+1], [N,k], [N]
+    if bool(valid.all()):  # the usual case: a view, no copy of the (large) logits and no scatter in backward
+        lg, lab, ln = logits.flatten(0, 1), labels.flatten(0, 1), label_len.flatten()
+    else:
+        lg, lab, ln = logits[valid], labels[valid], label_len[valid]  # [N,L,V+1], [N,k], [N]
     parts = {}
     total = logits.new_zeros((), dtype=torch.float32)
     if kind in ("ctc", "ctc+ce"):

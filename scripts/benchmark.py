@@ -1,0 +1,134 @@
+"""Benchmark every decoding method on one bench, in one run, and tabulate them against HF `generate`.
+
+    python scripts/benchmark.py --bench mt_bench --question-file ../shared/data/mt_bench/question.jsonl \
+        --ctc-draft ctc_drafter/assets/default_draft --ce-draft runs/ce --out runs/bench/mt_bench \
+        [--question-end 80] [--max-new-tokens 256] [--budget 12]
+
+Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with both candidate
+generators, the CE (Medusa-style) ablation, our vanilla loop, HF `generate` greedy and HF prompt-lookup
+decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
+with HF `generate` greedy: speedup (gamma), beta, the accepted-length histogram, token-exact agreement
+and, for GSM8K, accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def methods(a) -> list[tuple[str, list[str]]]:
+    budget = ["--budget", str(a.budget)] if a.budget else []
+    out = [("hf-generate", ["--engine", "hf"]),
+           ("vanilla", ["--baseline"]),
+           ("ctc-beam", ["--draft-model", a.ctc_draft, "--tree-choices", "beam"] + budget),
+           ("ctc-medusa", ["--draft-model", a.ctc_draft, "--tree-choices", "medusa"]
+            + (["--budget", str(a.medusa_budget)] if a.medusa_budget else [])),
+           ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
+    if a.ce_draft:
+        out.insert(4, ("ce-beam", ["--draft-model", a.ce_draft, "--tree-choices", "beam"] + budget))
+    return [m for m in out if not a.only or m[0] in a.only.split(",")]
+
+
+def run_eval(a, name: str, extra: list[str]) -> Path:
+    answer = Path(a.out) / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "ctc_drafter", "eval", "--bench", a.bench, "--question-file", a.question_file,
+           "--base-model", a.base_model, "--model-id", name, "--answer-file", str(answer),
+           "--max-new-tokens", str(a.max_new_tokens), "--question-begin", str(a.question_begin)]
+    if a.question_end is not None:
+        cmd += ["--question-end", str(a.question_end)]
+    print("+", " ".join(cmd + extra), flush=True)
+    subprocess.run(cmd + extra, check=True)
+    return answer
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", required=True, choices=["mt_bench", "gsm8k"])
+    ap.add_argument("--question-file", required=True)
+    ap.add_argument("--base-model", default="default")
+    ap.add_argument("--ctc-draft", required=True)
+    ap.add_argument("--ce-draft", default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--question-begin", type=int, default=0)
+    ap.add_argument("--question-end", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=None, help="node budget for the beam generator (default: device's)")
+    ap.add_argument("--medusa-budget", type=int, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated subset of methods to run")
+    ap.add_argument("--no-run", action="store_true", help="only tabulate existing answer files")
+    a = ap.parse_args()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, extra in methods(a):
+        files[name] = Path(a.out) / f"{name}.jsonl" if a.no_run else run_eval(a, name, extra)
+    summarize(a, files)
+
+
+def summarize(a, files: dict[str, Path]) -> None:
+    from ctc_drafter.evaluation.report import build_report
+
+    base = files["hf-generate"]
+    rows = {}
+    for name, f in files.items():
+        if not f.exists():
+            continue
+        r = build_report(str(f), str(base), question_file=a.question_file,
+                         gsm8k_file=a.question_file if a.bench == "gsm8k" else None)
+        rows[name] = r
+    Path(a.out, "summary.json").write_text(json.dumps(rows, indent=1, default=str))
+    lines = [f"| method | tokens/s | speedup vs HF generate | beta | node budget | token-identical to HF | accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        meta = r["meta"]["spec"] or {}
+        acc = r.get("gsm8k_accuracy") or {}
+        acc_s = json.dumps(acc.get("spec")) if acc else "-"
+        lines.append(f"| {name} | {r['tokens_per_s']['spec']:.2f} | {r['gamma']:.2f}x (mean {r['gamma_mean']:.2f}x) | "
+                     f"{r['beta']:.2f} | {meta.get('budget') or '-'} | {r['n_identical']}/{r['n_questions']} | {acc_s} |")
+    hist_lines = ["", "Accepted tokens per step (share of steps):", ""]
+    for name, r in rows.items():
+        h = r.get("accept_length_hist") or {}
+        tot = sum(h.values()) or 1
+        hist_lines.append(f"- {name}: " + ", ".join(f"{k}: {v / tot:.1%}" for k, v in sorted(h.items(), key=lambda kv: int(kv[0]))))
+    text = "\n".join(lines + hist_lines) + "\n"
+    Path(a.out, "summary.md").write_text(text)
+    print(text)
+    plot(rows, Path(a.out, "summary.png"), a.bench)
+
+
+def plot(rows: dict, out: Path, bench: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[0].bar(names, [rows[n]["gamma"] for n in names], color="tab:blue")
+    axes[0].axhline(1.0, color="gray", lw=1, ls="--")
+    axes[0].set_title(f"{bench}: speedup over HF generate (tokens/s ratio)")
+    axes[1].bar(names, [rows[n]["beta"] for n in names], color="tab:green")
+    axes[1].set_title("beta: tokens per base forward pass")
+    for n in names:
+        h = rows[n].get("accept_length_hist") or {}
+        if n.startswith(("ctc", "ce")) and h:
+            ks = sorted(int(k) for k in h)
+            tot = sum(h.values())
+            axes[2].plot(ks, [h[str(k)] / tot for k in ks], marker="o", label=n)
+    axes[2].set_title("accepted tokens per step")
+    axes[2].set_xlabel("tokens emitted by one verification step")
+    axes[2].set_ylabel("share of steps")
+    axes[2].legend()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
