@@ -101,6 +101,9 @@ def test_every_record_format_becomes_a_conversation(tmp_path):
         ("mixed.jsonl:4", ["do\n\nthis"], ["done"]),
         ("mixed.jsonl:5", ["p"], ["c"]),
     ]
+    h = tmp_path / "sep.jsonl"  # U+2028 inside a JSON string is not a line break in JSON Lines
+    h.write_text(json.dumps({"question": "a\u2028b", "answer": "c"}, ensure_ascii=False) + "\n")
+    assert [c.users for c in iter_conversations([h])] == [["a\u2028b"]]
     g = tmp_path / "list.json"
     g.write_text(json.dumps(recs[:2], indent=2))  # a multi-line JSON list
     assert len(list(iter_conversations([g]))) == 2

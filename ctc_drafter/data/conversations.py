@@ -85,7 +85,8 @@ def read_records(path: Path) -> list:
         if isinstance(whole, dict):
             return [whole]
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
