@@ -22,6 +22,7 @@ fi
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  # Tests use tiny models: one thread each avoids oversubscription (2 threads made them up to 80x slower here).
+  test) OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec .venv/bin/python -m pytest -q "$@" ;;
   *) exec .venv/bin/ctc-drafter "$cmd" "$@" ;;
 esac

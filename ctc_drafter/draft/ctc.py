@@ -45,28 +45,27 @@ def prefix_beam_search(logprobs: torch.Tensor, blank: int, beam: int = 16, topk:
     """
     lp = logprobs.detach().double().cpu()
     L, S = lp.shape
+    # Candidate symbols per frame, extracted in one batched topk (this runs once per decoding step).
+    if topk is None:
+        cands = [[(c, p) for c, p in enumerate(row) if (c != blank or not ctc) and p > NEG_INF] for row in lp.tolist()]
+    else:
+        masked = lp.clone()
+        if ctc:
+            masked[:, blank] = NEG_INF
+        vals, idx = masked.topk(min(topk, S - 1 if ctc else S), dim=-1)
+        cands = [[(c, p) for c, p in zip(ci, pi) if p > NEG_INF] for ci, pi in zip(idx.tolist(), vals.tolist())]
+    blank_lp = lp[:, blank].tolist() if ctc else None
     # beams: prefix -> [log P(ending in blank), log P(ending in its last symbol)]
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, NEG_INF]}
     for t in range(L):
-        row = lp[t]
-        if topk is None:
-            cand = [c for c in range(S) if (c != blank or not ctc) and row[c] > NEG_INF]
-        else:
-            masked = row.clone()
-            if ctc:
-                masked[blank] = NEG_INF
-            k = min(topk, S - 1 if ctc else S)
-            vals, idx = masked.topk(k)
-            cand = [int(i) for v, i in zip(vals.tolist(), idx.tolist()) if v > NEG_INF]
-        row_l = row.tolist()
+        cand = cands[t]
         nxt: dict[tuple[int, ...], list[float]] = defaultdict(lambda: [NEG_INF, NEG_INF])
         for prefix, (pb, pnb) in beams.items():
             total = _lae(pb, pnb)
             if ctc:
                 e = nxt[prefix]
-                e[0] = _lae(e[0], total + row_l[blank])
-            for c in cand:
-                p = row_l[c]
+                e[0] = _lae(e[0], total + blank_lp[t])
+            for c, p in cand:
                 if ctc and prefix and prefix[-1] == c:
                     e = nxt[prefix]  # repeat without a blank between: merged into the same prefix
                     e[1] = _lae(e[1], pnb + p)

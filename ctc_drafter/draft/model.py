@@ -125,6 +125,7 @@ class CTCDraftModel(nn.Module):
         self.blank_head = nn.Linear(d, 1, bias=True)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
         self._base = None  # (embedding module, lm_head module), bound at run time, never saved
+        self._bf16_head = None
 
     # ---- construction, saving, loading -------------------------------------------------------
 
@@ -160,6 +161,7 @@ class CTCDraftModel(nn.Module):
                 f"draft was made for vocabulary size {self.config.vocab_size} ({self.config.base_model or 'unknown base'}), "
                 f"base has {c.vocab_size}")
         self._base = (lm.get_input_embeddings(), lm.get_output_embeddings())
+        self._bf16_head = None
         return self
 
     def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
@@ -201,10 +203,26 @@ class CTCDraftModel(nn.Module):
             raise RuntimeError("draft is not bound to a base model; call draft.bind(base)")
         return self._base[0](ids)
 
-    def frame_logits(self, f):
+    def _proposal_head(self):
+        """The LM head used for proposals at decode time.
+
+        On CPU a bf16 copy of the frozen head runs ~2.5x faster than fp32 (26 -> 11 ms for 8 frames of
+        SmolLM2). Proposals only steer which candidates are verified, never what is emitted, so this
+        cannot change the output. Built once per bound head.
+        """
+        head = self._base[1]
+        if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32 or getattr(head, "bias", None) is not None:
+            return head
+        cached = getattr(self, "_bf16_head", None)
+        if cached is None or cached[0] is not head:
+            w = head.weight.detach().to(torch.bfloat16)
+            self._bf16_head = cached = (head, lambda y: F.linear(y.to(torch.bfloat16), w).float())
+        return cached[1]
+
+    def frame_logits(self, f, fast: bool = False):
         """f [..., d] frame states -> [..., V+1]: base LM head for tokens, blank logit last."""
         y = self.norm(f)
-        tok = self._base[1](y)
+        tok = (self._proposal_head() if fast else self._base[1])(y)
         if self.config.loss == "ce":  # Medusa-style heads have no blank
             blank = torch.full_like(tok[..., :1], float("-inf"))
         else:
@@ -258,7 +276,7 @@ class CTCDraftModel(nn.Module):
         k_all = torch.cat([cache.frame[0], k], 2)
         v_all = torch.cat([cache.frame[1], v], 2)
         f = self.frame_layer(f, cos, sin, k_all, v_all, None)  # frames see all context and each other
-        return torch.log_softmax(self.frame_logits(f).float(), dim=-1)
+        return torch.log_softmax(self.frame_logits(f, fast=True).float(), dim=-1)
 
     # ---- training ------------------------------------------------------------------------------
 
