@@ -93,3 +93,17 @@ def test_kv_cache_holds_exactly_the_accepted_tokens():
     drafter.speculative_step = spy
     res = drafter.generate(ids, max_new_tokens=20)
     assert emitted == res.tokens and len(checked) == res.steps - 1 and max(checked) > 1
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_tree_mask_exact_for_each_attention_implementation(attn):
+    """The custom 4D tree mask must be honoured by both attention back ends transformers offers on CPU."""
+    model = tiny_llama(seed=6)
+    model.set_attn_implementation(attn)
+    assert model.config._attn_implementation == attn
+    base = BaseModel(model, None, "toy")
+    drafter = CTCDrafter(base, new_draft_for(base, seed=2), generator="medusa", budget=64)
+    ids = torch.tensor([[7, 3, 9, 9, 1]])
+    spec = drafter.generate(ids, max_new_tokens=25)
+    assert spec.tokens == hf_greedy(model, ids, 25)
+    assert max(spec.accept_lengths) > 1
