@@ -38,7 +38,8 @@ def run_eval(a, name: str, extra: list[str]) -> Path:
     answer = Path(a.out) / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "ctc_drafter", "eval", "--bench", a.bench, "--question-file", a.question_file,
            "--base-model", a.base_model, "--model-id", name, "--answer-file", str(answer),
-           "--max-new-tokens", str(a.max_new_tokens), "--question-begin", str(a.question_begin)]
+           "--max-new-tokens", str(a.max_new_tokens), "--question-begin", str(a.question_begin),
+           "--question-stride", str(a.question_stride)]
     if a.question_end is not None:
         cmd += ["--question-end", str(a.question_end)]
     print("+", " ".join(cmd + extra), flush=True)
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--question-begin", type=int, default=0)
     ap.add_argument("--question-end", type=int, default=None)
+    ap.add_argument("--question-stride", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--budget", type=int, default=None, help="node budget for the beam generator (default: device's)")
     ap.add_argument("--medusa-budget", type=int, default=None)

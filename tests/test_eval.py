@@ -341,3 +341,11 @@ def test_hf_engine_counts_base_passes(k, steps, accept, inputs):
     res = HFEngine(base, prompt_lookup_tokens=k).generate(prompt, max_new_tokens=8)
     assert res.tokens == ours.tokens == [5] * 8 and res.stop_reason == "length"
     assert seen == inputs and res.steps == len(seen) == steps and res.accept_lengths == accept
+
+
+def test_question_stride_takes_one_per_category():
+    from conftest import SHARED_DATA
+    from ctc_drafter.evaluation.questions import load_questions
+
+    qs = load_questions(SHARED_DATA / "mt_bench" / "question.jsonl", "mt_bench", stride=10)
+    assert len(qs) == 8 and len({q.category for q in qs}) == 8

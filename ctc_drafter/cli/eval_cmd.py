@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
                    help=f"candidate tokens per step for --engine hf-prompt-lookup "
                         f"(default {DEFAULT_PROMPT_LOOKUP_TOKENS})")
     p.add_argument("--question-begin", type=int, default=None, help="first question index (0-based)")
+    p.add_argument("--question-stride", type=int, default=1,
+                   help="take every N-th question of the range (10 on MT-bench: one per category)")
     p.add_argument("--question-end", type=int, default=None, help="one past the last question index")
     p.add_argument("--answer-dir", default="data/model_answer", help="where {model_id}.jsonl goes")
     p.add_argument("--answer-file", default=None, help="answer file path (overrides --answer-dir)")
@@ -117,7 +119,8 @@ def run(args) -> int:
 
     _check_args(args)
     # Questions first: a bad file or range fails in a second, before minutes of model loading.
-    questions = load_questions(args.question_file, args.bench, args.question_begin, args.question_end)
+    questions = load_questions(args.question_file, args.bench, args.question_begin, args.question_end,
+                               args.question_stride)
     answer_file = Path(args.answer_file) if args.answer_file else Path(args.answer_dir) / f"{args.model_id}.jsonl"
     engine = _load_engine(args)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
