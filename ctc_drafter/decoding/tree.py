@@ -60,22 +60,24 @@ class TokenTree:
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: row i is True on i and its ancestors (what node i may attend to)."""
         n = len(self.tokens)
-        m = torch.zeros(n, n, dtype=torch.bool)
+        rows = [0] * n  # row i as a bit set: parents come first, so each row is its parent's plus itself
         for i in range(n):
-            if i:
-                m[i] = m[self.parents[i]]
-            m[i, i] = True
-        return m
+            rows[i] = (rows[self.parents[i]] if i else 0) | (1 << i)
+        bits = torch.tensor([[(r >> j) & 1 for j in range(n)] for r in rows], dtype=torch.bool)
+        return bits
 
     def verify_inputs(self, past_len: int, device, dtype):
-        """input_ids [1,n], position_ids [1,n], additive 4D mask [1,1,n,past+n] for one base pass."""
+        """input_ids [1,n], position_ids [1,n], additive 4D mask [1,1,n,past+n] for one base pass.
+
+        Only the n x n tree block is built on the host; the (all-visible) past block is made on the
+        device, so the host-to-device copy does not grow with the context.
+        """
         n = len(self.tokens)
         ids = torch.tensor([self.tokens], device=device)
-        pos = (torch.tensor(self.depths, device=device) + past_len)[None]
-        allowed = torch.cat([torch.ones(n, past_len, dtype=torch.bool), self.ancestor_mask()], dim=1)
-        mask = torch.zeros(n, past_len + n, dtype=dtype)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return ids, pos, mask.to(device)[None, None]
+        pos = (torch.tensor(self.depths) + past_len)[None].to(device)
+        block = torch.zeros(n, n, dtype=dtype).masked_fill_(~self.ancestor_mask(), torch.finfo(dtype).min)
+        mask = torch.cat([torch.zeros(n, past_len, dtype=dtype, device=device), block.to(device)], dim=1)
+        return ids, pos, mask[None, None]
 
     def path_to(self, node: int) -> list[int]:
         """Nodes from the root to `node`, both included."""

@@ -43,18 +43,21 @@ def prefix_beam_search(logprobs: torch.Tensor, blank: int, beam: int = 16, topk:
     topk=None the result is exact: every collapsed sequence with its total probability.
     ctc=False treats the frames as Medusa-style heads: frame j is token j, no blank, no merging.
     """
-    lp = logprobs.detach().double().cpu()
-    L, S = lp.shape
-    # Candidate symbols per frame, extracted in one batched topk (this runs once per decoding step).
+    L, S = logprobs.shape
+    # Candidate symbols per frame: one batched top-k where the frames live (GPU or CPU), then only
+    # the [L, topk] winners and the blank column cross to the host.
     if topk is None:
-        cands = [[(c, p) for c, p in enumerate(row) if (c != blank or not ctc) and p > NEG_INF] for row in lp.tolist()]
+        rows = logprobs.detach().double().cpu().tolist()
+        cands = [[(c, p) for c, p in enumerate(row) if (c != blank or not ctc) and p > NEG_INF] for row in rows]
     else:
-        masked = lp.clone()
+        masked = logprobs.detach()
         if ctc:
+            masked = masked.clone()
             masked[:, blank] = NEG_INF
         vals, idx = masked.topk(min(topk, S - 1 if ctc else S), dim=-1)
-        cands = [[(c, p) for c, p in zip(ci, pi) if p > NEG_INF] for ci, pi in zip(idx.tolist(), vals.tolist())]
-    blank_lp = lp[:, blank].tolist() if ctc else None
+        cands = [[(c, p) for c, p in zip(ci, pi) if p > NEG_INF]
+                 for ci, pi in zip(idx.cpu().tolist(), vals.double().cpu().tolist())]
+    blank_lp = logprobs[:, blank].detach().double().cpu().tolist() if ctc else None
     # beams: prefix -> [log P(ending in blank), log P(ending in its last symbol)]
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, NEG_INF]}
     for t in range(L):

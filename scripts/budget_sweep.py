@@ -1,0 +1,55 @@
+"""Choose the node budget: beta and tokens/s against tree size, on prompts that are not benchmarks.
+
+    python scripts/budget_sweep.py --draft-model default [--budgets 4,8,12,16,24,32] [--prompts 6]
+
+Uses the LAST --prompts questions of ../shared/data/arena/question.jsonl (the distillation run that
+trained the shipped draft used only the first few hundred), greedy, --max-new-tokens each, and our
+vanilla loop as the reference speed, all in one process on one machine.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from ctc_drafter.decoding import CTCDrafter
+from ctc_drafter.decoding.candidates import make_generator
+
+ARENA = Path(__file__).resolve().parents[2] / "shared" / "data" / "arena" / "question.jsonl"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-model", default="default")
+    ap.add_argument("--draft-model", default="default")
+    ap.add_argument("--budgets", default="4,8,12,16,24,32")
+    ap.add_argument("--generator", default="beam")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--questions", default=str(ARENA))
+    a = ap.parse_args()
+    qs = [json.loads(line)["turns"][0] for line in Path(a.questions).read_text().split("\n") if line.strip()]
+    qs = qs[-a.prompts:]
+    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model)
+    d.chat("Hi", max_new_tokens=8)  # warm-up
+    rows = []
+
+    def run(label, speculative):
+        tok = wall = steps = 0
+        for q in qs:
+            r = d.chat(q, max_new_tokens=a.max_new_tokens, speculative=speculative)
+            tok, wall, steps = tok + r.new_tokens, wall + r.wall_s, steps + r.steps
+        rows.append({"budget": label, "tokens_per_s": tok / wall, "beta": tok / steps})
+        print(json.dumps(rows[-1]), flush=True)
+
+    run("vanilla", False)
+    for b in [int(x) for x in a.budgets.split(",")]:
+        d.candidates = make_generator(a.generator, b, d.base.device, ctc=d.draft.config.loss == "ctc")
+        run(b, True)
+    van = rows[0]["tokens_per_s"]
+    print(f"\n| budget | beta | tokens/s | speedup vs vanilla |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['budget']} | {r['beta']:.2f} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / van:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
