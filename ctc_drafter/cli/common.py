@@ -26,4 +26,4 @@ def add_decoding_args(p) -> None:
     p.add_argument("--tree-choices", "--generator", dest="generator", default="beam", choices=["beam", "medusa"],
                    help="candidate generator: CTC prefix beam search (default) or the paper's Medusa-63 tree")
     p.add_argument("--budget", type=int, default=None,
-                   help="tree node budget incl. root (default: 12 on CPU, 64 on CUDA; 64 for medusa)")
+                   help="tree node budget incl. root (default: 4 on CPU, 64 on CUDA; 64 for medusa)")

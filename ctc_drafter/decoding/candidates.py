@@ -29,9 +29,10 @@ MEDUSA_63 = [
 ]
 
 # Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
-# forward costs about the same for 1 or 256 tokens) but grows fast on a CPU (SmolLM2-135M, 2 cores:
-# ~90 ms for 1 token, ~210 ms for 16); see BENCHMARKS.md for the measurement behind the CPU value.
-DEFAULT_BUDGET = {"cpu": 12, "cuda": 64, "mps": 32}
+# forward costs about the same for 1 or 256 tokens) but grows fast on a CPU (SmolLM2-135M, 1 thread:
+# 59 ms for 1 node, 93 ms for 4, 114 ms for 12). scripts/budget_sweep.py with the shipped draft gave
+# the best tokens/s at 4 nodes on the 2-core CPU (BENCHMARKS.md); 64 on CUDA is the paper's tree size.
+DEFAULT_BUDGET = {"cpu": 4, "cuda": 64, "mps": 16}
 
 
 def default_budget(device: torch.device | str) -> int:
