@@ -98,7 +98,28 @@ class _Picker:
         return accept_sampling(tree, self.probs(logits), self.gen)
 
 
-class CTCDrafter:
+class ChatMixin:
+    """Prompt templating and decoding shared by every engine that has `.base` and `.generate`."""
+
+    def chat(self, messages, template: str = "auto", **kw) -> GenerationResult:
+        """Generate a reply to a prompt string or a list of {role, content} messages."""
+        from ..models.templates import build_prompt_ids
+
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = build_prompt_ids(self.base.tokenizer, messages, template)
+        res = self.generate(ids, **kw)
+        res.text = self.decode(res.tokens)
+        return res
+
+    def decode(self, tokens: list[int]) -> str:
+        eos = self.base.eos_token_ids
+        if tokens and tokens[-1] in eos:
+            tokens = tokens[:-1]
+        return self.base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+class CTCDrafter(ChatMixin):
     """A frozen base model plus a CTC draft; `generate` is lossless with respect to the base."""
 
     def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str | CandidateGenerator = "beam",
@@ -204,7 +225,7 @@ class CTCDrafter:
                 res.tree_sizes.append(n)
             else:
                 new = [picker.pick(self.decode_one_token(res.tokens[-1], cache))]
-            new = _truncate(new, eos, remaining)
+            new = truncate_new_tokens(new, eos, remaining)
             res.tokens += new
             res.steps += 1
             res.accept_lengths.append(len(new))
@@ -224,25 +245,7 @@ class CTCDrafter:
     def _finished(res: GenerationResult, eos: set[int], limit: int) -> bool:
         return res.tokens[-1] in eos or len(res.tokens) >= limit
 
-    def chat(self, messages, template: str = "auto", **kw) -> GenerationResult:
-        """Generate a reply to a prompt string or a list of {role, content} messages."""
-        from ..models.templates import build_prompt_ids
-
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        ids = build_prompt_ids(self.base.tokenizer, messages, template)
-        res = self.generate(ids, **kw)
-        res.text = self.decode(res.tokens)
-        return res
-
-    def decode(self, tokens: list[int]) -> str:
-        eos = self.base.eos_token_ids
-        if tokens and tokens[-1] in eos:
-            tokens = tokens[:-1]
-        return self.base.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def _truncate(new: list[int], eos: set[int], remaining: int) -> list[int]:
+def truncate_new_tokens(new: list[int], eos: set[int], remaining: int) -> list[int]:
     new = new[:remaining]
     for i, t in enumerate(new):
         if t in eos:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..decoding.generate import GenerationResult, _truncate
+from ..decoding.generate import ChatMixin, GenerationResult, truncate_new_tokens
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 
@@ -37,7 +37,7 @@ def _length_recorder(lengths: list[int]):
     return LengthRecorder()
 
 
-class HFEngine:
+class HFEngine(ChatMixin):
     """Answers through HF `generate` on the same loaded base model; `prompt_lookup_tokens` switches on lookup."""
 
     def __init__(self, base: BaseModel, prompt_lookup_tokens: int | None = None):
@@ -107,27 +107,10 @@ class HFEngine:
             hook.remove()
             model.generation_config = saved_defaults
         eos = base.eos_token_ids
-        tokens = _truncate(tokens, eos, limit)  # HF already stops there; a guard keeps `tokens` comparable
+        tokens = truncate_new_tokens(tokens, eos, limit)  # HF already stops there; a guard keeps `tokens` comparable
         end = prompt.shape[1] + len(tokens)
         accept = [min(b, end) - min(a, end) for a, b in zip(lengths, lengths[1:])]
         return GenerationResult(
             tokens=tokens, steps=len(passes), accept_lengths=[a for a in accept if a > 0], wall_s=wall,
             stop_reason=("eos" if tokens and tokens[-1] in eos else
                          "length" if len(tokens) >= max_new_tokens else "context"))
-
-    def chat(self, messages, template: str = "auto", speculative=None, **kw) -> GenerationResult:
-        """Same prompt and decoded text as `CTCDrafter.chat` (`speculative` is ours only, ignored here)."""
-        from ..models.templates import build_prompt_ids
-
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        ids = build_prompt_ids(self.base.tokenizer, messages, template)
-        res = self.generate(ids, **kw)
-        res.text = self.decode(res.tokens)
-        return res
-
-    def decode(self, tokens: list[int]) -> str:
-        eos = self.base.eos_token_ids
-        if tokens and tokens[-1] in eos:
-            tokens = tokens[:-1]
-        return self.base.tokenizer.decode(tokens, skip_special_tokens=True)
