@@ -6,6 +6,12 @@ import json
 import shutil
 
 import pytest
+import transformers
+
+# transformers 5.24 (pinned) runs the stopping criteria once per pass, so the per-step split of
+# prompt lookup is exact; 5.17 (the GPU image) also runs them on candidates, and the engine then
+# reports no split rather than a wrong one. Pass counts (idxs) are exact on both.
+SPLIT_EXACT = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
 
 from conftest import SHARED_DATA
 from ctc_drafter.cli.main import main
@@ -237,7 +243,8 @@ def test_hf_engines_answer_token_for_token_like_our_baseline(hf_runs, bench):
             for j in range(len(c["turns"])):
                 n = c["new_tokens"][j]
                 assert n == len(c["tokens"][j]) and c["wall_time"][j] > 0
-                assert sum(c["accept_lengths"][j]) == n and len(c["accept_lengths"][j]) == c["idxs"][j]
+                if engine == "hf" or SPLIT_EXACT:  # see SPLIT_EXACT
+                    assert sum(c["accept_lengths"][j]) == n and len(c["accept_lengths"][j]) == c["idxs"][j]
                 if engine == "hf":
                     assert c["idxs"][j] == n  # one base pass per token, prefill included
                 else:
@@ -340,7 +347,8 @@ def test_hf_engine_counts_base_passes(k, steps, accept, inputs):
     base.model.forward = counted
     res = HFEngine(base, prompt_lookup_tokens=k).generate(prompt, max_new_tokens=8)
     assert res.tokens == ours.tokens == [5] * 8 and res.stop_reason == "length"
-    assert seen == inputs and res.steps == len(seen) == steps and res.accept_lengths == accept
+    assert seen == inputs and res.steps == len(seen) == steps
+    assert res.accept_lengths == (accept if SPLIT_EXACT or k is None else [])
 
 
 def test_question_stride_takes_one_per_category():

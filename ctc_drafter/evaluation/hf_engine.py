@@ -110,7 +110,13 @@ class HFEngine(ChatMixin):
         tokens = truncate_new_tokens(tokens, eos, limit)  # HF already stops there; a guard keeps `tokens` comparable
         end = prompt.shape[1] + len(tokens)
         accept = [min(b, end) - min(a, end) for a, b in zip(lengths, lengths[1:])]
+        accept = [a for a in accept if a > 0]
+        if sorted(lengths) != lengths or sum(accept) != len(tokens) or len(accept) != len(passes):
+            # Some transformers versions (5.17's assisted generation) also run the stopping criteria on
+            # candidate sequences, so the recorded lengths are not one per pass: report no per-step
+            # split rather than a wrong one (idxs, from the forward hook, stays exact).
+            accept = []
         return GenerationResult(
-            tokens=tokens, steps=len(passes), accept_lengths=[a for a in accept if a > 0], wall_s=wall,
+            tokens=tokens, steps=len(passes), accept_lengths=accept, wall_s=wall,
             stop_reason=("eos" if tokens and tokens[-1] in eos else
                          "length" if len(tokens) >= max_new_tokens else "context"))
