@@ -153,7 +153,7 @@ class FixedTreeCandidates(CandidateGenerator):
         self.tokens = torch.randint(0, vocab_size, (budget,), generator=g).tolist()
         self.parents = [-1] + [max(0, i - width) for i in range(1, budget)]
 
-    def build(self, root, frame_logprobs, max_depth):
+    def build(self, root, frame_logprobs, max_depth, symbols=None):
         return TokenTree([root] + self.tokens[1:], list(self.parents))
 
 
@@ -480,7 +480,8 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     d64 = CTCDrafter(base, draft, generator="beam", budget=64)
     frames_ms = clock.times_ms(lambda: draft.frames(s_last, dcache), warm, reps)
     fr = draft.frames(s_last, dcache)[0]
-    build_ms = clock.times_ms(lambda: d64.candidates.build(root, fr, 64), warm, reps)
+    syms = draft.symbol_tokens()
+    build_ms = clock.times_ms(lambda: d64.candidates.build(root, fr, 64, symbols=syms), warm, reps)
     one = torch.tensor([[root]], device=device)
     extend_ms = clock.times_ms(lambda: draft.extend(hidden[:, -1:], one, dcache), warm, reps, after=restore)
     total = med(frames_ms) + med(build_ms) + med(extend_ms)

@@ -357,3 +357,26 @@ def test_question_stride_takes_one_per_category():
 
     qs = load_questions(SHARED_DATA / "mt_bench" / "question.jsonl", "mt_bench", stride=10)
     assert len(qs) == 8 and len({q.category for q in qs}) == 8
+
+
+def test_report_margins_rebuild_the_diverging_prefix(runs, tiny_model_dir, tmp_path, capsys):
+    """A forced divergence in question 82's second turn: the margin is taken where the baseline chose its
+    token, so the rebuilt prompt (turn 1 with its answer, then turn 2 and the shared tokens) must make that
+    token the base's argmax."""
+    recs = lines(runs / "mt_bench-base.jsonl")
+    for r in recs:
+        if r["question_id"] == 82:
+            toks = r["choices"][0]["tokens"][1]
+            assert len(toks) >= 4
+            toks[3] = (toks[3] + 1) % 100
+    fake = tmp_path / "diverged.jsonl"
+    fake.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    code = main(["report", str(fake), "--baseline", str(runs / "mt_bench-base.jsonl"), "--json", "--margins",
+                 "--question-file", str(MT_BENCH), "--base-model", str(tiny_model_dir)])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["n_identical"] == 2
+    (m,) = r["divergence_margins"]
+    assert (m["question_id"], m["turn"], m["index"]) == (82, 1, 3)
+    assert m["baseline_is_top1"] and m["chosen_gap"] >= m["top2_margin"] >= 0
+    assert main(["report", str(fake), "--baseline", str(runs / "mt_bench-base.jsonl"), "--margins"]) == 2
+    assert "--question-file" in capsys.readouterr().err

@@ -107,3 +107,23 @@ def test_tree_mask_exact_for_each_attention_implementation(attn):
     spec = drafter.generate(ids, max_new_tokens=25)
     assert spec.tokens == hf_greedy(model, ids, 25)
     assert max(spec.accept_lengths) > 1
+
+
+@pytest.mark.parametrize("generator", ["beam", "medusa"])
+def test_lossless_with_a_proposal_vocabulary(generator):
+    """A draft that can only propose 24 of the 64 tokens: the base still emits the others, output unchanged."""
+    base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")
+    g = torch.Generator().manual_seed(7)
+    emitted_outside = longest = 0
+    for trial in range(4):
+        draft = new_draft_for(base, seed=trial, draft_vocab=24)
+        listed = torch.randperm(64, generator=g)[:24].sort().values
+        draft.set_vocab(listed)
+        drafter = CTCDrafter(base, draft, generator=generator, budget=16)
+        ids = torch.randint(0, 64, (1, 6), generator=g)
+        spec = drafter.generate(ids, max_new_tokens=30)
+        assert spec.tokens == drafter.generate(ids, max_new_tokens=30, speculative=False).tokens \
+            == hf_greedy(base.model, ids, 30)
+        emitted_outside += sum(t not in set(listed.tolist()) for t in spec.tokens)
+        longest = max(longest, max(spec.accept_lengths))
+    assert emitted_outside > 0 and longest > 1

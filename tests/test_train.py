@@ -356,3 +356,59 @@ def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, monkeypatc
     assert ("epoch/train_loss", 2.5, 7) in seen and ("epoch/train_acc_1", 0.5, 7) in seen
     assert ("epoch/eval_est_accept_len", 1.75, 7) in seen and ("epoch/est_accept_len", 1.75, 7) in seen
     assert json.loads((tmp_path / "log.jsonl").read_text())["step"] == 7
+
+
+# ---- proposal vocabulary (--draft-vocab) ---------------------------------------------------------
+
+def test_symbol_labels_cut_windows_at_the_first_token_outside_the_vocabulary():
+    from ctc_drafter.training.losses import symbol_labels
+
+    t2s = torch.full((20,), -1)
+    t2s[torch.tensor([1, 2, 4, 7])] = torch.arange(4)
+    labels = torch.tensor([[[1, 2, 3], [4, 5, 6], [9, 1, 2], [7, 4, 0]]])
+    lens = torch.tensor([[3, 2, 3, 2]])
+    sym, loss_len = symbol_labels(labels, lens, t2s)
+    assert sym.tolist() == [[[0, 1, -1], [2, -1, -1], [-1, 0, 1], [3, 2, -1]]]
+    assert loss_len.tolist() == [[2, 1, 0, 2]]  # [7,4] is whole (the 0 past its length does not count)
+    # a batch where no window can be learned gives a zero loss that still reaches every parameter
+    lg = torch.randn(1, 4, 4, 5, requires_grad=True)
+    lp = compute_losses(lg, sym.clamp(min=0), torch.zeros_like(loss_len), "ctc", 4)
+    lp.total.backward()
+    assert lp.num_positions == 0 and float(lp.total.detach()) == 0.0 and lg.grad is not None
+
+
+def test_draft_vocab_trains_on_the_most_frequent_targets_and_saves_them(small_model_dir, small_base, data_dir,
+                                                                         tmp_path, capsys):
+    from ctc_drafter.draft.model import CTCDraftModel
+    from ctc_drafter.training.data import split_eval
+
+    out = tmp_path / "short"
+    assert train_cli(small_model_dir, data_dir, out, "--draft-vocab", 40, "--epochs", 3, "--lr", 1e-2,
+                     "--eval-frac", 0.25) == 0
+    seqs, _ = load_sequences([str(data_dir)], small_base, label_len=3, max_len=100)
+    train, _ = split_eval(seqs, 0.25, 0)
+    counts = torch.zeros(256, dtype=torch.long)
+    for s in train:
+        counts += torch.bincount(s.targets[s.label_len > 0], minlength=256)
+    draft = CTCDraftModel.from_pretrained(out).bind(small_base.model)
+    ids = draft.vocab_ids
+    assert draft.config.draft_vocab == 40 and ids.dtype == torch.long and ids.unique().numel() == 40
+    outside = torch.ones(256, dtype=torch.bool)
+    outside[ids] = False
+    assert int(counts[ids].min()) >= int(counts[outside].max())  # the 40 most frequent, no rarer token
+    frames = draft(torch.zeros(1, 5, small_base.config.hidden_size), torch.zeros(1, 5, dtype=torch.long),
+                   torch.tensor([[0, 2]]))
+    assert frames.shape[-1] == 41  # 40 tokens + blank
+    epochs = [r for r in read_log(out) if r["event"] == "epoch"]
+    assert epochs[-1]["train"]["loss"] < epochs[0]["train"]["loss"]
+    # generation with it stays lossless and proposes only listed tokens
+    from ctc_drafter.decoding import CTCDrafter
+
+    drafter = CTCDrafter(small_base, draft, generator="beam", budget=8)
+    ids_in = torch.tensor([[3, 17, 99, 5]])
+    spec, plain = drafter.generate(ids_in, max_new_tokens=20), drafter.generate(ids_in, max_new_tokens=20,
+                                                                                speculative=False)
+    assert spec.tokens == plain.tokens
+    # a vocabulary larger than the base's is refused with one line
+    capsys.readouterr()
+    _one_line_error(capsys, train_cli(small_model_dir, data_dir, tmp_path / "bad", "--draft-vocab", 999), "draft_vocab")

@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", required=True, metavar="BASE.jsonl", help="answer file of the baseline run")
     p.add_argument("--plot", metavar="OUT.png", help="write a PNG: speedup and beta per category, accepted lengths")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--margins", action="store_true",
+                   help="for each diverging answer, run the base (--base-model, default: the embedded one) on the "
+                        "shared prefix and report its top-2 logit margin there (needs --question-file)")
     p.add_argument("--question-file", help="question file, for categories the answer files do not record")
     p.add_argument("--gsm8k-file", help="GSM8K file with reference answers ('#### N'), for accuracy")
     p.add_argument("--tokenizer", help="tokenizer folder (or 'default') to count tokens of answers that record none")
@@ -60,6 +63,14 @@ def run(args) -> int:
             raise CTCDrafterError(f"{flag} {path} not found")
     r = build_report(args.spec, args.baseline, load_tokenizer=tokenizer_loader(args.tokenizer or args.base_model),
                      question_file=args.question_file, gsm8k_file=args.gsm8k_file)
+    if args.margins:
+        if not args.question_file:
+            raise CTCDrafterError("--margins needs --question-file (to rebuild the prompts)")
+        from ..evaluation.margins import divergence_margins
+        from ..models.base import load_base_model
+
+        base = load_base_model(args.base_model or args.tokenizer or "default") if r["divergences"] else None
+        r["divergence_margins"] = divergence_margins(base, r, args.question_file) if base is not None else []
     if args.plot:
         plot_report(r, args.plot)
         r["plot"] = str(args.plot)

@@ -52,8 +52,17 @@ class CandidateGenerator(ABC):
         self.ctc = ctc  # False for Medusa-style CE heads: frame j is token j, no blank, no merging
 
     @abstractmethod
-    def build(self, root: int, frame_logprobs: torch.Tensor, max_depth: int) -> TokenTree:
-        """frame_logprobs [L, V+1] (blank last) -> tree rooted at `root`, depth <= max_depth."""
+    def build(self, root: int, frame_logprobs: torch.Tensor, max_depth: int,
+              symbols: list[int] | None = None) -> TokenTree:
+        """frame_logprobs [L, N+1] (blank last) -> tree rooted at `root`, depth <= max_depth.
+
+        symbols: the token id of each of the N frame symbols (a draft with a proposal vocabulary);
+        None when symbol i is token i.
+        """
+
+
+def _to_tokens(seq, symbols):
+    return list(seq) if symbols is None else [symbols[s] for s in seq]
 
 
 class MedusaTreeCandidates(CandidateGenerator):
@@ -67,7 +76,7 @@ class MedusaTreeCandidates(CandidateGenerator):
         self.topk = 1 + max(max(c) for c in self.choices)
         self.levels = max(len(c) for c in self.choices)
 
-    def build(self, root, frame_logprobs, max_depth):
+    def build(self, root, frame_logprobs, max_depth, symbols=None):
         L, S = frame_logprobs.shape
         blank = S - 1
         levels = min(self.levels, L)
@@ -83,7 +92,7 @@ class MedusaTreeCandidates(CandidateGenerator):
             syms = [idx[f][r] for f, r in enumerate(path)]
             logp = sum(vals[f][r] for f, r in enumerate(path))
             toks = collapse(syms, blank) if self.ctc else syms
-            scored.append((toks, logp))
+            scored.append((_to_tokens(toks, symbols), logp))
         # Each path's probability counts once for its collapsed sequence; merged prefixes add up.
         return TokenTree.from_sequences(root, scored, budget=self.budget, max_depth=max_depth)
 
@@ -98,11 +107,11 @@ class BeamCandidates(CandidateGenerator):
         self.beam = beam or max(8, budget)
         self.topk = topk
 
-    def build(self, root, frame_logprobs, max_depth):
+    def build(self, root, frame_logprobs, max_depth, symbols=None):
         S = frame_logprobs.shape[1]
         lp = frame_logprobs if self.ctc else frame_logprobs[:, : S - 1]
         seqs = prefix_beam_search(lp, blank=S - 1, beam=self.beam, topk=self.topk, ctc=self.ctc)
-        return TokenTree.from_sequences(root, [(list(s), p) for s, p in seqs], budget=self.budget,
+        return TokenTree.from_sequences(root, [(_to_tokens(s, symbols), p) for s, p in seqs], budget=self.budget,
                                         max_depth=max_depth)
 
 

@@ -160,8 +160,8 @@ class CTCDrafter(ChatMixin):
         """Draft, build the tree, verify it in one base pass, accept. Returns (new tokens, hidden of path, n nodes)."""
         past = cache.get_seq_length()
         if max_depth > 0:
-            frames = self.draft.frames(s_last, dcache)[0]  # [L, V+1]
-            tree = self.candidates.build(root, frames, max_depth)
+            frames = self.draft.frames(s_last, dcache)[0]  # [L, N+1]
+            tree = self.candidates.build(root, frames, max_depth, symbols=self.draft.symbol_tokens())
         else:
             tree = TokenTree([root], [-1])
         ids, pos, mask = tree.verify_inputs(past, self.base.device, self.base.dtype)

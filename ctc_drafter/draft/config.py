@@ -12,7 +12,7 @@ from ..errors import CTCDrafterError
 @dataclass
 class DraftConfig:
     hidden_size: int
-    vocab_size: int  # base vocabulary; the CTC blank is index vocab_size
+    vocab_size: int  # base vocabulary
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
@@ -24,11 +24,20 @@ class DraftConfig:
     rope_theta: float = 10000.0
     base_model: str = ""
     loss: str = "ctc"  # "ctc" (frames + blank) or "ce" (Medusa-style: frame j predicts token j, no blank)
+    # Proposal vocabulary: 0 = every base token; N = the N tokens most frequent in the training targets
+    # (ids in the weights as `vocab_ids`). Frames then score N tokens + blank: a 135M base's LM head
+    # shrinks 6x at N = 8192, and a token outside the list can still be emitted by the base (lossless).
+    draft_vocab: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
+    def num_tokens(self) -> int:
+        """Token symbols a frame scores (the CTC blank comes after them, at index num_tokens)."""
+        return self.draft_vocab or self.vocab_size
+
+    @property
     def blank_id(self) -> int:
-        return self.vocab_size
+        return self.num_tokens
 
     @classmethod
     def from_base_config(cls, base_config, base_model: str = "", **overrides) -> "DraftConfig":
@@ -59,6 +68,9 @@ class DraftConfig:
             raise CTCDrafterError(f"draft loss must be ctc or ce, got {self.loss!r}")
         if self.num_frames < 1 or self.label_len < 1:
             raise CTCDrafterError("num_frames and label_len must be positive")
+        if not 0 <= self.draft_vocab <= self.vocab_size:
+            raise CTCDrafterError(f"draft_vocab must be between 0 (all tokens) and the vocabulary size "
+                                  f"{self.vocab_size}, got {self.draft_vocab}")
         if self.loss == "ce" and self.label_len > self.num_frames:
             raise CTCDrafterError("with --loss ce, label_len must be <= num_frames (one frame per token)")
 

@@ -1,6 +1,6 @@
 """The CTC draft model: the paper's Attention Draft Module with a CTC head.
 
-Data flow (d = base hidden size, V = base vocabulary, L = frames):
+Data flow (d = base hidden size, V = base vocabulary, N = proposal tokens (V, or draft_vocab), L = frames):
 
     h_t [d] (base last hidden state at t)  +  emb(x_{t+1}) [d]   -- x_{t+1}: the base's token there
         -> fuse: Linear(2d -> d)
@@ -8,7 +8,7 @@ Data flow (d = base hidden size, V = base vocabulary, L = frames):
         -> s_t [d]
     frames: f_j = s_t + e_j (j < L, learned e_j), one decoder layer where the frames attend to the
         context (keys of s_{<=t}) and to each other (no causal order among frames)
-        -> RMSNorm -> [base LM head (frozen, shared) ; blank head] -> logits [L, V+1]
+        -> RMSNorm -> [base LM head rows of the N tokens (frozen, shared) ; blank head] -> logits [L, N+1]
 
 CTC aligns the L frames to x_{t+2} .. x_{t+k+1}. The base's embedding and LM head are borrowed
 (never saved with the draft): `bind(base)` attaches them.
@@ -124,8 +124,14 @@ class CTCDraftModel(nn.Module):
         self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.blank_head = nn.Linear(d, 1, bias=True)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
+        if config.draft_vocab:
+            # token id of each proposal symbol; set by `set_vocab` before training, saved with the weights
+            self.register_buffer("vocab_ids", torch.arange(config.draft_vocab), persistent=True)
+        else:
+            self.vocab_ids = None
         self._base = None  # (embedding module, lm_head module), bound at run time, never saved
         self._bf16_head = None
+        self._symbol_cache = None
 
     # ---- construction, saving, loading -------------------------------------------------------
 
@@ -164,13 +170,47 @@ class CTCDraftModel(nn.Module):
         self._bf16_head = None
         return self
 
+    def set_vocab(self, token_ids) -> "CTCDraftModel":
+        """Choose the proposal vocabulary (draft_vocab distinct base token ids)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        n = self.config.draft_vocab
+        if not n:
+            raise CTCDrafterError("this draft proposes from the whole vocabulary (draft_vocab 0)")
+        if ids.numel() != n or ids.unique().numel() != n or int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise CTCDrafterError(f"the proposal vocabulary needs {n} distinct token ids below {self.config.vocab_size}")
+        self.vocab_ids.copy_(ids.to(self.vocab_ids.device))
+        self._bf16_head = self._symbol_cache = None
+        return self
+
+    def symbol_tokens(self) -> list[int] | None:
+        """Token id of each frame symbol (blank excluded); None when symbol = token id."""
+        if self.vocab_ids is None:
+            return None
+        if self._symbol_cache is None or self._symbol_cache[0] != self.vocab_ids.data_ptr():
+            self._symbol_cache = (self.vocab_ids.data_ptr(), self.vocab_ids.tolist())
+        return self._symbol_cache[1]
+
+    def token_to_symbol(self) -> torch.Tensor | None:
+        """[V] long: frame symbol of each base token, -1 outside the proposal vocabulary (None: identity)."""
+        if self.vocab_ids is None:
+            return None
+        m = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.vocab_ids.device)
+        m[self.vocab_ids] = torch.arange(self.vocab_ids.numel(), device=m.device)
+        return m
+
+    def _head_weight(self) -> torch.Tensor:
+        """The base LM head's rows for the proposal vocabulary [N,d] (the whole head without a shortlist)."""
+        w = self._base[1].weight
+        return w if self.vocab_ids is None else w.index_select(0, self.vocab_ids.to(w.device))
+
     def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
-        sd = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+              for k, v in self.state_dict().items()}
         tmp = directory / "model.safetensors.tmp"
         save_file(sd, str(tmp), metadata={"format": "pt", "base_model": self.config.base_model})
         tmp.replace(directory / "model.safetensors")
@@ -194,6 +234,9 @@ class CTCDraftModel(nn.Module):
             model.load_state_dict(sd)
         except RuntimeError as e:
             raise CTCDrafterError(f"draft weights in {directory} do not match its config.json") from e
+        v = model.vocab_ids
+        if v is not None and (v.unique().numel() != v.numel() or int(v.min()) < 0 or int(v.max()) >= cfg.vocab_size):
+            raise CTCDrafterError(f"draft weights in {directory} have an invalid proposal vocabulary (vocab_ids)")
         return model.to(device=device, dtype=dtype).eval()
 
     # ---- shared pieces -------------------------------------------------------------------------
@@ -208,21 +251,33 @@ class CTCDraftModel(nn.Module):
 
         On CPU a bf16 copy of the frozen head runs ~2.5x faster than fp32 (26 -> 11 ms for 8 frames of
         SmolLM2). Proposals only steer which candidates are verified, never what is emitted, so this
-        cannot change the output. Built once per bound head.
+        cannot change the output. Built once per bound head, from the proposal vocabulary's rows.
         """
         head = self._base[1]
-        if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32 or getattr(head, "bias", None) is not None:
-            return head
+        if getattr(head, "bias", None) is not None:
+            return head if self.vocab_ids is None else (lambda y: F.linear(y, self._head_weight(), head.bias[self.vocab_ids]))
         cached = getattr(self, "_bf16_head", None)
         if cached is None or cached[0] is not head:
-            w = head.weight.detach().to(torch.bfloat16)
-            self._bf16_head = cached = (head, lambda y: F.linear(y.to(torch.bfloat16), w).float())
+            w = self._head_weight().detach()  # frozen: slice (and cast) once, not per step
+            if w.device.type == "cpu" and w.dtype == torch.float32:
+                w = w.to(torch.bfloat16)
+                fn = lambda y: F.linear(y.to(torch.bfloat16), w).float()  # noqa: E731
+            else:
+                fn = lambda y: F.linear(y, w)  # noqa: E731
+            self._bf16_head = cached = (head, fn)
         return cached[1]
 
     def frame_logits(self, f, fast: bool = False):
-        """f [..., d] frame states -> [..., V+1]: base LM head for tokens, blank logit last."""
+        """f [..., d] frame states -> [..., N+1]: base LM head for the N proposal tokens, blank logit last."""
         y = self.norm(f)
-        tok = (self._proposal_head() if fast else self._base[1])(y)
+        if fast:
+            tok = self._proposal_head()(y)
+        elif self.vocab_ids is None:
+            tok = self._base[1](y)
+        else:  # training: the frozen head's rows, sliced per call (cheap next to the matmul)
+            head = self._base[1]
+            bias = None if getattr(head, "bias", None) is None else head.bias[self.vocab_ids]
+            tok = F.linear(y, self._head_weight(), bias)
         if self.config.loss == "ce":  # Medusa-style heads have no blank
             blank = torch.full_like(tok[..., :1], float("-inf"))
         else:
@@ -266,7 +321,7 @@ class CTCDraftModel(nn.Module):
 
     @torch.no_grad()
     def frames(self, s_last, cache: DraftCache):
-        """s_last [B,d] (state of position t = cache.length-1) -> frame log-probs [B,L,V+1] (float32)."""
+        """s_last [B,d] (state of position t = cache.length-1) -> frame log-probs [B,L,N+1] (float32)."""
         B, d = s_last.shape
         L, t = self.config.num_frames, cache.length - 1
         f = s_last[:, None, :] + self.frame_embed.to(s_last.dtype)[None]
@@ -284,7 +339,7 @@ class CTCDraftModel(nn.Module):
         """Training pass over whole sequences.
 
         hidden [B,T,d], next_ids [B,T] (x_{t+1} at t), positions_sel [B,P] (long; the t's whose frames
-        are trained). Returns frame logits [B,P,L,V+1] (model dtype).
+        are trained). Returns frame logits [B,P,L,N+1] (model dtype).
         """
         B, T, d = hidden.shape
         P, L = positions_sel.shape[1], self.config.num_frames

@@ -397,6 +397,12 @@ def format_report(r: dict) -> str:
         lines.append(f"  question {d['question_id']}: first differs at turn {d['turn'] + 1}, {where}")
     if len(r["divergences"]) > 10:
         lines.append(f"  ... and {len(r['divergences']) - 10} more")
+    for m in r.get("divergence_margins") or []:
+        if "skipped" in m:
+            lines.append(f"  margin, question {m['question_id']}: not computed ({m['skipped']})")
+        else:
+            lines.append(f"  margin, question {m['question_id']} turn {m['turn'] + 1} token {m['index']}: top-2 logit "
+                         f"margin {m['top2_margin']:.4f}, gap between the two chosen tokens {m['chosen_gap']:.4f}")
     acc = r["gsm8k_accuracy"]
     if acc:
         lines.append(f"GSM8K accuracy: speculative {acc['spec_correct']}/{acc['n']} ({100 * acc['spec']:.1f}%), "

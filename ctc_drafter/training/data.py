@@ -151,6 +151,16 @@ def split_eval(seqs: list[TrainSequence], eval_frac: float, seed: int):
     return [s for i, s in enumerate(seqs) if i not in held], [s for i, s in enumerate(seqs) if i in held]
 
 
+def most_frequent_targets(seqs: list[TrainSequence], n: int) -> torch.Tensor:
+    """The n base tokens that most often follow a trained position (ties: lower id), sorted by id."""
+    vocab = max(int(s.targets.max()) for s in seqs) + 1
+    counts = torch.zeros(max(vocab, n), dtype=torch.long)
+    for s in seqs:
+        counts += torch.bincount(s.targets[s.label_len > 0], minlength=counts.numel())
+    order = torch.sort(-counts, stable=True).indices  # stable: equal counts keep id order
+    return order[:n].sort().values
+
+
 def sample_positions(seq: TrainSequence, max_positions: int, seed: int, epoch: int) -> torch.Tensor:
     """Up to P trainable positions of `seq`, sorted; the same (seed, epoch, sequence) gives the same ones."""
     valid = torch.nonzero(seq.label_len > 0).flatten()

@@ -1,6 +1,6 @@
 """Training losses over draft frame logits.
 
-    ctc     CTC over the L frames (blank = vocab_size), labels = the position's window y[t+1..t+len]
+    ctc     CTC over the L frames (blank = N, after the N token symbols), labels = the window y[t+1..t+len]
     ce      Medusa-style: frame j predicts label j by cross-entropy over the vocabulary (no blank)
     ctc+ce  their sum (the draft still decodes with CTC)
 
@@ -16,6 +16,23 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("ctc", "ce", "ctc+ce")
+
+
+def symbol_labels(labels: torch.Tensor, label_len: torch.Tensor, token_to_symbol: torch.Tensor | None):
+    """Token labels -> frame symbols for a draft with a proposal vocabulary.
+
+    labels [B,P,k] token ids, label_len [B,P] -> (symbol labels [B,P,k], -1 for a token outside the
+    vocabulary; loss lengths [B,P], each window cut before its first such token). The metrics keep the
+    full windows: an outside token is a miss there, as it is at decode time.
+    """
+    if token_to_symbol is None:
+        return labels, label_len
+    sym = token_to_symbol[labels]
+    k = labels.shape[-1]
+    inside = (sym >= 0) | (torch.arange(k, device=labels.device) >= label_len[..., None])
+    # length of the all-inside prefix of each window
+    loss_len = torch.minimum(inside.long().cumprod(-1).sum(-1), label_len)
+    return sym, loss_len
 
 
 @dataclass
@@ -51,7 +68,9 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor,
 
 def compute_losses(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, kind: str,
                    vocab_size: int) -> LossParts:
-    """logits [B,P,L,V+1], labels [B,P,k], label_len [B,P] (0 = padding) -> the `kind` loss and its parts."""
+    """logits [B,P,L,N+1], labels [B,P,k] (symbols), label_len [B,P] (0 = padding) -> the `kind` loss and parts.
+
+    vocab_size: N, the token symbols per frame (the blank is N)."""
     valid = label_len > 0
     if bool(valid.all()):  # the usual case: a view, no copy of the (large) logits and no scatter in backward
         lg, lab, ln = logits.flatten(0, 1), labels.flatten(0, 1), label_len.flatten()
@@ -59,6 +78,10 @@ def compute_losses(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.
         lg, lab, ln = logits[valid], labels[valid], label_len[valid]  # [N,L,V+1], [N,k], [N]
     parts = {}
     total = logits.new_zeros((), dtype=torch.float32)
+    if lg.shape[0] == 0:  # every window starts outside the proposal vocabulary: nothing to learn here
+        total = logits.float().sum() * 0.0  # still a graph through every parameter (DDP waits for all grads)
+        parts.update({name: 0.0 for name in ("ctc", "ce") if name in kind.split("+")}, loss=0.0)
+        return LossParts(total, parts, 0)
     if kind in ("ctc", "ctc+ce"):
         c = ctc_loss(lg, lab, ln, blank=vocab_size)
         parts["ctc"] = float(c.detach())

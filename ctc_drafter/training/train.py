@@ -36,9 +36,9 @@ import torch
 
 from ..data.shards import read_manifest
 from ..errors import CTCDrafterError
-from .data import (HiddenReader, TrainSequence, data_fingerprint, load_sequences, make_batch, sample_positions,
-                   split_eval)
-from .losses import LOSSES, compute_losses
+from .data import (HiddenReader, TrainSequence, data_fingerprint, load_sequences, make_batch,
+                   most_frequent_targets, sample_positions, split_eval)
+from .losses import LOSSES, compute_losses, symbol_labels
 from .metrics import DraftMetrics
 
 LOG = "log.jsonl"
@@ -67,6 +67,9 @@ def add_train_args(p) -> None:
     p.add_argument("--frames", type=int, default=None, help="L, draft frames (default 8)")
     p.add_argument("--label-len", type=int, default=None, help="k, tokens the frames are trained to emit (default 6)")
     p.add_argument("--positions", type=int, default=32, help="P, positions trained per sequence and epoch")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="propose from the N tokens most frequent in the training targets (0: the whole "
+                        "vocabulary, the default); the frame head shrinks from V to N rows, lossless")
     p.add_argument("--max-len", type=int, default=2048, help="truncate sequences to this many tokens")
     p.add_argument("--recover", type=int, default=None, metavar="N", help="resume from CKPT/state_N")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if CKPT holds an earlier run")
@@ -125,6 +128,8 @@ def _config_overrides(args) -> tuple[dict, str]:
         over.pop("base_model", None)  # always the base being trained on
     if args.frames is not None:
         over["num_frames"] = args.frames
+    if args.draft_vocab is not None:
+        over["draft_vocab"] = args.draft_vocab
     if args.label_len is not None:
         over["label_len"] = args.label_len
     kind = args.loss or ("ce" if over.get("loss") == "ce" else "ctc")
@@ -171,7 +176,8 @@ def export_draft(config, state_dict: dict, directory: Path) -> None:
     from ..draft.model import CTCDraftModel
 
     model = CTCDraftModel(config)
-    model.load_state_dict({k: v.detach().cpu().float() for k, v in state_dict.items()})
+    model.load_state_dict({k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                           for k, v in state_dict.items()})
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -281,6 +287,11 @@ class Trainer:
         self.last_lr = args.lr
         self.log = RunLog(out, accelerator.is_main_process)
 
+    @property
+    def token_to_symbol(self):
+        # recomputed per step (a V-sized index): --recover may have replaced the proposal vocabulary
+        return self.acc.unwrap_model(self.model).token_to_symbol()
+
     # -- data plan --
 
     def epoch_batches(self, epoch: int) -> list[list[TrainSequence]]:
@@ -311,7 +322,8 @@ class Trainer:
         hidden = self.hidden_for(batch)
         self.model.train()
         logits = self.model(hidden, batch.next_ids, batch.positions)  # [B,P,L,V+1]
-        lp = compute_losses(logits, batch.labels, batch.label_len, self.kind, self.cfg.vocab_size)
+        labels, loss_len = symbol_labels(batch.labels, batch.label_len, self.token_to_symbol)
+        lp = compute_losses(logits, labels.clamp(min=0), loss_len, self.kind, self.cfg.num_tokens)
         self.acc.backward(lp.total)
         if self.args.grad_clip > 0 and self.acc.sync_gradients:
             self.acc.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
@@ -322,7 +334,7 @@ class Trainer:
         self.global_step += 1
         for m in (window, totals):
             m.add_loss(lp.parts, lp.num_positions)
-            m.add(logits.detach(), batch.labels, batch.label_len, self.cfg.vocab_size, self.cfg.loss == "ctc")
+            m.add(logits.detach(), labels, batch.label_len, self.cfg.num_tokens, self.cfg.loss == "ctc")
         return lp
 
     def run_epoch(self, epoch: int) -> dict:
@@ -445,6 +457,7 @@ def evaluate_draft(draft, base, seqs: list[TrainSequence], kind: str, positions:
     reader = reader or HiddenReader()
     dev = next(draft.parameters()).device
     metrics = DraftMetrics(k)
+    to_sym = draft.token_to_symbol()
     was_training = draft.training
     draft.eval()
     for s in seqs:
@@ -457,9 +470,10 @@ def evaluate_draft(draft, base, seqs: list[TrainSequence], kind: str, positions:
                 hidden = batch.hidden if batch.hidden is not None else \
                     base.forward(batch.input_ids, None, logits_at=slice(0, 0))[0]
             logits = draft(hidden, batch.next_ids, batch.positions)
-            lp = compute_losses(logits, batch.labels, batch.label_len, kind, cfg.vocab_size)
+            labels, loss_len = symbol_labels(batch.labels, batch.label_len, to_sym)
+            lp = compute_losses(logits, labels.clamp(min=0), loss_len, kind, cfg.num_tokens)
             metrics.add_loss(lp.parts, lp.num_positions)
-            metrics.add(logits, batch.labels, batch.label_len, cfg.vocab_size, cfg.loss == "ctc")
+            metrics.add(logits, labels, batch.label_len, cfg.num_tokens, cfg.loss == "ctc")
     draft.train(was_training)
     return metrics
 
@@ -514,6 +528,8 @@ def run_training(args) -> int:
         max_len = min(args.max_len, base.max_length)
         seqs, summaries = load_sequences(args.data, base, draft.config.label_len, max_len)
         train_seqs, eval_seqs = split_eval(seqs, args.eval_frac, args.seed)
+        if draft.config.draft_vocab:  # from the training split only; --recover restores the saved list
+            draft.set_vocab(most_frequent_targets(train_seqs, draft.config.draft_vocab))
         trainer = Trainer(args, acc, base, draft, kind, train_seqs, eval_seqs, data_fingerprint(seqs), out)
         if acc.is_main_process:
             try:
