@@ -88,7 +88,7 @@ def summarize(a, files: dict[str, Path]) -> None:
     for name, r in rows.items():
         meta = r["meta"]["spec"] or {}
         acc = r.get("gsm8k_accuracy") or {}
-        acc_s = json.dumps(acc.get("spec")) if acc else "-"
+        acc_s = f"{acc['spec_correct']}/{acc['n']}" if acc else "-"
         lines.append(f"| {name} | {r['tokens_per_s']['spec']:.2f} | {r['gamma']:.2f}x (mean {r['gamma_mean']:.2f}x) | "
                      f"{r['beta']:.2f} | {meta.get('budget') or '-'} | {r['n_identical']}/{r['n_questions']} | {acc_s} |")
     hist_lines = ["", "Accepted tokens per step (share of steps):", ""]

@@ -143,6 +143,12 @@ def test_resume_refuses_to_mix_baseline_and_speculative(runs, tiny_model_dir, tm
     shutil.copy(runs / "gsm8k-base.jsonl", tmp_path / "gsm8k-base.jsonl")
     code = main(eval_args(tiny_model_dir, "gsm8k", tmp_path, "gsm8k-base"))  # no --baseline this time
     assert code == 2 and "speculative=True" in capsys.readouterr().err
+    # nor speculative answers of another tree (the runs used the device's default budget)
+    shutil.copy(runs / "mt_bench-spec.jsonl", tmp_path / "mt_bench-spec.jsonl")
+    budget = lines(runs / "mt_bench-spec.jsonl")[0]["meta"]["budget"]
+    code = main(eval_args(tiny_model_dir, "mt_bench", tmp_path, "mt_bench-spec", "--tree-choices", "beam",
+                          "--budget", str(budget + 1)))
+    assert code == 2 and f"budget={budget}" in capsys.readouterr().err
 
 
 def test_reorganize_sorts_and_deduplicates(tmp_path):

@@ -9,8 +9,9 @@ from .common import add_decoding_args, add_model_args
 PROMPTS = [
     "Explain in three sentences why the sky is blue.",
     "Write a short Python function that returns the factorial of n.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
+    # not from any dataset: the shipped draft was distilled on GSM8K *train* questions
+    "A baker makes 36 muffins in the morning and half as many in the afternoon. She sells 40 of them. "
+    "How many muffins are left?",
 ]
 
 
