@@ -2,13 +2,18 @@
 
     python scripts/benchmark.py --bench mt_bench --question-file ../shared/data/mt_bench/question.jsonl \
         --ctc-draft ctc_drafter/assets/default_draft --ce-draft runs/ce --out runs/bench/mt_bench \
-        [--question-end 80] [--max-new-tokens 256] [--budget 12]
+        [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8]
 
 Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with both candidate
 generators, the CE (Medusa-style) ablation, our vanilla loop, HF `generate` greedy and HF prompt-lookup
 decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
 with HF `generate` greedy: speedup (gamma), beta, the accepted-length histogram, token-exact agreement
 and, for GSM8K, accuracy.
+
+The questions go in windows of --chunk: every method answers a window before the next window starts,
+and the summary is rewritten after each. A full bench takes hours on a CPU, so a run stopped at any
+point (or spread over several sessions) still leaves a like-for-like comparison: the summary only
+counts questions that every method has answered, timed under the same load.
 """
 
 from __future__ import annotations
@@ -34,14 +39,24 @@ def methods(a) -> list[tuple[str, list[str]]]:
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
-def run_eval(a, name: str, extra: list[str]) -> Path:
+def windows(a) -> list[tuple[int, int]]:
+    """[begin, end) question-index windows of --chunk selected questions each (stride kept aligned)."""
+    from ctc_drafter.evaluation.questions import load_questions
+
+    n = len(load_questions(a.question_file, a.bench, a.question_begin, a.question_end, 1))
+    end = a.question_begin + n
+    if a.chunk <= 0:
+        return [(a.question_begin, end)]
+    step = a.chunk * a.question_stride
+    return [(b, min(b + step, end)) for b in range(a.question_begin, end, step)]
+
+
+def run_eval(a, name: str, extra: list[str], begin: int, end: int) -> Path:
     answer = Path(a.out) / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "ctc_drafter", "eval", "--bench", a.bench, "--question-file", a.question_file,
            "--base-model", a.base_model, "--model-id", name, "--answer-file", str(answer),
-           "--max-new-tokens", str(a.max_new_tokens), "--question-begin", str(a.question_begin),
+           "--max-new-tokens", str(a.max_new_tokens), "--question-begin", str(begin), "--question-end", str(end),
            "--question-stride", str(a.question_stride)]
-    if a.question_end is not None:
-        cmd += ["--question-end", str(a.question_end)]
     print("+", " ".join(cmd + extra), flush=True)
     subprocess.run(cmd + extra, check=True)
     return answer
@@ -62,23 +77,33 @@ def main():
     ap.add_argument("--budget", type=int, default=None, help="node budget for the beam generator (default: device's)")
     ap.add_argument("--medusa-budget", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated subset of methods to run")
+    ap.add_argument("--chunk", type=int, default=8,
+                    help="questions per window; every method answers a window before the next (0: no windows)")
     ap.add_argument("--no-run", action="store_true", help="only tabulate existing answer files")
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, extra in methods(a):
-        files[name] = Path(a.out) / f"{name}.jsonl" if a.no_run else run_eval(a, name, extra)
-    summarize(a, files)
+    files = {name: Path(a.out) / f"{name}.jsonl" for name, _ in methods(a)}
+    if not a.no_run:
+        wins = windows(a)
+        for i, (begin, end) in enumerate(wins, 1):
+            print(f"== window {i}/{len(wins)}: questions [{begin}, {end})", flush=True)
+            for name, extra in methods(a):
+                run_eval(a, name, extra, begin, end)
+            summarize(a, files)
+    else:
+        summarize(a, files)
 
 
 def summarize(a, files: dict[str, Path]) -> None:
     from ctc_drafter.evaluation.report import build_report
 
+    files = common_questions({n: f for n, f in files.items() if f.exists()}, Path(a.out) / "common")
+    if "hf-generate" not in files:
+        print("no HF generate answers yet: nothing to compare", flush=True)
+        return
     base = files["hf-generate"]
     rows = {}
     for name, f in files.items():
-        if not f.exists():
-            continue
         r = build_report(str(f), str(base), question_file=a.question_file,
                          gsm8k_file=a.question_file if a.bench == "gsm8k" else None)
         rows[name] = r
@@ -100,6 +125,34 @@ def summarize(a, files: dict[str, Path]) -> None:
     Path(a.out, "summary.md").write_text(text)
     print(text)
     plot(rows, Path(a.out, "summary.png"), a.bench)
+
+
+def _records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill; eval's resume redoes that question
+            continue
+        if isinstance(r, dict) and "question_id" in r:
+            out.append(r)
+    return out
+
+
+def common_questions(files: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Copies of the answer files cut to the questions every method has answered."""
+    recs = {n: _records(f) for n, f in files.items()}
+    ids = [{json.dumps(r["question_id"]) for r in rs} for rs in recs.values()]
+    common = set.intersection(*ids) if ids else set()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for n, rs in recs.items():
+        keep = [r for r in rs if json.dumps(r["question_id"]) in common]
+        if keep:
+            out[n] = out_dir / f"{n}.jsonl"
+            out[n].write_text("".join(json.dumps(r) + "\n" for r in keep))
+    print(f"summary over the {len(common)} questions all {len(recs)} methods have answered", flush=True)
+    return out
 
 
 def plot(rows: dict, out: Path, bench: str) -> None:

@@ -1,0 +1,58 @@
+"""scripts/benchmark.py: question windows keep the stride aligned, and the summary compares methods on
+the questions all of them answered (a bench stopped part-way still gives a like-for-like table)."""
+
+import importlib.util
+import json
+import types
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mt_bench(tmp_path, n):
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps({"question_id": 100 + i, "category": "writing", "turns": ["a", "b"]}) + "\n"
+                         for i in range(n)))
+    return f
+
+
+def test_windows_cover_the_selection_once_with_the_stride_aligned(tmp_path):
+    from ctc_drafter.evaluation.questions import load_questions
+
+    bm = _load()
+    qf = _mt_bench(tmp_path, 23)
+    for begin, end, stride, chunk in [(0, None, 1, 8), (0, None, 5, 2), (3, 20, 2, 3), (0, None, 1, 0)]:
+        a = types.SimpleNamespace(question_file=str(qf), bench="mt_bench", question_begin=begin, question_end=end,
+                                  question_stride=stride, chunk=chunk)
+        want = [q.question_id for q in load_questions(qf, "mt_bench", begin, end, stride)]
+        got = []
+        for b, e in bm.windows(a):
+            sel = [q.question_id for q in load_questions(qf, "mt_bench", b, e, stride)]
+            assert chunk == 0 or len(sel) <= chunk
+            got += sel
+        assert got == want, (begin, end, stride, chunk)
+
+
+def test_summary_counts_only_questions_every_method_answered(tmp_path):
+    bm = _load()
+
+    def answers(ids, cut_last=False):
+        lines = [json.dumps({"question_id": i, "choices": [{"turns": ["x"]}]}) for i in ids]
+        if cut_last:
+            lines[-1] = lines[-1][:20]  # a process killed mid-write
+        return "\n".join(lines) + "\n"
+
+    (tmp_path / "hf.jsonl").write_text(answers([1, 2, 3, 4]))
+    (tmp_path / "ctc.jsonl").write_text(answers([2, 3, 1]))
+    (tmp_path / "ce.jsonl").write_text(answers([1, 2, 3], cut_last=True))
+    out = bm.common_questions({n: tmp_path / f"{n}.jsonl" for n in ("hf", "ctc", "ce")}, tmp_path / "common")
+    for name, path in out.items():
+        ids = sorted(json.loads(l)["question_id"] for l in path.read_text().splitlines())
+        assert ids == [1, 2], name
