@@ -1,6 +1,7 @@
 """Choose the node budget: beta and tokens/s against tree size, on prompts that are not benchmarks.
 
-    python scripts/budget_sweep.py --draft-model default [--budgets 4,8,12,16,24,32] [--prompts 6]
+    python scripts/budget_sweep.py --draft-model default [--budgets 4,8,12,16,24,32] [--prompts 6] \
+        [--cpu-kernels packed|stock]
 
 Uses the LAST --prompts questions of ../shared/data/arena/question.jsonl (the distillation run that
 trained the shipped draft used only the first few hundred), greedy, --max-new-tokens each, and our
@@ -26,10 +27,11 @@ def main():
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--questions", default=str(ARENA))
+    ap.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"])
     a = ap.parse_args()
     qs = [json.loads(line)["turns"][0] for line in Path(a.questions).read_text().split("\n") if line.strip()]
     qs = qs[-a.prompts:]
-    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model)
+    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, cpu_kernels=a.cpu_kernels)
     d.chat("Hi", max_new_tokens=8)  # warm-up
     rows = []
 

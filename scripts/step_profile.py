@@ -1,6 +1,7 @@
 """Where a speculative step's time goes: the parts of `CTCDrafter.generate`, timed by wrapping them.
 
-    OMP_NUM_THREADS=1 python scripts/step_profile.py [--budget 4] [--threads 1] [--max-new-tokens 128]
+    OMP_NUM_THREADS=1 python scripts/step_profile.py [--budget 4] [--threads 1] [--max-new-tokens 128] \
+        [--cpu-kernels packed|stock]
 
 Prints ms per call of the base forward (tree verification, or one token for vanilla), the draft's
 frames and context update, the candidate tree and the KV compaction, then the same prompt without
@@ -42,9 +43,11 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, generator=a.generator, budget=a.budget)
+    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, generator=a.generator, budget=a.budget,
+                                   cpu_kernels=a.cpu_kernels)
     t = defaultdict(list)
     wrap(t, d.draft, "frames", "draft frames")
     wrap(t, d.draft, "extend", "draft extend")

@@ -27,3 +27,6 @@ def add_decoding_args(p) -> None:
                    help="candidate generator: CTC prefix beam search (default) or the paper's Medusa-63 tree")
     p.add_argument("--budget", type=int, default=None,
                    help="tree node budget incl. root (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
+    p.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"],
+                   help="linear layers of our loop on a CPU fp32 base: oneDNN with packed weights (default, "
+                        "faster) or PyTorch's stock ones (what HF generate uses)")

@@ -27,7 +27,8 @@ def run(args) -> int:
     from ..decoding import CTCDrafter
 
     d = CTCDrafter.from_pretrained(args.base_model, args.draft_model, device=args.device, dtype=args.dtype,
-                                   generator=args.generator, budget=args.budget)
+                                   generator=args.generator, budget=args.budget,
+                                   cpu_kernels=args.cpu_kernels)
     kw = dict(template=args.template, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     label = "shipped trained draft" if d.draft_trained else "UNTRAINED draft (no trained draft ships yet)"

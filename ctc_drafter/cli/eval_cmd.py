@@ -78,6 +78,7 @@ def _meta(args, engine) -> dict:
         "base_model": engine.base.name,
         "device": str(engine.base.device),
         "dtype": str(engine.base.dtype).replace("torch.", ""),
+        "kernels": engine.kernels if ours else "stock",  # HF engines always run the stock layers
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
@@ -95,7 +96,7 @@ def _load_engine(args):
 
         return CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
                                           device=args.device, dtype=args.dtype, generator=args.generator,
-                                          budget=args.budget)
+                                          budget=args.budget, cpu_kernels=args.cpu_kernels)
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 

@@ -27,7 +27,7 @@ def run(args) -> int:
         raise CTCDrafterError("empty prompt")
     drafter = CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
                                          device=args.device, dtype=args.dtype, generator=args.generator,
-                                         budget=args.budget)
+                                         budget=args.budget, cpu_kernels=args.cpu_kernels)
     streamer = None
     if not args.json:
         from transformers import TextStreamer

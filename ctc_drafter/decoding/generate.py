@@ -18,6 +18,7 @@ import torch
 from ..draft.model import CTCDraftModel, DraftCache
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
+from ..models.cpu_kernels import PackedLinear, pack_linears
 from .candidates import CandidateGenerator, make_generator
 from .tree import TokenTree
 from .verify import accept_greedy, accept_sampling, compact_kv, warp_probs
@@ -133,13 +134,25 @@ class CTCDrafter(ChatMixin):
             ctc = draft is None or draft.config.loss == "ctc"
             self.candidates = make_generator(generator, budget, base.device, ctc=ctc)
 
+    @property
+    def kernels(self) -> str:
+        """'packed' when the base's linear layers run through oneDNN packed weights (models/cpu_kernels.py)."""
+        return "packed" if any(isinstance(m, PackedLinear) for m in self.base.model.modules()) else "stock"
+
     @classmethod
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
-                        dtype="auto", generator: str = "beam", budget: int | None = None) -> "CTCDrafter":
+                        dtype="auto", generator: str = "beam", budget: int | None = None,
+                        cpu_kernels: str = "packed") -> "CTCDrafter":
+        """Load base and draft. cpu_kernels='packed' swaps a CPU fp32 base's linear layers for oneDNN
+        packed-weight ones (faster for the few rows a step has); 'stock' keeps PyTorch's."""
         from ..draft import load_draft
         from ..models.base import load_base_model
 
+        if cpu_kernels not in ("packed", "stock"):
+            raise CTCDrafterError(f"cpu_kernels must be 'packed' or 'stock', got {cpu_kernels!r}")
         base = load_base_model(base_model, device=device, dtype=dtype)
+        if cpu_kernels == "packed":
+            pack_linears(base.model)
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
         return cls(base, draft, generator=generator, budget=budget, draft_trained=trained)
 
