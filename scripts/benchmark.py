@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py --bench mt_bench --question-file ../shared/data/mt_bench/question.jsonl \
         --ctc-draft ctc_drafter/assets/default_draft --ce-draft runs/ce --out runs/bench/mt_bench \
-        [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8]
+        [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8 | --spread 10]
 
 Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with both candidate
 generators, the CE (Medusa-style) ablation, our vanilla loop, HF `generate` greedy and HF prompt-lookup
@@ -39,24 +39,33 @@ def methods(a) -> list[tuple[str, list[str]]]:
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
-def windows(a) -> list[tuple[int, int]]:
-    """[begin, end) question-index windows of --chunk selected questions each (stride kept aligned)."""
+def windows(a) -> list[tuple[int, int, int]]:
+    """(begin, end, stride) question windows.
+
+    --spread K: window j takes questions j, j+K, j+2K, ... (MT-bench is sorted by category, 10 each, so
+    K = 10 gives one question of every category per window and a stopped run stays balanced);
+    otherwise consecutive windows of --chunk selected questions, the stride kept aligned.
+    """
     from ctc_drafter.evaluation.questions import load_questions
 
     n = len(load_questions(a.question_file, a.bench, a.question_begin, a.question_end, 1))
     end = a.question_begin + n
+    if a.spread:
+        if a.question_stride != 1:
+            raise SystemExit("benchmark.py: error: --spread and --question-stride do not combine")
+        return [(a.question_begin + j, end, a.spread) for j in range(min(a.spread, n))]
     if a.chunk <= 0:
-        return [(a.question_begin, end)]
+        return [(a.question_begin, end, a.question_stride)]
     step = a.chunk * a.question_stride
-    return [(b, min(b + step, end)) for b in range(a.question_begin, end, step)]
+    return [(b, min(b + step, end), a.question_stride) for b in range(a.question_begin, end, step)]
 
 
-def run_eval(a, name: str, extra: list[str], begin: int, end: int) -> Path:
+def run_eval(a, name: str, extra: list[str], begin: int, end: int, stride: int) -> Path:
     answer = Path(a.out) / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "ctc_drafter", "eval", "--bench", a.bench, "--question-file", a.question_file,
            "--base-model", a.base_model, "--model-id", name, "--answer-file", str(answer),
            "--max-new-tokens", str(a.max_new_tokens), "--question-begin", str(begin), "--question-end", str(end),
-           "--question-stride", str(a.question_stride)]
+           "--question-stride", str(stride)]
     print("+", " ".join(cmd + extra), flush=True)
     subprocess.run(cmd + extra, check=True)
     return answer
@@ -79,16 +88,18 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated subset of methods to run")
     ap.add_argument("--chunk", type=int, default=8,
                     help="questions per window; every method answers a window before the next (0: no windows)")
+    ap.add_argument("--spread", type=int, default=0,
+                    help="windows of every K-th question instead (10 on MT-bench: one per category per window)")
     ap.add_argument("--no-run", action="store_true", help="only tabulate existing answer files")
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     files = {name: Path(a.out) / f"{name}.jsonl" for name, _ in methods(a)}
     if not a.no_run:
         wins = windows(a)
-        for i, (begin, end) in enumerate(wins, 1):
-            print(f"== window {i}/{len(wins)}: questions [{begin}, {end})", flush=True)
+        for i, (begin, end, stride) in enumerate(wins, 1):
+            print(f"== window {i}/{len(wins)}: questions [{begin}, {end}) every {stride}", flush=True)
             for name, extra in methods(a):
-                run_eval(a, name, extra, begin, end)
+                run_eval(a, name, extra, begin, end, stride)
             summarize(a, files)
     else:
         summarize(a, files)

@@ -28,16 +28,21 @@ def test_windows_cover_the_selection_once_with_the_stride_aligned(tmp_path):
 
     bm = _load()
     qf = _mt_bench(tmp_path, 23)
-    for begin, end, stride, chunk in [(0, None, 1, 8), (0, None, 5, 2), (3, 20, 2, 3), (0, None, 1, 0)]:
+    cases = [(0, None, 1, 8, 0), (0, None, 5, 2, 0), (3, 20, 2, 3, 0), (0, None, 1, 0, 0), (0, None, 1, 0, 10),
+             (2, 21, 1, 0, 4)]
+    for begin, end, stride, chunk, spread in cases:
         a = types.SimpleNamespace(question_file=str(qf), bench="mt_bench", question_begin=begin, question_end=end,
-                                  question_stride=stride, chunk=chunk)
+                                  question_stride=stride, chunk=chunk, spread=spread)
         want = [q.question_id for q in load_questions(qf, "mt_bench", begin, end, stride)]
         got = []
-        for b, e in bm.windows(a):
-            sel = [q.question_id for q in load_questions(qf, "mt_bench", b, e, stride)]
+        for b, e, s in bm.windows(a):
+            sel = [q.question_id for q in load_questions(qf, "mt_bench", b, e, s)]
             assert chunk == 0 or len(sel) <= chunk
+            if spread:  # each window takes every spread-th question: an even spread over the file
+                assert all(y - x == spread for x, y in zip(sel, sel[1:]))
             got += sel
-        assert got == want, (begin, end, stride, chunk)
+        assert sorted(got) == want, (begin, end, stride, chunk, spread)
+        assert len(got) == len(set(got))
 
 
 def test_summary_counts_only_questions_every_method_answered(tmp_path):
