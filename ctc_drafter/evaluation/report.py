@@ -65,10 +65,11 @@ def engine_label(f: AnswerFile) -> str:
         return "HF generate"
     if engine == "hf-prompt-lookup":
         return f"HF prompt lookup (K={m.get('prompt_lookup_tokens')})"
+    packed = ", packed CPU kernels" if m.get("kernels") == "packed" else ""
     if not m.get("speculative"):
-        return "ours, vanilla"
+        return f"ours, vanilla{packed}"
     untrained = ", untrained draft" if m.get("draft_trained") is False else ""
-    return f"ours, speculative ({m.get('generator')}, budget {m.get('budget')}{untrained})"
+    return f"ours, speculative ({m.get('generator')}, budget {m.get('budget')}{untrained}{packed})"
 
 
 def load_answer_file(path: str | Path, what: str) -> AnswerFile:
