@@ -29,9 +29,10 @@ MEDUSA_63 = [
 ]
 
 # Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
-# forward costs about the same for 1 or 256 tokens) but grows fast on a CPU (SmolLM2-135M, 1 thread:
-# 59 ms for 1 node, 93 ms for 4, 114 ms for 12). scripts/budget_sweep.py with the shipped draft gave
-# the best tokens/s at 4 nodes on the 2-core CPU (BENCHMARKS.md); 64 on CUDA is the paper's tree size.
+# forward costs about the same for 1 or 256 tokens) but not on a CPU (SmolLM2-135M, 1 thread, packed
+# layers: 52 ms for 1 node, 51 for 4, 62 for 8, 70 for 12). scripts/budget_sweep.py with the shipped
+# draft gave the best tokens/s at 4-6 nodes on the 2-core CPU (BENCHMARKS.md); 64 on CUDA is the
+# paper's tree size.
 DEFAULT_BUDGET = {"cpu": 4, "cuda": 64, "mps": 16}
 
 
