@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ctc_drafter.draft.ctc import collapse, prefix_beam_search
+from ctc_drafter.draft.ctc import best_prefixes, collapse, prefix_beam_search
 
 
 def test_collapse_merges_repeats_then_drops_blanks():
@@ -61,3 +61,40 @@ def test_plain_heads_mode_is_ordinary_beam_search():
     assert all(len(s) == 2 for s, _ in out)
     assert out[0][0] == (0, 1)
     assert sum(math.exp(p) for _, p in out) == pytest.approx(1.0)
+
+
+def _brute_prefix_probs(lp, blank, ctc=True):
+    """P(collapsed output starts with g) for every prefix g, by enumerating all alignments."""
+    L, S = lp.shape
+    out = {}
+    for path in itertools.product(range(S), repeat=L):
+        p = math.exp(sum(lp[t, s].item() for t, s in enumerate(path)))
+        seq = collapse(path, blank) if ctc else list(path)
+        for d in range(1, len(seq) + 1):
+            out[tuple(seq[:d])] = out.get(tuple(seq[:d]), 0.0) + p
+    return out
+
+
+@pytest.mark.parametrize("seed,L,S,ctc", [(0, 3, 4, True), (1, 4, 4, True), (2, 5, 3, True), (3, 3, 4, False)])
+def test_best_prefixes_are_the_exact_most_likely_prefixes(seed, L, S, ctc):
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(L, S, generator=g, dtype=torch.float64) * 2, -1)
+    blank = S - 1
+    truth = _brute_prefix_probs(lp, blank, ctc)
+    n = 10
+    got = best_prefixes(lp, blank, n, topk=None, ctc=ctc)
+    for prefix, logp in got:  # exact scores
+        assert math.isclose(math.exp(logp), truth[prefix], rel_tol=1e-9), prefix
+    want = sorted(truth.values(), reverse=True)[:n]
+    assert [math.exp(v) for _, v in got] == pytest.approx(want, rel=1e-9)  # and the true top n
+    kept = {p for p, _ in got}
+    assert all(p[:-1] in kept or len(p) == 1 for p in kept)  # prefix-closed: a tree
+    assert len(kept) == len(got)
+
+
+def test_best_prefixes_respect_max_len_and_topk():
+    g = torch.Generator().manual_seed(5)
+    lp = torch.log_softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), -1)
+    got = best_prefixes(lp, 8, 20, topk=2, max_len=2)
+    allowed = {c for row in lp[:, :8].topk(2, -1).indices.tolist() for c in row}
+    assert got and all(len(p) <= 2 and set(p) <= allowed for p, _ in got)

@@ -15,7 +15,8 @@ def hf_greedy(model, ids, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("generator,budget", [("beam", 12), ("beam", 40), ("medusa", 64), ("medusa", 20)])
+@pytest.mark.parametrize("generator,budget", [("beam", 12), ("beam", 40), ("medusa", 64), ("medusa", 20),
+                                              ("prefix", 4), ("prefix", 24)])
 def test_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
     base = BaseModel(tiny_llama(dtype=dtype, seed=1), None, "toy")
     g = torch.Generator().manual_seed(budget)
@@ -109,7 +110,7 @@ def test_tree_mask_exact_for_each_attention_implementation(attn):
     assert max(spec.accept_lengths) > 1
 
 
-@pytest.mark.parametrize("generator", ["beam", "medusa"])
+@pytest.mark.parametrize("generator", ["beam", "medusa", "prefix"])
 def test_lossless_with_a_proposal_vocabulary(generator):
     """A draft that can only propose 24 of the 64 tokens: the base still emits the others, output unchanged."""
     base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")

@@ -23,8 +23,10 @@ def add_decoding_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--tree-choices", "--generator", dest="generator", default="beam", choices=["beam", "medusa"],
-                   help="candidate generator: CTC prefix beam search (default) or the paper's Medusa-63 tree")
+    p.add_argument("--tree-choices", "--generator", dest="generator", default="beam",
+                   choices=["beam", "medusa", "prefix"],
+                   help="candidate generator: CTC prefix beam search (default), the paper's Medusa-63 tree, or the "
+                        "most likely prefixes by exact CTC prefix probability")
     p.add_argument("--budget", type=int, default=None,
                    help="tree node budget incl. root (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
     p.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"],

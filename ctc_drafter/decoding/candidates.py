@@ -5,7 +5,9 @@ base model already chose. Two ship:
   - `medusa`: the paper's static tree (Medusa's 63 choices over the frames' top-k, one level per
     frame), every path collapsed by the CTC rule and identical collapsed prefixes merged;
   - `beam` (default): CTC prefix beam search, the N most probable collapsed sequences merged into a
-    trie capped at a node budget.
+    trie capped at a node budget;
+  - `prefix`: the budget's worth of prefixes most likely to start the output, each scored by its exact
+    CTC prefix probability (best-first; the tree that maximises the draft's expected accepted length).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..draft.ctc import collapse, prefix_beam_search
+from ..draft.ctc import best_prefixes, collapse, prefix_beam_search
 from ..errors import CTCDrafterError
 from .tree import TokenTree
 
@@ -116,7 +118,25 @@ class BeamCandidates(CandidateGenerator):
                                         max_depth=max_depth)
 
 
-GENERATORS = {"medusa": MedusaTreeCandidates, "beam": BeamCandidates}
+class PrefixCandidates(CandidateGenerator):
+    """The budget-1 collapsed prefixes with the highest P(output starts with prefix), as one tree."""
+
+    name = "prefix"
+
+    def __init__(self, budget: int = 16, ctc: bool = True, topk: int = 8):
+        super().__init__(budget, ctc)
+        self.topk = topk
+
+    def build(self, root, frame_logprobs, max_depth, symbols=None):
+        S = frame_logprobs.shape[1]
+        lp = frame_logprobs if self.ctc else frame_logprobs[:, : S - 1]
+        best = best_prefixes(lp, blank=S - 1, n=self.budget - 1, topk=self.topk, ctc=self.ctc, max_len=max_depth)
+        # The set is prefix-closed and has budget-1 nodes, so the trie keeps every one of them.
+        return TokenTree.from_sequences(root, [(_to_tokens(g, symbols), s) for g, s in best], budget=self.budget,
+                                        max_depth=max_depth)
+
+
+GENERATORS = {"medusa": MedusaTreeCandidates, "beam": BeamCandidates, "prefix": PrefixCandidates}
 
 
 def make_generator(name: str, budget: int | None, device, ctc: bool = True) -> CandidateGenerator:

@@ -1,12 +1,14 @@
-"""The CTC rule and CTC prefix beam search over draft frames.
+"""The CTC rule, CTC prefix beam search and best-prefix search over draft frames.
 
 collapse: merge consecutive repeats, then drop blanks ("a a _ a b" -> "a a b").
 prefix_beam_search: the N most probable *collapsed* sequences, each probability summed over all
 frame alignments that collapse to it (not the single best path).
+best_prefixes: the N prefixes most likely to start the collapsed output (exact prefix probability).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 
@@ -82,4 +84,73 @@ def prefix_beam_search(logprobs: torch.Tensor, blank: int, beam: int = 16, topk:
         beams = dict(ranked[:beam]) if beam is not None else dict(ranked)
     out = [(p, _lae(*v)) for p, v in beams.items()]
     out.sort(key=lambda x: -x[1])
+    return out
+
+
+def best_prefixes(logprobs: torch.Tensor, blank: int, n: int, topk: int | None = 8, ctc: bool = True,
+                  max_len: int | None = None) -> list[tuple[tuple[int, ...], float]]:
+    """logprobs [L, S] -> the n collapsed prefixes g most likely to *start* the output, best first.
+
+    Scored by the exact prefix probability P(collapse(frames) starts with g), summed over every
+    alignment: the chance that the base accepts at least len(g) tokens of g if the draft is right.
+    A tree of the top prefixes therefore maximises the draft's expected accepted length for its size
+    (beam search ranks whole sequences instead, which splits a likely first token's mass over its many
+    continuations). The score only falls along a path, so best-first search returns a prefix-closed
+    set. Candidate symbols are the union of each frame's `topk` (None: all). ctc=False: frame j is
+    token j (Medusa-style heads, no blank), the score a plain product.
+    """
+    L, S = logprobs.shape
+    lp = logprobs.detach().double().cpu()
+    masked = lp.clone()
+    if ctc:
+        masked[:, blank] = NEG_INF
+    k = S - (1 if ctc else 0) if topk is None else min(topk, S - (1 if ctc else 0))
+    cands = sorted({c for row in masked.topk(k, dim=-1).indices.tolist() for c in row})
+    P = lp.exp().tolist()  # [L][S] probabilities; L is a handful of frames, so no underflow
+    limit = min(L, max_len if max_len is not None else L)
+
+    # State of a prefix h: gb[t], gn[t] = P(frames 1..t collapse to h, ending in blank / in h's last symbol).
+    root_gb = [1.0] + [0.0] * L
+    for t in range(1, L + 1):
+        root_gb[t] = root_gb[t - 1] * P[t - 1][blank] if ctc else 0.0
+    states = {(): (root_gb, [0.0] * (L + 1))}
+
+    def children(h):
+        """(psi, prefix) for every one-symbol extension of h."""
+        if len(h) >= limit:
+            return []
+        if not ctc:
+            base = math.exp(scores[h]) if h else 1.0
+            return [(base * P[len(h)][c], h + (c,)) for c in cands]
+        gb, gn = states[h]
+        out = []
+        for c in cands:
+            rep = bool(h) and h[-1] == c  # a repeat needs a blank between, or it merges into h
+            psi = sum(P[t - 1][c] * (gb[t - 1] + (0.0 if rep else gn[t - 1])) for t in range(1, L + 1))
+            out.append((psi, h + (c,)))
+        return out
+
+    def expand(g):
+        h, c = g[:-1], g[-1]
+        gb, gn = states[h]
+        rep = bool(h) and h[-1] == c
+        cb, cn = [0.0] * (L + 1), [0.0] * (L + 1)
+        for t in range(1, L + 1):
+            cn[t] = P[t - 1][c] * (cn[t - 1] + gb[t - 1] + (0.0 if rep else gn[t - 1]))
+            cb[t] = P[t - 1][blank] * (cb[t - 1] + cn[t - 1])
+        states[g] = (cb, cn)
+
+    scores: dict[tuple[int, ...], float] = {}
+    heap = [(-psi, g) for psi, g in children(()) if psi > 0]
+    heapq.heapify(heap)
+    out = []
+    while heap and len(out) < n:
+        neg, g = heapq.heappop(heap)
+        scores[g] = math.log(-neg)
+        out.append((g, scores[g]))
+        if ctc:
+            expand(g)
+        for psi, child in children(g):
+            if psi > 0:
+                heapq.heappush(heap, (-psi, child))
     return out
