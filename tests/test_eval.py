@@ -151,6 +151,26 @@ def test_resume_refuses_to_mix_baseline_and_speculative(runs, tiny_model_dir, tm
     assert code == 2 and f"budget={budget}" in capsys.readouterr().err
 
 
+def test_resume_refuses_answers_of_another_draft(tiny_model_dir, tmp_path, capsys):
+    """Two drafts saved to the same folder in turn: the answer file records which weights answered."""
+    from ctc_drafter.draft import new_draft_for
+    from ctc_drafter.models import load_base_model
+
+    base = load_base_model(str(tiny_model_dir))
+    folder = tmp_path / "draft"
+    new_draft_for(base, seed=1).save_pretrained(folder)
+    args = [a if a != "untrained" else str(folder) for a in eval_args(tiny_model_dir, "gsm8k", tmp_path, "spec")]
+    args[args.index("--question-end") + 1] = "1"
+    assert main(args) == 0
+    sha = lines(tmp_path / "spec.jsonl")[0]["meta"]["draft_sha256"]
+    assert len(sha) == 16
+    new_draft_for(base, seed=2).save_pretrained(folder)  # retrained in place
+    args[args.index("--question-end") + 1] = "2"
+    capsys.readouterr()
+    assert main(args) == 2 and f"draft_sha256={sha!r}" in capsys.readouterr().err
+    assert len(lines(tmp_path / "spec.jsonl")) == 1
+
+
 def test_reorganize_sorts_and_deduplicates(tmp_path):
     p = tmp_path / "a.jsonl"
     recs = [{"question_id": 3, "answer_id": "x"}, {"question_id": 1, "answer_id": "y"},

@@ -75,6 +75,7 @@ def _meta(args, engine) -> dict:
         "prompt_lookup_tokens": engine.prompt_lookup_tokens if args.engine == "hf-prompt-lookup" else None,
         "draft_model": args.draft_model if draft else None,
         "draft_trained": engine.draft_trained if draft else None,
+        "draft_sha256": engine.draft.fingerprint if draft else None,
         "base_model": engine.base.name,
         "device": str(engine.base.device),
         "dtype": str(engine.base.dtype).replace("torch.", ""),

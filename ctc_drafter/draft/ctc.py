@@ -106,13 +106,17 @@ def best_prefixes(logprobs: torch.Tensor, blank: int, n: int, topk: int | None =
         masked[:, blank] = NEG_INF
     k = S - (1 if ctc else 0) if topk is None else min(topk, S - (1 if ctc else 0))
     cands = sorted({c for row in masked.topk(k, dim=-1).indices.tolist() for c in row})
-    P = lp.exp().tolist()  # [L][S] probabilities; L is a handful of frames, so no underflow
+    # Only the candidate columns (and blank) go to Python floats: the full [L, S] matrix is ~65k
+    # conversions per step for a few dozen used. Pc[c][t] = P(frame t emits c); no underflow, L is small.
+    cols = cands + ([blank] if ctc else [])
+    Pc = dict(zip(cols, lp[:, cols].exp().t().tolist()))
+    Pb = Pc[blank] if ctc else None
     limit = min(L, max_len if max_len is not None else L)
 
     # State of a prefix h: gb[t], gn[t] = P(frames 1..t collapse to h, ending in blank / in h's last symbol).
     root_gb = [1.0] + [0.0] * L
     for t in range(1, L + 1):
-        root_gb[t] = root_gb[t - 1] * P[t - 1][blank] if ctc else 0.0
+        root_gb[t] = root_gb[t - 1] * Pb[t - 1] if ctc else 0.0
     states = {(): (root_gb, [0.0] * (L + 1))}
 
     def children(h):
@@ -121,12 +125,12 @@ def best_prefixes(logprobs: torch.Tensor, blank: int, n: int, topk: int | None =
             return []
         if not ctc:
             base = math.exp(scores[h]) if h else 1.0
-            return [(base * P[len(h)][c], h + (c,)) for c in cands]
+            return [(base * Pc[c][len(h)], h + (c,)) for c in cands]
         gb, gn = states[h]
         out = []
         for c in cands:
             rep = bool(h) and h[-1] == c  # a repeat needs a blank between, or it merges into h
-            psi = sum(P[t - 1][c] * (gb[t - 1] + (0.0 if rep else gn[t - 1])) for t in range(1, L + 1))
+            psi = sum(Pc[c][t - 1] * (gb[t - 1] + (0.0 if rep else gn[t - 1])) for t in range(1, L + 1))
             out.append((psi, h + (c,)))
         return out
 
@@ -136,8 +140,8 @@ def best_prefixes(logprobs: torch.Tensor, blank: int, n: int, topk: int | None =
         rep = bool(h) and h[-1] == c
         cb, cn = [0.0] * (L + 1), [0.0] * (L + 1)
         for t in range(1, L + 1):
-            cn[t] = P[t - 1][c] * (cn[t - 1] + gb[t - 1] + (0.0 if rep else gn[t - 1]))
-            cb[t] = P[t - 1][blank] * (cb[t - 1] + cn[t - 1])
+            cn[t] = Pc[c][t - 1] * (cn[t - 1] + gb[t - 1] + (0.0 if rep else gn[t - 1]))
+            cb[t] = Pb[t - 1] * (cb[t - 1] + cn[t - 1])
         states[g] = (cb, cn)
 
     scores: dict[tuple[int, ...], float] = {}

@@ -16,6 +16,7 @@ CTC aligns the L frames to x_{t+2} .. x_{t+k+1}. The base's embedding and LM hea
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -215,6 +216,8 @@ class CTCDraftModel(nn.Module):
         save_file(sd, str(tmp), metadata={"format": "pt", "base_model": self.config.base_model})
         tmp.replace(directory / "model.safetensors")
 
+    fingerprint: str | None = None  # sha256 (16 hex) of the weights file this draft was loaded from
+
     @classmethod
     def from_pretrained(cls, directory, device="cpu", dtype=torch.float32) -> "CTCDraftModel":
         from safetensors.torch import load_file
@@ -237,6 +240,8 @@ class CTCDraftModel(nn.Module):
         v = model.vocab_ids
         if v is not None and (v.unique().numel() != v.numel() or int(v.min()) < 0 or int(v.max()) >= cfg.vocab_size):
             raise CTCDrafterError(f"draft weights in {directory} have an invalid proposal vocabulary (vocab_ids)")
+        # Which weights produced an answer file: eval records it, and resume refuses to mix two drafts.
+        model.fingerprint = _sha256_16(directory / "model.safetensors")
         return model.to(device=device, dtype=dtype).eval()
 
     # ---- shared pieces -------------------------------------------------------------------------
@@ -371,3 +376,11 @@ def new_draft_for(base, seed: int = 0, **overrides) -> CTCDraftModel:
     """A freshly initialised draft shaped for `base` (a BaseModel)."""
     cfg = DraftConfig.from_base_config(base.config, base_model=base.name, **overrides)
     return CTCDraftModel(cfg).init_weights(seed).to(device=base.device, dtype=base.dtype).bind(base.model)
+
+
+def _sha256_16(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

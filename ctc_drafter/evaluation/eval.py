@@ -102,7 +102,7 @@ def check_resumable(existing: list[dict], meta: dict, path) -> None:
         if old and "engine" not in old:
             old["engine"] = "ours"  # written before HF engines existed
         for key in ("bench", "engine", "prompt_lookup_tokens", "speculative", "base_model", "max_new_tokens",
-                    "temperature", "generator", "budget", "kernels"):
+                    "temperature", "generator", "budget", "kernels", "draft_sha256"):
             if key in old and key in meta and old[key] != meta[key]:
                 raise CTCDrafterError(
                     f"{path} already holds answers with {key}={old[key]!r} but this run has {key}={meta[key]!r}; "

@@ -364,7 +364,8 @@ def format_report(r: dict) -> str:
              f"baseline:    {r['baseline_model_id']} ({r['baseline_file']})",
              f"  engine:    {eng.get('baseline', 'unknown')}"]
     if m:
-        draft = f", draft {m.get('draft_model')}" if m.get("draft_model") else ""
+        sha = f" (sha256 {m['draft_sha256']})" if m.get("draft_sha256") else ""
+        draft = f", draft {m.get('draft_model')}{sha}" if m.get("draft_model") else ""
         lines.append(f"setup: {m.get('base_model')} on {m.get('device')} ({m.get('dtype')}){draft}, temperature "
                      f"{m.get('temperature')}, max_new_tokens {m.get('max_new_tokens')}")
     lines.append(f"bench: {r['bench'] or 'unknown'}, {r['n_questions']} question(s) compared")
