@@ -55,9 +55,10 @@ if str(REPO) not in sys.path:
 
 from ctc_drafter.decoding import CTCDrafter  # noqa: E402
 from ctc_drafter.decoding.candidates import CandidateGenerator  # noqa: E402
-from ctc_drafter.decoding.generate import _Picker, new_kv_cache  # noqa: E402
+from ctc_drafter.decoding.generate import _Picker  # noqa: E402
+from ctc_drafter.decoding.kv_cache import compact_kv, new_kv_cache  # noqa: E402
 from ctc_drafter.decoding.tree import TokenTree  # noqa: E402
-from ctc_drafter.decoding.verify import compact_kv  # noqa: E402
+
 from ctc_drafter.draft import CTCDraftModel, DraftConfig, new_draft_for  # noqa: E402
 from ctc_drafter.models.base import BaseModel  # noqa: E402
 

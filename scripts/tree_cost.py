@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from ctc_drafter.decoding.generate import new_kv_cache
+from ctc_drafter.decoding.kv_cache import new_kv_cache
 from ctc_drafter.decoding.tree import TokenTree
-from ctc_drafter.decoding.verify import compact_kv
+from ctc_drafter.decoding.kv_cache import compact_kv
 from ctc_drafter.models import load_base_model
 from ctc_drafter.models.cpu_kernels import pack_linears
 

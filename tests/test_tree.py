@@ -4,7 +4,7 @@ import torch
 
 from ctc_drafter.decoding.candidates import MEDUSA_63, BeamCandidates, MedusaTreeCandidates
 from ctc_drafter.decoding.tree import TokenTree
-from ctc_drafter.decoding.verify import compact_kv
+from ctc_drafter.decoding.kv_cache import compact_kv
 from ctc_drafter.draft.ctc import collapse
 
 

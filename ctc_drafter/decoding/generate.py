@@ -21,7 +21,8 @@ from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear, pack_linears
 from .candidates import CandidateGenerator, make_generator
 from .tree import TokenTree
-from .verify import accept_greedy, accept_sampling, compact_kv, warp_probs
+from .kv_cache import compact_kv, new_kv_cache
+from .verify import accept_greedy, accept_sampling, warp_probs
 
 
 @dataclass
@@ -62,12 +63,6 @@ class GenerationResult:
             "stop_reason": self.stop_reason,
             "tokens": self.tokens,
         }
-
-
-def new_kv_cache(base: BaseModel):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=base.config)
 
 
 class _Picker:

@@ -1,4 +1,4 @@
-"""Accepting a verified tree: greedy matching and lossless speculative sampling, plus KV compaction.
+"""Accepting a verified tree: greedy matching and lossless speculative sampling.
 
 Both acceptors walk the tree from the root and return (path of nodes, bonus token): the path's
 tokens after the root are accepted draft tokens, and the bonus is the base model's own next token
@@ -61,23 +61,3 @@ def accept_sampling(tree, probs: torch.Tensor, generator: torch.Generator) -> tu
         if not moved:
             bonus = int(torch.multinomial(p.float(), 1, generator=generator).item())
             return tree.path_to(node), bonus
-
-
-def compact_kv(cache, past_len: int, keep: list[int]) -> None:
-    """Keep the first `past_len` entries of every layer plus tree nodes `keep` (in order), drop the rest.
-
-    Written against the cache's layers directly because `DynamicCache.crop` changed meaning across
-    transformers 5.x; every supported version stores per-layer `keys`/`values` [B, H, T, hd].
-    """
-    n_keep = len(keep)
-    contiguous = keep == list(range(n_keep))
-    idx = None
-    for layer in cache.layers:
-        k, v = layer.keys, layer.values
-        if contiguous:
-            layer.keys, layer.values = k[:, :, : past_len + n_keep], v[:, :, : past_len + n_keep]
-            continue
-        if idx is None or idx.device != k.device:
-            idx = torch.tensor(keep, device=k.device) + past_len
-        layer.keys = torch.cat([k[:, :, :past_len], k.index_select(2, idx)], 2)
-        layer.values = torch.cat([v[:, :, :past_len], v.index_select(2, idx)], 2)
