@@ -58,7 +58,6 @@ from ctc_drafter.decoding.candidates import CandidateGenerator  # noqa: E402
 from ctc_drafter.decoding.generate import _Picker  # noqa: E402
 from ctc_drafter.decoding.kv_cache import compact_kv, new_kv_cache  # noqa: E402
 from ctc_drafter.decoding.tree import TokenTree  # noqa: E402
-
 from ctc_drafter.draft import CTCDraftModel, DraftConfig, new_draft_for  # noqa: E402
 from ctc_drafter.models.base import BaseModel  # noqa: E402
 
