@@ -197,11 +197,14 @@ class CTCDrafter(ChatMixin):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, streamer=None, speculative: bool = True, seed: int | None = None) -> GenerationResult:
+                 top_k: int = 0, streamer=None, speculative: bool = True, seed: int | None = None,
+                 should_stop=None) -> GenerationResult:
         """Generate up to `max_new_tokens` after `input_ids` (list or [1,T] tensor).
 
         speculative=False runs the vanilla loop through the same code (the baseline). Stops at EOS
         (included in the output, as HF `generate` does), at max_new_tokens, or at the context limit.
+        should_stop(tokens) -> bool is called with all new tokens after every step (and after the
+        prefill); True ends generation there with stop_reason "stop" (stop strings, a cancelled client).
         """
         if max_new_tokens < 1:
             raise CTCDrafterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -225,7 +228,7 @@ class CTCDrafter(ChatMixin):
             dcache = DraftCache()
             next_ids = torch.cat([prompt[:, 1:], torch.tensor([[token]], device=prompt.device)], 1)
             s_last = self.draft.extend(hidden, next_ids, dcache)
-        while not self._finished(res, eos, limit):
+        while not self._finished(res, eos, limit, should_stop):
             remaining = limit - len(res.tokens)
             if speculative:
                 new, path_hidden, n = self.speculative_step(res.tokens[-1], s_last, cache, dcache, picker,
@@ -245,13 +248,18 @@ class CTCDrafter(ChatMixin):
         if streamer is not None:
             streamer.end()
         res.wall_s = time.perf_counter() - t0
-        res.stop_reason = ("eos" if res.tokens[-1] in eos else
+        res.stop_reason = res.stop_reason or ("eos" if res.tokens[-1] in eos else
                            "length" if len(res.tokens) >= max_new_tokens else "context")
         return res
 
     @staticmethod
-    def _finished(res: GenerationResult, eos: set[int], limit: int) -> bool:
-        return res.tokens[-1] in eos or len(res.tokens) >= limit
+    def _finished(res: GenerationResult, eos: set[int], limit: int, should_stop=None) -> bool:
+        if res.tokens[-1] in eos or len(res.tokens) >= limit:
+            return True
+        if should_stop is not None and should_stop(res.tokens):
+            res.stop_reason = "stop"
+            return True
+        return False
 
 def truncate_new_tokens(new: list[int], eos: set[int], remaining: int) -> list[int]:
     new = new[:remaining]
