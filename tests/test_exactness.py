@@ -77,13 +77,13 @@ def test_kv_cache_holds_exactly_the_accepted_tokens():
     emitted, checked = [], []
     orig = drafter.speculative_step
 
-    def spy(root, s_last, cache, dcache, picker, max_depth):
+    def spy(context, cache, picker, max_depth):
         if not emitted:
-            emitted.append(root)  # the prefill's token
-        new, hid, n = orig(root, s_last, cache, dcache, picker, max_depth)
+            emitted.append(context[-1])  # the prefill's token
+        new, hid, n = orig(context, cache, picker, max_depth)
         ref = new_kv_cache(base)
         base.forward(torch.tensor([ids[0].tolist() + emitted + new[:-1]]), ref)
-        assert cache.get_seq_length() == ref.get_seq_length() == dcache.length + len(new)
+        assert cache.get_seq_length() == ref.get_seq_length() == drafter.proposer.cache.length + len(new)
         for a, b in zip(cache.layers, ref.layers):
             torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-9)

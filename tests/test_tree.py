@@ -2,7 +2,7 @@
 
 import torch
 
-from ctc_drafter.decoding.candidates import MEDUSA_63, BeamCandidates, MedusaTreeCandidates
+from ctc_drafter.decoding.proposers import MEDUSA_63, BeamTree, MedusaTree
 from ctc_drafter.decoding.tree import TokenTree
 from ctc_drafter.decoding.kv_cache import compact_kv
 from ctc_drafter.draft.ctc import collapse
@@ -46,8 +46,8 @@ def test_medusa_tree_is_ctc_transformed():
     lp[0, 3], lp[1, 5], lp[2, 3], lp[3, 3] = -0.1, -0.1, -0.1, -0.1
     lp[0, 2], lp[1, 3], lp[2, 5] = -1.0, -1.0, -1.0
     lp = torch.log_softmax(lp, -1)
-    gen = MedusaTreeCandidates(budget=64)
-    tree = gen.build(0, lp, max_depth=10)
+    gen = MedusaTree()
+    tree = gen.build(0, lp, max_depth=10, budget=64)
     seqs = {tuple(tree.tokens[i] for i in tree.path_to(n)[1:]) for n in range(len(tree))}
     topk = lp.topk(V, -1).indices
     expected = set()
@@ -61,7 +61,7 @@ def test_medusa_tree_is_ctc_transformed():
 def test_beam_tree_budget_and_depth():
     g = torch.Generator().manual_seed(0)
     lp = torch.log_softmax(torch.randn(8, 11, generator=g), -1)
-    tree = BeamCandidates(budget=10).build(0, lp, max_depth=3)
+    tree = BeamTree().build(0, lp, max_depth=3, budget=10)
     assert len(tree) <= 10 and max(tree.depths) <= 3
 
 

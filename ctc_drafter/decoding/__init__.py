@@ -1,9 +1,10 @@
-"""Decoding: candidate trees, verification, and the generate loops."""
+"""Decoding: proposers and their token trees, verification, and the generate loops."""
 
-from .candidates import (BeamCandidates, CandidateGenerator, MedusaTreeCandidates, default_budget,
-                         make_generator)
 from .generate import CTCDrafter, GenerationResult
+from .proposers import (BeamTree, CTCProposer, FrameTreePolicy, MedusaTree, NgramProposer, PrefixTree, Proposer,
+                        UnionProposer, default_budget, make_policy, make_proposer)
 from .tree import TokenTree
 
-__all__ = ["CTCDrafter", "GenerationResult", "CandidateGenerator", "BeamCandidates", "MedusaTreeCandidates",
-           "TokenTree", "default_budget", "make_generator"]
+__all__ = ["CTCDrafter", "GenerationResult", "Proposer", "CTCProposer", "NgramProposer", "UnionProposer",
+           "FrameTreePolicy", "BeamTree", "MedusaTree", "PrefixTree", "TokenTree", "default_budget",
+           "make_policy", "make_proposer"]

@@ -2,7 +2,7 @@
 
     prefill            prompt -> base KV cache, first token
     decode_one_token   vanilla step: 1 token in, 1 token out
-    speculative_step   draft frames -> candidate tree -> one base pass over the tree (4D tree mask)
+    speculative_step   proposer's token tree -> one base pass over the tree (4D tree mask)
                        -> accept the longest matching path + the base's bonus token -> compact KV
 
 Shapes are for batch 1, the setting of the paper and of interactive use.
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..draft.model import CTCDraftModel, DraftCache
+from ..draft.model import CTCDraftModel
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear, pack_linears
-from .candidates import CandidateGenerator, make_generator
+from .proposers import Proposer, default_budget, make_proposer
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
 from .verify import accept_greedy, accept_sampling, warp_probs
@@ -116,18 +116,37 @@ class ChatMixin:
 
 
 class CTCDrafter(ChatMixin):
-    """A frozen base model plus a CTC draft; `generate` is lossless with respect to the base."""
+    """A frozen base model plus a proposer (the CTC draft, n-gram lookup, or both); `generate` is
+    lossless with respect to the base whatever the proposer suggests."""
 
-    def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str | CandidateGenerator = "beam",
-                 budget: int | None = None, draft_trained: bool = True):
+    def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str = "beam",
+                 budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = "ctc",
+                 cost_ms=None):
         self.base = base
         self.draft = draft.bind(base.model) if draft is not None else None
         self.draft_trained = draft_trained
-        if isinstance(generator, CandidateGenerator):
-            self.candidates = generator
+        if isinstance(proposer, Proposer):
+            self.proposer = proposer
         else:
-            ctc = draft is None or draft.config.loss == "ctc"
-            self.candidates = make_generator(generator, budget, base.device, ctc=ctc)
+            self.proposer = make_proposer(proposer, self.draft, generator, cost_ms=cost_ms) if (
+                self.draft is not None or proposer == "ngram") else None
+        name = getattr(self.proposer, "name", "ctc")
+        self.budget = budget if budget is not None else default_budget(base.device, name, generator,
+                                                                       sized=cost_ms is not None)
+        if self.budget < 1:
+            raise CTCDrafterError(f"node budget must be at least 1, got {self.budget}")
+
+    def settings(self) -> dict:
+        """What identifies this engine's speculation in answer files and --json output."""
+        if self.proposer is None:
+            return {"proposer": None, "budget": None}
+        return {**self.proposer.describe(), "budget": self.budget}
+
+    def label(self) -> str:
+        """One line for logs and closing lines: what proposes, with which policy, under which budget."""
+        s = self.settings()
+        gen = f" {s['generator']}" if s.get("generator") else ""
+        return f"speculative ({s['proposer']}{gen}, budget {s['budget']})"
 
     @property
     def kernels(self) -> str:
@@ -137,7 +156,7 @@ class CTCDrafter(ChatMixin):
     @classmethod
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
                         dtype="auto", generator: str = "beam", budget: int | None = None,
-                        cpu_kernels: str = "packed") -> "CTCDrafter":
+                        cpu_kernels: str = "packed", proposer: str = "ctc") -> "CTCDrafter":
         """Load base and draft. cpu_kernels='packed' swaps a CPU fp32 base's linear layers for oneDNN
         packed-weight ones (faster for the few rows a step has); 'stock' keeps PyTorch's."""
         from ..draft import load_draft
@@ -148,8 +167,10 @@ class CTCDrafter(ChatMixin):
         base = load_base_model(base_model, device=device, dtype=dtype)
         if cpu_kernels == "packed":
             pack_linears(base.model)
+        if proposer == "ngram":
+            draft_model = None  # n-gram lookup needs no draft
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
-        return cls(base, draft, generator=generator, budget=budget, draft_trained=trained)
+        return cls(base, draft, generator=generator, budget=budget, draft_trained=trained, proposer=proposer)
 
     # ---- the steps -----------------------------------------------------------------------------
 
@@ -164,12 +185,15 @@ class CTCDrafter(ChatMixin):
         _, logits = self.base.forward(ids, cache)
         return logits[0, -1]
 
-    def speculative_step(self, root: int, s_last, cache, dcache: DraftCache, picker: _Picker, max_depth: int):
-        """Draft, build the tree, verify it in one base pass, accept. Returns (new tokens, hidden of path, n nodes)."""
-        past = cache.get_seq_length()
+    def speculative_step(self, context: list[int], cache, picker: _Picker, max_depth: int):
+        """Propose a tree under the newest token, verify it in one base pass, accept.
+
+        context: prompt + tokens so far (the root, the base's newest token, is last).
+        Returns (new tokens, base hidden states at the accepted path [1,m,d], nodes verified).
+        """
+        root, past = context[-1], cache.get_seq_length()
         if max_depth > 0:
-            frames = self.draft.frames(s_last, dcache)[0]  # [L, N+1]
-            tree = self.candidates.build(root, frames, max_depth, symbols=self.draft.symbol_tokens())
+            tree = self.proposer.propose(context, root, max_depth, self.budget)
         else:
             tree = TokenTree([root], [-1])
         ids, pos, mask = tree.verify_inputs(past, self.base.device, self.base.dtype)
@@ -177,6 +201,7 @@ class CTCDrafter(ChatMixin):
         path, bonus = picker.accept(tree, logits[0])
         compact_kv(cache, past, path)
         new = [tree.tokens[i] for i in path[1:]] + [bonus]
+        self.proposer.feedback(tree, new)
         return new, hidden[:, path], len(tree)
 
     # ---- the loops -----------------------------------------------------------------------------
@@ -208,8 +233,8 @@ class CTCDrafter(ChatMixin):
         """
         if max_new_tokens < 1:
             raise CTCDrafterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if speculative and self.draft is None:
-            raise CTCDrafterError("speculative decoding needs a draft model")
+        if speculative and self.proposer is None:
+            raise CTCDrafterError("speculative decoding needs a draft model (or proposer='ngram')")
         prompt = self._check_prompt(input_ids)
         picker = _Picker(temperature, top_k, top_p, seed)
         eos = self.base.eos_token_ids
@@ -224,27 +249,27 @@ class CTCDrafter(ChatMixin):
         if streamer is not None:
             streamer.put(torch.tensor([token]))
         limit = min(max_new_tokens, self.base.max_length - prompt.shape[1])
+        context = prompt[0].tolist() + [token]
         if speculative:
-            dcache = DraftCache()
-            next_ids = torch.cat([prompt[:, 1:], torch.tensor([[token]], device=prompt.device)], 1)
-            s_last = self.draft.extend(hidden, next_ids, dcache)
+            self.proposer.start(context[:-1], hidden, token)
         while not self._finished(res, eos, limit, should_stop):
             remaining = limit - len(res.tokens)
             if speculative:
-                new, path_hidden, n = self.speculative_step(res.tokens[-1], s_last, cache, dcache, picker,
-                                                            max_depth=remaining - 1)
+                new, path_hidden, n = self.speculative_step(context, cache, picker, max_depth=remaining - 1)
                 res.tree_sizes.append(n)
             else:
                 new = [picker.pick(self.decode_one_token(res.tokens[-1], cache))]
             new = truncate_new_tokens(new, eos, remaining)
             res.tokens += new
+            context += new
             res.steps += 1
             res.accept_lengths.append(len(new))
             if streamer is not None:
                 streamer.put(torch.tensor(new))
             if speculative and not self._finished(res, eos, limit):
-                ids = torch.tensor([new], device=prompt.device)
-                s_last = self.draft.extend(path_hidden, ids, dcache)
+                self.proposer.accept(new, path_hidden)
+        if speculative:
+            self.proposer.finish()
         if streamer is not None:
             streamer.end()
         res.wall_s = time.perf_counter() - t0

@@ -6,6 +6,7 @@ node is a draft token; parents come before children, siblings are ordered best f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,8 +18,12 @@ class TokenTree:
     parents: list[int]  # node -> parent node (-1 for the root)
     depths: list[int] = field(default_factory=list)
     children: list[list[int]] = field(default_factory=list)
+    # node -> the proposer's estimate that the base accepts the path to it (root 1.0); never rises along a path
+    scores: list[float] = field(default_factory=list)
 
     def __post_init__(self):
+        if not self.scores:
+            self.scores = [1.0] * len(self.tokens)
         if not self.depths:
             self.depths = [0] * len(self.tokens)
             for i in range(1, len(self.tokens)):
@@ -34,28 +39,49 @@ class TokenTree:
     @classmethod
     def from_sequences(cls, root: int, scored: list[tuple[list[int], float]], budget: int,
                        max_depth: int | None = None) -> "TokenTree":
-        """Merge scored token sequences into a trie and keep the `budget` best nodes (root included).
+        """Merge scored token sequences (token list, log prob) into a trie and keep the `budget` best nodes.
 
         A node's score is the summed probability of the sequences through it, so a parent scores at
         least as high as its child and the kept set is prefix-closed; ties keep the shallower node.
         """
-        import math
-
         score: dict[tuple[int, ...], float] = {}
         for seq, logp in scored:
             p = math.exp(logp)
             seq = tuple(seq[:max_depth] if max_depth is not None else seq)
             for d in range(1, len(seq) + 1):
                 score[seq[:d]] = score.get(seq[:d], 0.0) + p
-        keep = sorted(score, key=lambda s: (-score[s], len(s), s))[: max(0, budget - 1)]
-        keep.sort(key=lambda s: (len(s), -score[s], s))  # parents first, best sibling first
+        return cls.from_prefix_scores(root, score, budget)
+
+    @classmethod
+    def from_prefix_scores(cls, root: int, score: dict[tuple[int, ...], float], budget: int) -> "TokenTree":
+        """A trie of the `budget` - 1 best-scored prefixes (plus the root).
+
+        Scores are first made monotone (a prefix scores at least as high as any extension: it is
+        accepted whenever the extension is), so the best-first cut is always prefix-closed; a prefix
+        whose own parent is missing from `score` is dropped.
+        """
+        mono: dict[tuple[int, ...], float] = {}
+        for s in sorted(score, key=len):
+            parent = mono.get(s[:-1], math.inf) if len(s) > 1 else math.inf
+            if len(s) == 1 or s[:-1] in mono:
+                mono[s] = min(score[s], parent)
+        keep = sorted(mono, key=lambda s: (-mono[s], len(s), s))[: max(0, budget - 1)]
+        keep.sort(key=lambda s: (len(s), -mono[s], s))  # parents first, best sibling first
         index = {(): 0}
-        tokens, parents = [root], [-1]
+        tokens, parents, scores = [root], [-1], [1.0]
         for s in keep:
             index[s] = len(tokens)
             tokens.append(s[-1])
             parents.append(index[s[:-1]])
-        return cls(tokens, parents)
+            scores.append(mono[s])
+        return cls(tokens, parents, scores=scores)
+
+    def prefixes(self) -> list[tuple[int, ...]]:
+        """node -> the draft tokens from the root's child down to it (() for the root)."""
+        out: list[tuple[int, ...]] = [()]
+        for i in range(1, len(self.tokens)):
+            out.append(out[self.parents[i]] + (self.tokens[i],))
+        return out
 
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: row i is True on i and its ancestors (what node i may attend to)."""

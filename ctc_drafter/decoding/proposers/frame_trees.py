@@ -1,13 +1,12 @@
-"""Who proposes candidates: one interface, so new drafters plug in.
+"""Tree policies for the CTC draft: how one step's frame distributions become a token tree.
 
-A CandidateGenerator turns the draft's frame log-probs into a TokenTree under the root token the
-base model already chose. Two ship:
   - `medusa`: the paper's static tree (Medusa's 63 choices over the frames' top-k, one level per
     frame), every path collapsed by the CTC rule and identical collapsed prefixes merged;
-  - `beam` (default): CTC prefix beam search, the N most probable collapsed sequences merged into a
-    trie capped at a node budget;
+  - `beam`: CTC prefix beam search, the most probable collapsed sequences merged into a trie
+    capped at a node budget;
   - `prefix`: the budget's worth of prefixes most likely to start the output, each scored by its exact
     CTC prefix probability (best-first; the tree that maximises the draft's expected accepted length).
+Node scores are the draft's probability mass through each node.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..draft.ctc import best_prefixes, collapse, prefix_beam_search
-from ..errors import CTCDrafterError
-from .tree import TokenTree
+from ...draft.ctc import best_prefixes, collapse, prefix_beam_search
+from ...errors import CTCDrafterError
+from ..tree import TokenTree
 
 # Medusa's mc_sim_7b_63: the 63 paths (top-k rank per level) of the paper's `--tree-choices medusa`.
 MEDUSA_63 = [
@@ -30,34 +29,19 @@ MEDUSA_63 = [
     [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0],
 ]
 
-# Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
-# forward costs about the same for 1 or 256 tokens) but not on a CPU (SmolLM2-135M, 1 thread, packed
-# layers: 52 ms for 1 node, 51 for 4, 62 for 8, 70 for 12). scripts/budget_sweep.py with the shipped
-# draft gave the best tokens/s at 4-6 nodes on the 2-core CPU (BENCHMARKS.md); 64 on CUDA is the
-# paper's tree size.
-DEFAULT_BUDGET = {"cpu": 4, "cuda": 64, "mps": 16}
 
-
-def default_budget(device: torch.device | str) -> int:
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    return DEFAULT_BUDGET.get(kind, 16)
-
-
-class CandidateGenerator(ABC):
-    """Maps the draft's output for the newest position to a tree of candidate continuations."""
+class FrameTreePolicy(ABC):
+    """Maps the draft's frame log-probs for the newest position to a tree of candidate continuations."""
 
     name: str = "base"
 
-    def __init__(self, budget: int, ctc: bool = True):
-        if budget < 1:
-            raise CTCDrafterError(f"node budget must be at least 1, got {budget}")
-        self.budget = budget
+    def __init__(self, ctc: bool = True):
         self.ctc = ctc  # False for Medusa-style CE heads: frame j is token j, no blank, no merging
 
     @abstractmethod
-    def build(self, root: int, frame_logprobs: torch.Tensor, max_depth: int,
+    def build(self, root: int, frame_logprobs: torch.Tensor, max_depth: int, budget: int,
               symbols: list[int] | None = None) -> TokenTree:
-        """frame_logprobs [L, N+1] (blank last) -> tree rooted at `root`, depth <= max_depth.
+        """frame_logprobs [L, N+1] (blank last) -> tree rooted at `root`, <= budget nodes, depth <= max_depth.
 
         symbols: the token id of each of the N frame symbols (a draft with a proposal vocabulary);
         None when symbol i is token i.
@@ -68,18 +52,18 @@ def _to_tokens(seq, symbols):
     return list(seq) if symbols is None else [symbols[s] for s in seq]
 
 
-class MedusaTreeCandidates(CandidateGenerator):
+class MedusaTree(FrameTreePolicy):
     """The paper-faithful static tree with the CTC transform."""
 
     name = "medusa"
 
-    def __init__(self, budget: int = 64, ctc: bool = True, choices=MEDUSA_63):
-        super().__init__(budget, ctc)
+    def __init__(self, ctc: bool = True, choices=MEDUSA_63):
+        super().__init__(ctc)
         self.choices = [list(c) for c in choices]
         self.topk = 1 + max(max(c) for c in self.choices)
         self.levels = max(len(c) for c in self.choices)
 
-    def build(self, root, frame_logprobs, max_depth, symbols=None):
+    def build(self, root, frame_logprobs, max_depth, budget, symbols=None):
         L, S = frame_logprobs.shape
         blank = S - 1
         levels = min(self.levels, L)
@@ -97,51 +81,49 @@ class MedusaTreeCandidates(CandidateGenerator):
             toks = collapse(syms, blank) if self.ctc else syms
             scored.append((_to_tokens(toks, symbols), logp))
         # Each path's probability counts once for its collapsed sequence; merged prefixes add up.
-        return TokenTree.from_sequences(root, scored, budget=self.budget, max_depth=max_depth)
+        return TokenTree.from_sequences(root, scored, budget=budget, max_depth=max_depth)
 
 
-class BeamCandidates(CandidateGenerator):
+class BeamTree(FrameTreePolicy):
     """CTC prefix beam search over all frames; the most probable collapsed sequences form the trie."""
 
     name = "beam"
 
-    def __init__(self, budget: int = 16, ctc: bool = True, beam: int | None = None, topk: int = 8):
-        super().__init__(budget, ctc)
-        self.beam = beam or max(8, budget)
+    def __init__(self, ctc: bool = True, beam: int | None = None, topk: int = 8):
+        super().__init__(ctc)
+        self.beam = beam  # None: max(8, budget)
         self.topk = topk
 
-    def build(self, root, frame_logprobs, max_depth, symbols=None):
+    def build(self, root, frame_logprobs, max_depth, budget, symbols=None):
         S = frame_logprobs.shape[1]
         lp = frame_logprobs if self.ctc else frame_logprobs[:, : S - 1]
-        seqs = prefix_beam_search(lp, blank=S - 1, beam=self.beam, topk=self.topk, ctc=self.ctc)
-        return TokenTree.from_sequences(root, [(_to_tokens(s, symbols), p) for s, p in seqs], budget=self.budget,
+        seqs = prefix_beam_search(lp, blank=S - 1, beam=self.beam or max(8, budget), topk=self.topk, ctc=self.ctc)
+        return TokenTree.from_sequences(root, [(_to_tokens(s, symbols), p) for s, p in seqs], budget=budget,
                                         max_depth=max_depth)
 
 
-class PrefixCandidates(CandidateGenerator):
+class PrefixTree(FrameTreePolicy):
     """The budget-1 collapsed prefixes with the highest P(output starts with prefix), as one tree."""
 
     name = "prefix"
 
-    def __init__(self, budget: int = 16, ctc: bool = True, topk: int = 8):
-        super().__init__(budget, ctc)
+    def __init__(self, ctc: bool = True, topk: int = 8):
+        super().__init__(ctc)
         self.topk = topk
 
-    def build(self, root, frame_logprobs, max_depth, symbols=None):
+    def build(self, root, frame_logprobs, max_depth, budget, symbols=None):
         S = frame_logprobs.shape[1]
         lp = frame_logprobs if self.ctc else frame_logprobs[:, : S - 1]
-        best = best_prefixes(lp, blank=S - 1, n=self.budget - 1, topk=self.topk, ctc=self.ctc, max_len=max_depth)
+        best = best_prefixes(lp, blank=S - 1, n=budget - 1, topk=self.topk, ctc=self.ctc, max_len=max_depth)
         # The set is prefix-closed and has budget-1 nodes, so the trie keeps every one of them.
-        return TokenTree.from_sequences(root, [(_to_tokens(g, symbols), s) for g, s in best], budget=self.budget,
+        return TokenTree.from_sequences(root, [(_to_tokens(g, symbols), s) for g, s in best], budget=budget,
                                         max_depth=max_depth)
 
 
-GENERATORS = {"medusa": MedusaTreeCandidates, "beam": BeamCandidates, "prefix": PrefixCandidates}
+POLICIES = {"medusa": MedusaTree, "beam": BeamTree, "prefix": PrefixTree}
 
 
-def make_generator(name: str, budget: int | None, device, ctc: bool = True) -> CandidateGenerator:
-    if name not in GENERATORS:
-        raise CTCDrafterError(f"unknown candidate generator {name!r} (use {' or '.join(GENERATORS)})")
-    if budget is None:
-        budget = 64 if name == "medusa" else default_budget(device)
-    return GENERATORS[name](budget=budget, ctc=ctc)
+def make_policy(name: str, ctc: bool = True) -> FrameTreePolicy:
+    if name not in POLICIES:
+        raise CTCDrafterError(f"unknown tree policy {name!r} (use {' or '.join(POLICIES)})")
+    return POLICIES[name](ctc=ctc)

@@ -1,0 +1,53 @@
+"""Proposers: who suggests the draft tokens the base verifies (decoding/proposers/base.py)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ...errors import CTCDrafterError
+from .base import Proposer
+from .ctc import CTCProposer
+from .frame_trees import MEDUSA_63, POLICIES, BeamTree, FrameTreePolicy, MedusaTree, PrefixTree, make_policy
+from .ngram import NgramMemory, NgramProposer
+from .union import UnionProposer
+
+PROPOSERS = ("ctc", "ngram", "hybrid")
+
+# Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
+# forward costs about the same for 1 or 256 tokens) but not on a CPU, where scripts/budget_sweep.py
+# with the shipped draft gave the best tokens/s at 4-6 nodes (BENCHMARKS.md); 64 on CUDA is the
+# paper's tree size. With a measured cost model the budget is only a ceiling: the hybrid sizes each
+# step's tree itself.
+DEFAULT_BUDGET = {"cpu": 4, "cuda": 64, "mps": 16}
+SIZED_BUDGET = {"cpu": 16, "cuda": 64, "mps": 16}
+
+
+def default_budget(device, proposer: str = "ctc", generator: str = "beam", sized: bool = False) -> int:
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if proposer == "ctc" and generator == "medusa":
+        return 64  # the paper's static tree is 63 paths: smaller budgets cut it
+    return (SIZED_BUDGET if sized else DEFAULT_BUDGET).get(kind, 16)
+
+
+def make_proposer(name: str, draft=None, generator: str = "beam", cost_ms: Callable[[int], float] | None = None,
+                  memory: NgramMemory | None = None) -> Proposer:
+    """'ctc' (the draft with tree policy `generator`), 'ngram' (prompt lookup + memory, no draft needed),
+    or 'hybrid' (both, merged by calibrated acceptance, sized by `cost_ms` when given)."""
+    if name not in PROPOSERS:
+        raise CTCDrafterError(f"unknown proposer {name!r} (use {', '.join(PROPOSERS)})")
+    if generator not in POLICIES:
+        raise CTCDrafterError(f"unknown tree policy {generator!r} (use {' or '.join(POLICIES)})")
+    if name in ("ctc", "hybrid") and draft is None:
+        raise CTCDrafterError(f"proposer {name!r} needs a draft model (or use --proposer ngram)")
+    if name == "ctc":
+        return CTCProposer(draft, generator)
+    if name == "ngram":
+        return NgramProposer(memory=memory)
+    return UnionProposer([CTCProposer(draft, generator), NgramProposer(memory=memory)], cost_ms=cost_ms, name="hybrid")
+
+
+__all__ = ["Proposer", "CTCProposer", "NgramProposer", "NgramMemory", "UnionProposer", "FrameTreePolicy",
+           "MedusaTree", "BeamTree", "PrefixTree", "MEDUSA_63", "POLICIES", "PROPOSERS", "make_policy",
+           "make_proposer", "default_budget"]
