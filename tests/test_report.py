@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
 from ctc_drafter.cli.main import main
 from ctc_drafter.evaluation.eval import ANSWER_FORMAT
 from ctc_drafter.evaluation.questions import extract_final_number
@@ -123,16 +122,31 @@ def reference_files(tmp_path, base_tokens=None):
     return write(tmp_path / "ref_spec.jsonl", spec), write(tmp_path / "ref_base.jsonl", base)
 
 
-def test_reference_format_without_counts_says_gamma_cannot_be_computed(tmp_path, capsys):
+def test_reference_baseline_without_counts_is_one_token_per_loop_step(tmp_path, capsys):
+    """The reference baseline files record new_tokens 0 and no ids: a plain loop's idxs + 1 tokens a turn."""
     s, b = reference_files(tmp_path)
     code, out, err = run_report(capsys, s, "--baseline", b, "--json")
     assert code == 0
     r = json.loads(out)
-    assert r["gamma"] is None and r["gamma_mean"] is None
-    # steps = idxs + 1: (4 + 2) + (2 + 3) = 11 for 36 tokens
+    # base: idxs 11, 5, 7, 9 -> 12 + 6 + 8 + 10 = 36 tokens in 8.5 s; spec: 36 tokens in 3 s
+    assert r["new_tokens"]["baseline"] == 36 and r["token_count"]["baseline"] == {"loop steps": 4}
+    assert r["gamma"] == pytest.approx(12 / (36 / 8.5)) and r["beta_baseline"] == pytest.approx(1.0)
+    # spec steps = idxs + 1: (4 + 2) + (2 + 3) = 11 for 36 tokens
     assert r["beta"] == pytest.approx(36 / 11)
+    assert any("counted as idxs + 1 tokens each" in n for n in r["notes"])
+    assert "gamma could not be computed" not in err
+
+
+def test_reference_baseline_without_counts_or_idxs_says_gamma_cannot_be_computed(tmp_path, capsys):
+    s, b = reference_files(tmp_path)
+    recs = [json.loads(x) for x in open(b)]
+    for rec in recs:
+        del rec["choices"][0]["idxs"]
+    b = write(tmp_path / "ref_base_noidx.jsonl", recs)
+    code, out, err = run_report(capsys, s, "--baseline", b, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["gamma"] is None and r["gamma_mean"] is None
     assert any("gamma cannot be computed" in n for n in r["notes"])
-    assert any("idxs + 1" in n for n in r["notes"])
     assert "gamma could not be computed" in err
     code, out, _ = run_report(capsys, s, "--baseline", b)
     assert "n/a" in out and "cannot be computed" in out
@@ -148,17 +162,64 @@ def test_reference_format_counts_from_stored_ids(tmp_path, capsys):
     assert r["beta_baseline"] == pytest.approx(36 / 36)  # idxs 11,5,7,9 -> 12+6+8+10 steps
 
 
-def test_reference_format_retokenizes_with_tokenizer(tmp_path, capsys, tiny_model_dir, smol_tokenizer):
-    s, b = reference_files(tmp_path)
+TEXTS = [["The sky is blue because air scatters short wavelengths more.", "Rayleigh scattering, mostly."],
+         ["Paris is the capital of France.", "It has about two million inhabitants."]]
+
+
+def retokenize_files(tmp_path, spec_counts):
+    """Reference-format files whose baseline records neither counts, ids nor idxs: only a re-count helps."""
+    spec = [record(81 + i, TEXTS[i], spec_counts[i], [1.0, 1.0], idxs=[3, 3], ours=False) for i in range(2)]
+    base = [record(81 + i, TEXTS[i], [0, 0], [2.0, 2.0], ours=False) for i in range(2)]
+    return write(tmp_path / "rs.jsonl", spec), write(tmp_path / "rb.jsonl", base)
+
+
+def test_reference_format_retokenizes_with_the_files_tokenizer(tmp_path, capsys, tiny_model_dir, smol_tokenizer):
+    # recorded = the answer's tokens plus the end token, as a decoding loop counts them
+    counts = [[len(smol_tokenizer.encode(t, add_special_tokens=False)) + 1 for t in q] for q in TEXTS]
+    s, b = retokenize_files(tmp_path, counts)
     r = json.loads(run_report(capsys, s, "--baseline", b, "--json", "--tokenizer", tiny_model_dir)[1])
-    n = sum(len(smol_tokenizer.encode(t, add_special_tokens=False)) for t in ["one two", "three", "four", "five six"])
+    n = sum(len(smol_tokenizer.encode(t, add_special_tokens=False)) for q in TEXTS for t in q)
     assert r["new_tokens"]["baseline"] == n
-    assert r["gamma"] == pytest.approx((36 / 3.0) / (n / 8.5))
+    assert r["gamma"] == pytest.approx((sum(map(sum, counts)) / 4.0) / (n / 8.0))
     assert any("re-tokenizing" in x for x in r["notes"])
 
 
+def test_retokenizing_with_another_models_tokenizer_is_refused(tmp_path, capsys, tiny_model_dir, smol_tokenizer):
+    # counts of a tokenizer that splits far finer than SmolLM2's (another model family)
+    counts = [[3 * len(smol_tokenizer.encode(t, add_special_tokens=False)) for t in q] for q in TEXTS]
+    s, b = retokenize_files(tmp_path, counts)
+    code, out, err = run_report(capsys, s, "--baseline", b, "--tokenizer", tiny_model_dir)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "does not match the answer files' model" in err
+
+
+def test_retokenizing_that_no_recorded_count_can_check_warns(tmp_path, capsys, tiny_model_dir):
+    s, b = retokenize_files(tmp_path, [[0, 0], [0, 0]])
+    code, out, err = run_report(capsys, s, "--baseline", b, "--tokenizer", tiny_model_dir, "--json")
+    assert code == 0 and "ctc-drafter: warning: no turn records its token count" in err
+
+
+def gsm8k_file(tmp_path, answers):
+    p = tmp_path / "gsm8k_test.jsonl"
+    p.write_text("".join(json.dumps({"question": f"question {i}?", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    return p
+
+
+def test_gsm8k_accuracy_with_a_900_digit_reference(tmp_path, capsys):
+    """Numbers are compared as digits: a huge reference neither overflows nor rounds onto another."""
+    big = "9" * 900
+    ref = gsm8k_file(tmp_path, [f"#### {big}", "#### 100000000000000000001"])
+    spec = [record(0, [f"### {big}"], [5], [1.0], idxs=[2], bench="gsm8k"),
+            record(1, ["### 100000000000000000000"], [5], [1.0], idxs=[2], bench="gsm8k")]
+    s = write(tmp_path / "s.jsonl", spec)
+    code, out, err = run_report(capsys, s, "--baseline", s, "--json", "--gsm8k-file", ref)
+    assert code == 0, err
+    acc = json.loads(out)["gsm8k_accuracy"]
+    assert (acc["n"], acc["spec_correct"]) == (2, 1)
+
+
 def test_gsm8k_accuracy(tmp_path, capsys):
-    ref = SHARED_DATA / "gsm8k" / "test.jsonl"  # first two references: 18 and 3
+    ref = gsm8k_file(tmp_path, ["... so she makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "2/2=1 bolt; 2+1=3\n#### 3"])
     spec = [record(0, ["She makes 9 * 2 = 18.\n### Answer: $18"], [5], [1.0], idxs=[2], bench="gsm8k"),
             record(1, ["2 + 1 = 3, no wait, 4"], [5], [1.0], idxs=[2], bench="gsm8k")]
     base = [record(0, ["The answer is 18 dollars."], [5], [2.0], idxs=[5], bench="gsm8k"),
@@ -190,12 +251,20 @@ def test_categories_from_question_file(tmp_path, capsys):
     base = [record(81, ["a", "b"], [4, 4], [2, 2], idxs=[3, 3], ours=False),
             record(101, ["a", "b"], [4, 4], [2, 2], idxs=[3, 3], ours=False)]
     s, b = write(tmp_path / "s.jsonl", spec), write(tmp_path / "b.jsonl", base)
-    qf = SHARED_DATA / "mt_bench" / "question.jsonl"
+    qf = tmp_path / "question.jsonl"
+    qf.write_text("".join(json.dumps({"question_id": q, "category": c, "turns": ["x", "y"]}) + "\n"
+                          for q, c in ((81, "writing"), (101, "reasoning"), (7, "math"))))
     r = json.loads(run_report(capsys, s, "--baseline", b, "--json", "--question-file", qf)[1])
-    cats = {json.loads(line)["question_id"]: json.loads(line)["category"] for line in open(qf)}
-    assert set(r["per_category"]) == {cats[81], cats[101]}
+    assert set(r["per_category"]) == {"writing", "reasoning"}
+    assert not any("categor" in n for n in r["notes"])
     r = json.loads(run_report(capsys, s, "--baseline", b, "--json")[1])
-    assert set(r["per_category"]) == {"unknown"} and any("--question-file" in n for n in r["notes"])
+    assert set(r["per_category"]) == {"unknown"} and any("pass --question-file" in n for n in r["notes"])
+    # passed, but the file does not know these questions: say so, do not ask for the flag again
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["x"]}) + "\n")
+    r = json.loads(run_report(capsys, s, "--baseline", b, "--json", "--question-file", other)[1])
+    note = next(n for n in r["notes"] if "no category" in n)
+    assert "pass --question-file" not in note and str(other) in note
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("--gsm8k-file", help="GSM8K file with reference answers ('#### N'), for accuracy")
     p.add_argument("--tokenizer", help="tokenizer folder (or 'default') to count tokens of answers that record none")
     p.add_argument("--base-model", help="same as --tokenizer: the base model whose tokenizer counts tokens")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a --tokenizer / --base-model folder that ships its own Python code to run it")
     p.set_defaults(func=run)
 
 
-def tokenizer_loader(name: str | None):
+def tokenizer_loader(name: str | None, trust_remote_code: bool = False):
     """A function loading the tokenizer on first use (most reports never need one), or None."""
     if not name:
         return None
@@ -45,8 +47,8 @@ def tokenizer_loader(name: str | None):
             raise CTCDrafterError(f"tokenizer not found: {name} (give a model folder, a .gguf file or 'default')")
         try:
             if p.is_file():
-                return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-            return AutoTokenizer.from_pretrained(p)
+                return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=trust_remote_code)
+            return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001 - any loader failure is a bad path for the user
             raise CTCDrafterError(f"cannot load a tokenizer from {name}: {str(e).strip().splitlines()[0]}") from e
 
@@ -54,15 +56,18 @@ def tokenizer_loader(name: str | None):
 
 
 def run(args) -> int:
-    from ..evaluation.report import build_report, format_report, plot_report
+    from ..evaluation.report import build_report, format_report, plot_format, plot_report
 
     if args.tokenizer and args.base_model and args.tokenizer != args.base_model:
         raise CTCDrafterError("give --tokenizer or --base-model, not both")
     for path, flag in ((args.question_file, "--question-file"), (args.gsm8k_file, "--gsm8k-file")):
         if path and not Path(path).is_file():
             raise CTCDrafterError(f"{flag} {path} not found")
-    r = build_report(args.spec, args.baseline, load_tokenizer=tokenizer_loader(args.tokenizer or args.base_model),
-                     question_file=args.question_file, gsm8k_file=args.gsm8k_file)
+    if args.plot:
+        plot_format(args.plot)  # a file type matplotlib cannot write fails now, not after the report
+    tok = args.tokenizer or args.base_model
+    r = build_report(args.spec, args.baseline, load_tokenizer=tokenizer_loader(tok, args.trust_remote_code),
+                     question_file=args.question_file, gsm8k_file=args.gsm8k_file, tokenizer_name=tok or "")
     if args.margins:
         if not args.question_file:
             raise CTCDrafterError("--margins needs --question-file (to rebuild the prompts)")
@@ -82,4 +87,7 @@ def run(args) -> int:
             print(f"plot: {args.plot}")
     if r["gamma"] is None:
         print("ctc-drafter: warning: gamma could not be computed (see notes)", file=sys.stderr)
+    for note in r["notes"]:
+        if note.startswith("WARNING: "):
+            print(f"ctc-drafter: warning: {note[len('WARNING: '):]}", file=sys.stderr)
     return 0

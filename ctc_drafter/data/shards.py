@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CTCDrafterError
+from ..errors import CTCDrafterError, writing
 
 MANIFEST = "manifest.json"
 
@@ -57,8 +57,13 @@ def write_shard(path: Path, seqs: list[Sequence]) -> None:
         data["hidden"] = torch.cat([s.hidden for s in seqs]).to(torch.float16).contiguous()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(data, str(tmp))
-    os.replace(tmp, path)
+    with writing(path, "shard", kept="finished shards are kept; rerun the same command to resume"):
+        try:
+            save_file(data, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def read_shard(path: Path) -> list[Sequence]:
@@ -80,18 +85,84 @@ def read_shard(path: Path) -> list[Sequence]:
 def write_manifest(directory: Path, manifest: dict) -> None:
     directory = Path(directory)
     tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, directory / MANIFEST)
+    with writing(directory / MANIFEST, kept="finished shards are kept; rerun the same command to resume"):
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, directory / MANIFEST)
+
+
+# Manifest fields a reader relies on, and their JSON types (absent is allowed: hand-made folders).
+_MANIFEST_TYPES = {"base": dict, "shards": list, "complete": bool, "records": int, "shard_size": int}
 
 
 def read_manifest(directory: Path) -> dict:
+    """The folder's manifest, checked to be a JSON object with the field types readers rely on."""
     p = Path(directory) / MANIFEST
     if not p.is_file():
         raise CTCDrafterError(f"{directory} is not a distilled data folder (no {MANIFEST}); run `ctc-drafter distill`")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CTCDrafterError(f"{p} is corrupt: {e}") from e
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CTCDrafterError(f"{p} is unreadable: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise CTCDrafterError(f"{p} is corrupt: not UTF-8 text (byte {e.start})") from e
+    except ValueError as e:  # json.JSONDecodeError
+        raise CTCDrafterError(f"{p} is corrupt: {str(e).splitlines()[0]}") from e
+    if not isinstance(m, dict):
+        raise CTCDrafterError(f"{p} is corrupt: a JSON object was expected, found a {type(m).__name__}")
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in m and (not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool))):
+            raise CTCDrafterError(f"{p} is corrupt: '{key}' must be a JSON {kind.__name__}, got {json.dumps(m[key])}")
+    for entry in m.get("shards", []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "/" in entry["file"]:
+            raise CTCDrafterError(f"{p} is corrupt: every 'shards' entry needs a 'file' name in the folder")
+    return m
+
+
+@dataclass
+class ShardPlan:
+    """Which shard files of a data folder to read, and what is missing from them."""
+
+    files: list[Path]
+    expected: int  # shards the finished run has (or would have)
+    missing: list[str]  # names of shards listed in the manifest but absent from the folder
+    unfinished: bool  # the manifest says the distill run did not finish
+
+    def problem(self, directory) -> str | None:
+        if self.unfinished:
+            return (f"{directory} is an unfinished distill run ({len(self.files)} of about {self.expected} shards "
+                    f"written; {MANIFEST} says complete: false)")
+        if self.missing:
+            return (f"{directory} lacks {len(self.missing)} of its {self.expected} shards "
+                    f"({', '.join(self.missing[:3])}{', ...' if len(self.missing) > 3 else ''})")
+        return None
+
+
+def plan_shards(directory: Path, manifest: dict) -> ShardPlan:
+    """The shards `train` reads: those the manifest lists when it lists them (the contract), else
+    every shard file in the folder (hand-made folders have no list)."""
+    directory = Path(directory)
+    present = sorted(p for p in directory.glob("shard_*.safetensors") if p.is_file())
+    listed = [e["file"] for e in manifest.get("shards", [])]
+    if manifest.get("complete") is False:
+        size = manifest.get("shard_size") or 0
+        expected = -(-manifest.get("records", 0) // size) if size else len(present)
+        return ShardPlan(present, max(expected, len(present)), [], True)
+    if not listed:
+        return ShardPlan(present, len(present), [], False)
+    files = [directory / name for name in listed]
+    missing = [p.name for p in files if not p.is_file()]
+    return ShardPlan([p for p in files if p.is_file()], len(listed), missing, False)
+
+
+def check_shard_plan(plan: ShardPlan, directory, allow_incomplete: bool) -> str | None:
+    """Refuse a folder with missing shards; with allow_incomplete, the warning to print instead."""
+    problem = plan.problem(directory)
+    if problem is None:
+        return None
+    if not allow_incomplete:
+        raise CTCDrafterError(f"{problem}: training on it would silently use part of the data; finish it with the "
+                              "same `ctc-drafter distill` command, or pass --allow-incomplete to train on what is there")
+    return f"{problem}; training on the {len(plan.files)} shard(s) present (--allow-incomplete)"
 
 
 def check_manifest_matches(manifest: dict, base) -> None:

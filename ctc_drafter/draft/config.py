@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import CTCDrafterError
+
+
+# Upper bounds far past any real model; a config beyond them is corrupt and would allocate absurdly.
+_LIMITS = {"hidden_size": 65536, "vocab_size": 1 << 22, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+           "head_dim": 4096, "intermediate_size": 1 << 19, "num_context_layers": 64, "num_frames": 64,
+           "label_len": 64}
+_KINDS = {"int": int, "float": float, "str": str, "dict": dict}
+_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", dict: "a JSON object"}
 
 
 @dataclass
@@ -64,6 +73,20 @@ class DraftConfig:
         return cfg
 
     def validate(self) -> None:
+        """Types, sizes and consistency: a config.json or --config from a user must fail here, in one
+        line, not as a TypeError or an allocation of absurd size when the model is built."""
+        self._check_types()
+        for name in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "intermediate_size", "num_context_layers", "num_frames", "label_len"):
+            low, high = 1, _LIMITS[name]
+            v = getattr(self, name)
+            if not low <= v <= high:
+                raise CTCDrafterError(f"draft config: {name} must be between {low} and {high}, got {v}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CTCDrafterError(f"draft config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                                  f"num_key_value_heads {self.num_key_value_heads}")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise CTCDrafterError("draft config: rms_norm_eps and rope_theta must be positive")
         if self.loss not in ("ctc", "ce"):
             raise CTCDrafterError(f"draft loss must be ctc or ce, got {self.loss!r}")
         if self.num_frames < 1 or self.label_len < 1:
@@ -73,6 +96,26 @@ class DraftConfig:
                                   f"{self.vocab_size}, got {self.draft_vocab}")
         if self.loss == "ce" and self.label_len > self.num_frames:
             raise CTCDrafterError("with --loss ce, label_len must be <= num_frames (one frame per token)")
+
+    def _check_types(self) -> None:
+        self.check_field_types(self.to_dict())
+        for f in fields(self):
+            if f.type == "float":
+                setattr(self, f.name, float(getattr(self, f.name)))
+
+    @classmethod
+    def check_field_types(cls, values: dict) -> None:
+        """Each known field's JSON type (ints are not bools, floats are finite); unknown keys are ignored."""
+        kinds = {f.name: _KINDS[f.type] for f in fields(cls)}
+        for name, v in values.items():
+            kind = kinds.get(name)
+            if kind is None:
+                continue
+            ok = (isinstance(v, int) and not isinstance(v, bool) if kind is int
+                  else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if kind is float
+                  else isinstance(v, kind))
+            if not ok:
+                raise CTCDrafterError(f"draft config: {name} must be {_KIND_NAMES[kind]}, got {json.dumps(v)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,11 +127,17 @@ class DraftConfig:
     def load(cls, directory: Path) -> "DraftConfig":
         p = Path(directory) / "config.json"
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise CTCDrafterError(f"draft model not found: {p} is missing") from e
-        except (OSError, json.JSONDecodeError) as e:
-            raise CTCDrafterError(f"draft config {p} is unreadable: {e}") from e
+        except OSError as e:
+            raise CTCDrafterError(f"draft config {p} is unreadable: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise CTCDrafterError(f"draft config {p} is not UTF-8 text (byte {e.start})") from e
+        except ValueError as e:  # json.JSONDecodeError, and numbers too large to parse
+            raise CTCDrafterError(f"draft config {p} is not valid JSON: {str(e).splitlines()[0]}") from e
+        if not isinstance(d, dict):
+            raise CTCDrafterError(f"draft config {p} must hold a JSON object, not a {type(d).__name__}")
         if d.pop("model_type", None) != "ctc_draft":
             raise CTCDrafterError(f"{directory} is not a ctc-drafter draft (config.json has no model_type ctc_draft)")
         names = {f.name for f in fields(cls)}
@@ -96,5 +145,8 @@ class DraftConfig:
             cfg = cls(**{k: v for k, v in d.items() if k in names})
         except TypeError as e:
             raise CTCDrafterError(f"draft config {p} is incomplete: {e}") from e
-        cfg.validate()
+        try:
+            cfg.validate()
+        except CTCDrafterError as e:
+            raise CTCDrafterError(f"{p}: {e}") from e
         return cfg

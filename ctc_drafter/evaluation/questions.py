@@ -45,19 +45,26 @@ def read_jsonl(path: str | Path, what: str = "file") -> tuple[list[tuple[int, di
     if not p.is_file():
         raise CTCDrafterError(f"{what} {path} is not a file")
     rows, bad = [], 0
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                obj = None
-            if not isinstance(obj, dict):
-                bad += 1
-                print(f"ctc-drafter: warning: {path}:{n} is not a JSON object; skipped", file=sys.stderr)
-                continue
-            rows.append((n, obj))
+    try:
+        with open(p, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not a crash
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise CTCDrafterError(f"{what} {path} is unreadable: {e.strerror or e}") from e
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            why = "is not a JSON object"
+        except UnicodeDecodeError:
+            obj, why = None, "is not UTF-8 text"
+        except ValueError:  # json.JSONDecodeError, or a number too long to convert
+            obj, why = None, "is not a JSON object"
+        if not isinstance(obj, dict):
+            bad += 1
+            print(f"ctc-drafter: warning: {path}:{n} {why}; skipped", file=sys.stderr)
+            continue
+        rows.append((n, obj))
     if bad:
         print(f"ctc-drafter: warning: skipped {bad} bad line(s) in {path}", file=sys.stderr)
     return rows, bad
@@ -72,7 +79,14 @@ def _mt_bench_question(n: int, obj: dict, path) -> Question:
         raise CTCDrafterError(f"{path}:{n}: 'turns' must be a non-empty list of non-empty strings")
     if "question_id" not in obj:
         raise CTCDrafterError(f"{path}:{n} has no 'question_id'")
-    return Question(obj["question_id"], list(turns), str(obj.get("category", "unknown")))
+    return Question(_question_id(obj["question_id"], n, path), list(turns), str(obj.get("category", "unknown")))
+
+
+def _question_id(qid, n: int, path):
+    """Question ids are JSON integers or strings (FastChat's are integers)."""
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+        raise CTCDrafterError(f"{path}:{n}: 'question_id' must be an integer or a string, got {json.dumps(qid)}")
+    return qid
 
 
 def _gsm8k_question(n: int, index: int, obj: dict, path) -> Question:
@@ -82,7 +96,7 @@ def _gsm8k_question(n: int, index: int, obj: dict, path) -> Question:
         raise CTCDrafterError(f"{path}:{n} has no 'question' field, so it is not a GSM8K question file{hint}")
     if not isinstance(q, str) or not q.strip():
         raise CTCDrafterError(f"{path}:{n}: 'question' must be a non-empty string")
-    qid = obj.get("question_id", index)
+    qid = _question_id(obj.get("question_id", index), n, path)
     return Question(qid, [GSM8K_INSTRUCTION + q], str(obj.get("category", "gsm8k")), reference=obj.get("answer"))
 
 
@@ -134,16 +148,17 @@ _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
 
 
 def normalize_number(s: str) -> str | None:
-    """'$1,234.50' -> '1234.5'; None when `s` holds no number."""
-    m = re.search(r"-?\d[\d,]*(?:\.\d+)?", s.replace("$", "").replace(" ", ""))
+    """'$1,234.50' -> '1234.5', '-0.0' -> '0'; None when `s` holds no number.
+
+    On the digits themselves, never through float: a 900-digit answer would overflow it, and two
+    different 20-digit answers would round to the same float.
+    """
+    m = re.search(r"(-?)(\d[\d,]*)(?:\.(\d+))?", s.replace("$", "").replace(" ", ""))
     if not m:
         return None
-    t = m.group(0).replace(",", "")
-    try:
-        v = float(t)
-    except ValueError:
-        return None
-    return str(int(v)) if v == int(v) else repr(v)
+    sign, whole, frac = m.group(1), m.group(2).replace(",", "").lstrip("0") or "0", (m.group(3) or "").rstrip("0")
+    text = whole + (f".{frac}" if frac else "")
+    return text if text == "0" else sign + text
 
 
 def extract_final_number(text: str) -> str | None:

@@ -16,11 +16,13 @@ Reads this package's answer files and the reference implementation's (same FastC
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CTCDrafterError
+from ..errors import CTCDrafterError, writing
 from .eval import ANSWER_FORMAT
 from .questions import extract_final_number, gsm8k_references, question_index, read_jsonl
 
@@ -32,6 +34,7 @@ class AnswerFile:
     path: str
     records: dict[str, dict]  # json-encoded question_id -> record (last one wins, as FastChat's reorg)
     bad_lines: int = 0
+    duplicates: list = field(default_factory=list)  # question ids answered more than once (earlier ones dropped)
 
     @property
     def first(self) -> dict:
@@ -74,48 +77,145 @@ def engine_label(f: AnswerFile) -> str:
 
 def load_answer_file(path: str | Path, what: str) -> AnswerFile:
     rows, bad = read_jsonl(path, f"{what} answer file")
-    records = {}
+    records, duplicates = {}, []
     for n, obj in rows:
-        if "question_id" not in obj or not isinstance(obj.get("choices"), list) or not obj["choices"]:
-            raise CTCDrafterError(f"{path}:{n} is not an answer record (needs question_id and choices)")
-        for c in obj["choices"]:
-            if not isinstance(c, dict) or not isinstance(c.get("turns"), list):
-                raise CTCDrafterError(f"{path}:{n}: every choice needs a 'turns' list")
-        records[json.dumps(obj["question_id"])] = obj
+        _check_record(obj, f"{path}:{n}")
+        key = json.dumps(obj["question_id"])
+        if key in records:
+            duplicates.append(obj["question_id"])
+        records[key] = obj
     if not records:
         raise CTCDrafterError(f"{what} answer file {path} has no answers" + (f" ({bad} bad lines)" if bad else ""))
-    return AnswerFile(str(path), records, bad)
+    return AnswerFile(str(path), records, bad, duplicates)
+
+
+def _is_count(x) -> bool:
+    """A finite non-negative JSON number (json.loads accepts NaN and Infinity; a bool is not a count)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _check_record(obj: dict, where: str) -> None:
+    """The fields `report` reads, with the JSON types it relies on; anything else is left alone."""
+    qid = obj.get("question_id")
+    if qid is None or isinstance(qid, bool) or not isinstance(qid, (int, str)):
+        raise CTCDrafterError(f"{where} is not an answer record (needs a question_id, an integer or a string)")
+    if not isinstance(obj.get("choices"), list) or not obj["choices"]:
+        raise CTCDrafterError(f"{where} is not an answer record (needs question_id and choices)")
+    for key in ("meta",):
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            raise CTCDrafterError(f"{where}: '{key}' must be a JSON object")
+    for key in ("category", "bench", "model_id"):
+        if obj.get(key) is not None and not isinstance(obj[key], (str, int)):
+            raise CTCDrafterError(f"{where}: '{key}' must be a string")
+    for c in obj["choices"]:
+        if not isinstance(c, dict) or not isinstance(c.get("turns"), list):
+            raise CTCDrafterError(f"{where}: every choice needs a 'turns' list")
+        if not all(isinstance(t, str) for t in c["turns"]):
+            raise CTCDrafterError(f"{where}: every turn must be a string")
+        for key in ("new_tokens", "idxs", "wall_time"):
+            v = c.get(key)
+            if v is not None and not (isinstance(v, list) and all(_is_count(x) for x in v)):
+                raise CTCDrafterError(f"{where}: '{key}' must be a list of finite non-negative numbers")
+        for key in ("tokens", "accept_lengths"):
+            v = c.get(key)
+            if v is not None and not (isinstance(v, list) and all(
+                    t is None or (isinstance(t, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in t)) for t in v)):
+                raise CTCDrafterError(f"{where}: '{key}' must be a list of integer lists, one per turn")
 
 
 # ---- per-question numbers ----------------------------------------------------------------------
 
-class TokenCounter:
-    """Tokens of one turn: as recorded; else from stored ids; else by re-tokenizing the text.
+# A re-count with the files' own tokenizer differs from a recorded count by the end token and
+# stripped whitespace: a token or two a turn. Past this, the tokenizer is another model's.
+RECOUNT_TOLERANCE = (0.05, 2)  # (share of the recorded tokens, tokens per turn)
+CALIBRATION_TURNS = 64
 
-    Stored ids come before re-tokenizing because they are exact; a re-tokenized count can differ
-    by a token or two (stripped whitespace, no end token), which the report says.
+
+class TokenCounter:
+    """Tokens of one turn, by the first rule that applies:
+
+    recorded      the file's own new_tokens
+    token ids     the stored ids (exact)
+    loop steps    a plain decoding loop (the reference implementation's baseline files, which record
+                  new_tokens 0) emits one token per step: idxs + 1 tokens, idxs being its last
+                  0-based loop index; exact, and what its speculative files confirm
+    re-tokenized  the text, re-counted with --tokenizer (approximate: stripped text, no end token),
+                  after checking that tokenizer against the turns whose counts the files record
     """
 
-    def __init__(self, load_tokenizer=None):
+    def __init__(self, load_tokenizer=None, calibration: list[tuple[str, int]] | None = None, name: str = ""):
         self._load = load_tokenizer
         self._tok = None
+        self.calibration = (calibration or [])[:CALIBRATION_TURNS]
+        self.name = name
+        self.unverified = False  # re-counted with a tokenizer no recorded count could check
 
     def _tokenizer(self):
         if self._tok is None and self._load is not None:
             self._tok = self._load()
+            self._check_tokenizer()
         return self._tok
 
-    def count(self, choice: dict, j: int) -> tuple[int | None, str]:
-        nt = choice.get("new_tokens")
-        if isinstance(nt, list) and j < len(nt) and isinstance(nt[j], (int, float)) and nt[j] > 0:
-            return int(nt[j]), "recorded"
-        ids = choice.get("tokens")
-        if isinstance(ids, list) and j < len(ids) and isinstance(ids[j], list) and ids[j]:
-            return len(ids[j]), "token ids"
+    def _encode_len(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=False))
+
+    def _check_tokenizer(self) -> None:
+        """Refuse a tokenizer whose counts of recorded turns are off: it belongs to another model."""
+        if not self.calibration:
+            self.unverified = True
+            return
+        recorded = sum(n for _, n in self.calibration)
+        recount = sum(self._encode_len(t) for t, _ in self.calibration)
+        off = sum(abs(self._encode_len(t) - n) for t, n in self.calibration)
+        share, per_turn = RECOUNT_TOLERANCE
+        if off > share * recorded + per_turn * len(self.calibration):
+            raise CTCDrafterError(
+                f"--tokenizer {self.name} does not match the answer files' model: on {len(self.calibration)} turn(s) "
+                f"whose token counts the files record ({recorded} tokens) it counts {recount}; a re-count with it "
+                "would give wrong speeds. Give the tokenizer of the model that wrote the answers")
+
+    def count(self, choice: dict, j: int, plain_loop: bool = False) -> tuple[int | None, str]:
+        n = recorded_count(choice, j)
+        if n is not None:
+            return n, "recorded" if _recorded(choice, j) else "token ids"
+        idxs = choice.get("idxs")
+        if plain_loop and isinstance(idxs, list) and j < len(idxs):
+            return int(idxs[j]) + 1, "loop steps"
         tok = self._tokenizer()
         if tok is not None:
-            return len(tok.encode(choice["turns"][j], add_special_tokens=False)), "re-tokenized"
+            return self._encode_len(choice["turns"][j]), "re-tokenized"
         return None, "missing"
+
+
+def _recorded(choice: dict, j: int) -> bool:
+    nt = choice.get("new_tokens")
+    return isinstance(nt, list) and j < len(nt) and nt[j] > 0
+
+
+def recorded_count(choice: dict, j: int) -> int | None:
+    """Turn j's tokens as the file records them (new_tokens, else stored ids), or None."""
+    if _recorded(choice, j):
+        return int(choice["new_tokens"][j])
+    ids = choice.get("tokens")
+    if isinstance(ids, list) and j < len(ids) and isinstance(ids[j], list) and ids[j]:
+        return len(ids[j])
+    return None
+
+
+def calibration_turns(files: list["AnswerFile"], keys: list[str]) -> list[tuple[str, int]]:
+    """(text, recorded count) of turns whose token count a file records: the yardstick for --tokenizer."""
+    out = []
+    for f in files:
+        for k in keys:
+            for c in f.records[k]["choices"]:
+                for j, text in enumerate(c["turns"]):
+                    n = recorded_count(c, j)
+                    if n is not None and text.strip():
+                        out.append((text, n))
+                        if len(out) >= CALIBRATION_TURNS:
+                            return out
+    return out
 
 
 @dataclass
@@ -130,13 +230,14 @@ class QuestionStats:
         return self.tokens / self.wall if self.tokens is not None and self.wall > 0 else None
 
 
-def question_stats(rec: dict, counter: TokenCounter, ours: bool, methods: Counter) -> QuestionStats:
+def question_stats(rec: dict, counter: TokenCounter, ours: bool, methods: Counter,
+                   plain_loop: bool = False) -> QuestionStats:
     s = QuestionStats()
     step_offset = 0 if ours else 1  # reference idxs are the last 0-based loop index
     for c in rec["choices"]:
         walls, idxs, acc = c.get("wall_time") or [], c.get("idxs"), c.get("accept_lengths")
         for j in range(len(c["turns"])):
-            n, how = counter.count(c, j)
+            n, how = counter.count(c, j, plain_loop)
             methods[how] += 1
             s.tokens = None if n is None or s.tokens is None else s.tokens + n
             s.wall += float(walls[j]) if j < len(walls) else 0.0
@@ -214,8 +315,12 @@ def categories(keys: list[str], spec: AnswerFile, question_file: str | None, not
         rec = spec.records[k]
         cat = rec.get("category") or (index.get(str(rec["question_id"])) or {}).get("category")
         out[k] = str(cat) if cat else ("gsm8k" if spec.bench == "gsm8k" else "unknown")
-    if "unknown" in out.values():
-        notes.append("some categories are unknown (the answers do not record them): pass --question-file")
+    unknown = sum(v == "unknown" for v in out.values())
+    if unknown and qfile:
+        notes.append(f"{unknown} question(s) have no category, neither in the answers nor in {qfile} (is it the "
+                     "question file of this benchmark?)")
+    elif unknown:
+        notes.append(f"{unknown} question(s) have no category (the answers do not record them): pass --question-file")
     return out
 
 
@@ -270,6 +375,9 @@ def _setup_notes(spec: AnswerFile, base: AnswerFile, notes: list[str]) -> None:
 def _count_notes(name: str, methods: Counter, notes: list[str]) -> None:
     if methods.get("token ids"):
         notes.append(f"{name}: {methods['token ids']} turn(s) record new_tokens 0; counted from stored token ids")
+    if methods.get("loop steps"):
+        notes.append(f"{name}: {methods['loop steps']} turn(s) record new_tokens 0 and no token ids; counted as idxs + 1 "
+                     "tokens each (read as a plain decoding loop, which emits one token per step)")
     if methods.get("re-tokenized"):
         notes.append(f"{name}: {methods['re-tokenized']} turn(s) record new_tokens 0; counted by re-tokenizing the "
                      "text (approximate: stripped text, no end token)")
@@ -278,9 +386,14 @@ def _count_notes(name: str, methods: Counter, notes: list[str]) -> None:
                      "be computed; pass --tokenizer (or --base-model) to count tokens from the text")
 
 
+def _plain_loop(f: AnswerFile) -> bool:
+    """A reference-format file of vanilla decoding: one token per loop step (see TokenCounter)."""
+    return not f.ours and f.meta.get("speculative") is not True
+
+
 def build_report(spec_path, baseline_path, load_tokenizer=None, question_file: str | None = None,
-                 gsm8k_file: str | None = None) -> dict:
-    """Everything `report` prints, as one JSON-able dict."""
+                 gsm8k_file: str | None = None, tokenizer_name: str = "") -> dict:
+    """Everything `report` prints, as one JSON-able dict. Notes starting "WARNING" are for stderr too."""
     spec = load_answer_file(spec_path, "speculative")
     base = load_answer_file(baseline_path, "baseline")
     keys = [k for k in spec.records if k in base.records]
@@ -298,13 +411,21 @@ def build_report(spec_path, baseline_path, load_tokenizer=None, question_file: s
             notes.append(f"{name}: reference-format file; its idxs are read as 0-based loop indices (steps = idxs + 1)")
         if f.bad_lines:
             notes.append(f"{name}: {f.bad_lines} bad line(s) skipped")
+        if f.duplicates:
+            ids = ", ".join(map(str, f.duplicates[:5])) + (", ..." if len(f.duplicates) > 5 else "")
+            notes.append(f"{name}: {len(f.duplicates)} repeated answer(s) to a question id ({ids}); the last answer "
+                         "to each is used (as FastChat does), the earlier ones are dropped")
     _setup_notes(spec, base, notes)
-    counter = TokenCounter(load_tokenizer)
+    counter = TokenCounter(load_tokenizer, calibration_turns([spec, base], keys), tokenizer_name)
     m_spec, m_base = Counter(), Counter()
     s_stats = {k: question_stats(spec.records[k], counter, spec.ours, m_spec) for k in keys}
-    b_stats = {k: question_stats(base.records[k], counter, base.ours, m_base) for k in keys}
+    b_stats = {k: question_stats(base.records[k], counter, base.ours, m_base, _plain_loop(base)) for k in keys}
     _count_notes("speculative", m_spec, notes)
     _count_notes("baseline", m_base, notes)
+    if counter.unverified:
+        notes.append(f"WARNING: no turn records its token count, so nothing checks that --tokenizer {tokenizer_name} "
+                     "is the tokenizer of the model that wrote the answers; the re-counted speeds are only as right "
+                     "as that choice")
 
     cats = categories(keys, spec, question_file, notes)
     per_cat = {}
@@ -314,6 +435,10 @@ def build_report(spec_path, baseline_path, load_tokenizer=None, question_file: s
     overall = summarize([s_stats[k] for k in keys], [b_stats[k] for k in keys])
     if overall["beta"] is None:
         notes.append("beta cannot be computed: the speculative file records no idxs (verification steps)")
+    if overall["beta_baseline"] is not None and overall["beta_baseline"] < 0.999 and base.meta.get("speculative") \
+            is not True:
+        notes.append(f"WARNING: the baseline's tokens per step is {overall['beta_baseline']:.3f}, below the 1.0 any "
+                     "decoding loop emits: its token counts are wrong (a re-count with another model's tokenizer?)")
 
     hist = Counter(a for k in keys for a in s_stats[k].accept)
     divergences = []
@@ -457,9 +582,27 @@ def plot_report(r: dict, out: str | Path) -> None:
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with writing(out, "the plot"):  # via a temporary file: a full disk leaves no half-written plot
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(tmp, dpi=110, format=plot_format(out))
+            os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def plot_format(out: str | Path) -> str:
+    """The image format --plot's file name asks for (png when it has no extension)."""
+    import matplotlib.figure
+
+    fmt = Path(out).suffix.lstrip(".").lower() or "png"
+    known = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if fmt not in known:
+        raise CTCDrafterError(f"--plot {out}: matplotlib cannot write .{fmt} files (use one of: "
+                              f"{', '.join(sorted(known))})")
+    return fmt
 
 
 def _empty(ax, msg):

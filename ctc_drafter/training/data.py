@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..data.shards import check_manifest_matches, read_manifest
+from ..data.shards import check_manifest_matches, check_shard_plan, plan_shards, read_manifest
 from ..errors import CTCDrafterError
 
 
@@ -78,14 +79,12 @@ def _read_token_arrays(path: Path):
     return arrays, hidden_dim
 
 
-def _shards_in(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("shard_*.safetensors") if p.is_file())
-
-
-def load_sequences(data_dirs: list[str], base, label_len: int, max_len: int) -> tuple[list[TrainSequence], list[dict]]:
+def load_sequences(data_dirs: list[str], base, label_len: int, max_len: int,
+                   allow_incomplete: bool = False) -> tuple[list[TrainSequence], list[dict]]:
     """Every sequence with at least one trainable position, from every data folder (in order).
 
-    Checks each folder's manifest against `base`. Returns (sequences, per-folder summaries).
+    Checks each folder's manifest against `base`, and refuses a folder with shards missing or an
+    unfinished run unless `allow_incomplete` (then warns). Returns (sequences, per-folder summaries).
     """
     seqs: list[TrainSequence] = []
     summaries = []
@@ -100,7 +99,11 @@ def load_sequences(data_dirs: list[str], base, label_len: int, max_len: int) -> 
         except PermissionError as e:
             raise CTCDrafterError(f"data folder {name} is unreadable: {e.strerror}") from e
         check_manifest_matches(manifest, base)
-        shards = _shards_in(directory)
+        plan = plan_shards(directory, manifest)
+        warning = check_shard_plan(plan, name, allow_incomplete)
+        if warning:
+            print(f"ctc-drafter: warning: {warning}", file=sys.stderr)
+        shards = plan.files
         n_seq = n_pos = 0
         for shard in shards:
             arrays, hidden_dim = _read_token_arrays(shard)
@@ -121,7 +124,8 @@ def load_sequences(data_dirs: list[str], base, label_len: int, max_len: int) -> 
                 seqs.append(TrainSequence(uid, ids[a:b], tgt[a:b], lens, shard, (a, b), hidden_dim is not None))
                 n_pos += seqs[-1].num_positions
                 uid += 1
-        summaries.append({"data": str(directory), "shards": len(shards), "sequences": n_seq, "positions": n_pos})
+        summaries.append({"data": str(directory), "shards": len(shards), "sequences": n_seq, "positions": n_pos,
+                          "shards_expected": plan.expected, "complete": plan.problem(name) is None})
     if not seqs:
         where = ", ".join(data_dirs)
         raise CTCDrafterError(f"no trainable positions in {where}: no sequence has an assistant token with a "

@@ -34,14 +34,16 @@ from pathlib import Path
 
 import torch
 
-from ..data.shards import read_manifest
-from ..errors import CTCDrafterError
+from ..cli import checks
+from ..data.shards import check_shard_plan, plan_shards, read_manifest
+from ..errors import CTCDrafterError, fault_reason, writing
 from .data import (HiddenReader, TrainSequence, data_fingerprint, load_sequences, make_batch,
                    most_frequent_targets, sample_positions, split_eval)
 from .losses import LOSSES, compute_losses, symbol_labels
 from .metrics import DraftMetrics
 
 LOG = "log.jsonl"
+MAX_BATCH = 4096  # sequences per step: an epoch's batch plan is bs x steps indices
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -56,27 +58,36 @@ def add_train_args(p) -> None:
                    help="output folder; CKPT itself then loads as --draft-model (latest epoch)")
     p.add_argument("--config", default=None, metavar="JSON",
                    help="DraftConfig overrides as JSON, e.g. {\"num_context_layers\": 2} (a draft's config.json works)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--bs", type=int, default=4, help="sequences per process and step")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, warmup then cosine)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=float, default=0.03, help="warmup: a fraction of all steps (<1) or a step count")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--epochs", type=checks.int_in(1, 100_000), default=2)
+    p.add_argument("--bs", type=checks.int_in(1, MAX_BATCH), default=4,
+                   help=f"sequences per process and step (1..{MAX_BATCH})")
+    p.add_argument("--lr", type=checks.finite_float(0.0, low_open=True), default=3e-4,
+                   help="peak learning rate (AdamW, warmup then cosine)")
+    p.add_argument("--weight-decay", type=checks.finite_float(0.0), default=0.0)
+    p.add_argument("--warmup", type=checks.finite_float(0.0), default=0.03,
+                   help="warmup: a fraction of all steps (<1) or a step count")
+    p.add_argument("--grad-clip", type=checks.finite_float(0.0), default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--loss", default=None, choices=LOSSES,
                    help="ctc (default), ce (Medusa-style heads, no blank) or ctc+ce")
     p.add_argument("--frames", type=int, default=None, help="L, draft frames (default 8)")
     p.add_argument("--label-len", type=int, default=None, help="k, tokens the frames are trained to emit (default 6)")
-    p.add_argument("--positions", type=int, default=32, help="P, positions trained per sequence and epoch")
+    p.add_argument("--positions", type=checks.int_in(1, 1 << 16), default=32, help="P, positions trained per sequence and epoch")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="propose from the N tokens most frequent in the training targets (0: the whole "
                         "vocabulary, the default); the frame head shrinks from V to N rows, lossless")
     p.add_argument("--max-len", type=int, default=2048, help="truncate sequences to this many tokens")
     p.add_argument("--recover", type=int, default=None, metavar="N", help="resume from CKPT/state_N")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if CKPT holds an earlier run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-frac", type=float, default=0.02, help="fraction of sequences held out for evaluation")
+    p.add_argument("--seed", type=checks.int_in(0, checks.MAX_SEED), default=0)
+    p.add_argument("--eval-frac", type=checks.finite_float(0.0, 1.0), default=0.02, help="fraction of sequences held out for evaluation")
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (several GPUs: accelerate launch)")
+    p.add_argument("--device", default="auto", type=checks.device,
+                   help="auto, cpu, cuda (several GPUs: accelerate launch)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="train on a data folder whose distill run is unfinished or lacks shards (warns how much "
+                        "is missing) instead of refusing")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a base folder that ships its own Python code (auto_map) to run it")
     p.add_argument("--dtype", default="auto",
                    help="base dtype: auto (fp32 on CPU, bf16 on GPU: the draft then trains in bf16 autocast "
                         "with fp32 weights), float32, bfloat16, float16")
@@ -100,7 +111,8 @@ def _check_options(args) -> None:
             raise CTCDrafterError(f"data folder not found: {d}")
         if not os.access(p, os.R_OK | os.X_OK):
             raise CTCDrafterError(f"data folder {d} is unreadable (permission denied)")
-        read_manifest(p)  # fail before loading the base when a folder is not distilled data
+        # fail before loading the base when a folder is not (complete) distilled data
+        check_shard_plan(plan_shards(p, read_manifest(p)), d, allow_incomplete=args.allow_incomplete)
 
 
 def _config_overrides(args) -> tuple[dict, str]:
@@ -113,11 +125,15 @@ def _config_overrides(args) -> tuple[dict, str]:
     if args.config:
         p = Path(args.config).expanduser()
         try:
-            over = json.loads(p.read_text())
+            over = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise CTCDrafterError(f"--config file not found: {args.config}") from e
-        except (OSError, json.JSONDecodeError) as e:
-            raise CTCDrafterError(f"--config {args.config} is not readable JSON: {e}") from e
+        except OSError as e:
+            raise CTCDrafterError(f"--config {args.config} is unreadable: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise CTCDrafterError(f"--config {args.config} is not UTF-8 text (byte {e.start})") from e
+        except ValueError as e:  # json.JSONDecodeError
+            raise CTCDrafterError(f"--config {args.config} is not valid JSON: {str(e).splitlines()[0]}") from e
         if not isinstance(over, dict):
             raise CTCDrafterError(f"--config {args.config} must hold a JSON object of DraftConfig fields")
         over.pop("model_type", None)
@@ -125,6 +141,10 @@ def _config_overrides(args) -> tuple[dict, str]:
         unknown = sorted(set(over) - names)
         if unknown:
             raise CTCDrafterError(f"--config has unknown draft fields: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        try:
+            DraftConfig.check_field_types(over)
+        except CTCDrafterError as e:
+            raise CTCDrafterError(f"--config {args.config}: {e}") from e
         over.pop("base_model", None)  # always the base being trained on
     if args.frames is not None:
         over["num_frames"] = args.frames
@@ -480,6 +500,19 @@ def evaluate_draft(draft, base, seqs: list[TrainSequence], kind: str, positions:
 
 # ---- entry point -------------------------------------------------------------------------------
 
+def _raise_if_output_fault(e: Exception, out: Path) -> None:
+    """A full or read-only --out mid-run: one line naming the folder, the reason and what is kept."""
+    reason = fault_reason(e)
+    if reason is None:
+        return
+    name = getattr(e, "filename", None)
+    done = existing_states(out) if out.is_dir() else []
+    kept = (f"epochs 1..{done[-1]} are kept (resume with --recover {done[-1]})" if done
+            else "no epoch had finished")
+    raise CTCDrafterError(f"cannot write the training run in {out}{f' ({name})' if name else ''}: {reason}; "
+                          f"{kept}") from e
+
+
 def run_training(args) -> int:
     """The whole command: check inputs, load, (resume,) train, save. Returns an exit code."""
     from accelerate import Accelerator
@@ -517,7 +550,7 @@ def run_training(args) -> int:
         set_seed(args.seed)
         base = load_base_model(args.base_model, device=acc.device, dtype=base_dtype)
         for key in ("hidden_size", "vocab_size"):  # a config.json of a draft for another base
-            if key in overrides and int(overrides[key]) != int(getattr(base.config, key)):
+            if key in overrides and overrides[key] != int(getattr(base.config, key)):
                 raise CTCDrafterError(f"--config {args.config} has {key} {overrides[key]}, but base {base.name} has "
                                       f"{getattr(base.config, key)}; it is a config for another base")
         draft = new_draft_for(base, seed=args.seed, **overrides)
@@ -526,7 +559,7 @@ def run_training(args) -> int:
         if kind == "ce":
             draft.blank_head.requires_grad_(False)  # unused without a blank; DDP must not wait for its grad
         max_len = min(args.max_len, base.max_length)
-        seqs, summaries = load_sequences(args.data, base, draft.config.label_len, max_len)
+        seqs, summaries = load_sequences(args.data, base, draft.config.label_len, max_len, args.allow_incomplete)
         train_seqs, eval_seqs = split_eval(seqs, args.eval_frac, args.seed)
         if draft.config.draft_vocab:  # from the training split only; --recover restores the saved list
             draft.set_vocab(most_frequent_targets(train_seqs, draft.config.draft_vocab))
@@ -538,9 +571,11 @@ def run_training(args) -> int:
                 raise CTCDrafterError(f"cannot create --out {args.out}: {e.strerror}") from e
             if args.recover is None:
                 clear_run(out)  # --overwrite: no stale epochs, states or log lines of the earlier run
-            _write_json(out / "train_args.json", {**vars(args), "func": None, "loss_kind": kind, "data_summary": summaries,
-                                                   "train_sequences": len(train_seqs), "eval_sequences": len(eval_seqs),
-                                                   "num_processes": acc.num_processes, "mixed_precision": mixed})
+            with writing(out / "train_args.json"):
+                _write_json(out / "train_args.json", {**vars(args), "func": None, "loss_kind": kind,
+                                                       "data_summary": summaries, "train_sequences": len(train_seqs),
+                                                       "eval_sequences": len(eval_seqs),
+                                                       "num_processes": acc.num_processes, "mixed_precision": mixed})
             print(f"ctc-drafter: training a {kind} draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M "
                   f"params) on {len(train_seqs)} sequences ({len(eval_seqs)} held out), {trainer.steps_per_epoch} "
                   f"steps/epoch x {args.epochs} epochs, {acc.num_processes} process(es), {acc.device}, "
@@ -551,7 +586,11 @@ def run_training(args) -> int:
             if trainer.start_epoch > args.epochs and acc.is_main_process:
                 print(f"ctc-drafter: state_{args.recover} already has all {args.epochs} epochs; nothing to train",
                       file=sys.stderr)
-        records = trainer.fit()
+        try:
+            records = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - only file-system faults are converted
+            _raise_if_output_fault(e, out)
+            raise
         if acc.is_main_process and records:
             last = records[-1]
             print(f"ctc-drafter: done; draft in {out} (epoch {last['epoch']}), est. accept length "

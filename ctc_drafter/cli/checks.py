@@ -1,0 +1,158 @@
+"""Command-line input, checked where it enters: argparse types for numbers and devices, and the
+checks of a whole parsed command (text that is not UTF-8, a base folder that would run its own code).
+
+A bad value becomes argparse's one-line error (`ctc-drafter: error: argument --budget: ...`, exit 2)
+before any model loads. The caps below are resource limits, not tuning advice: a value past them
+asks for memory no run needs (a node budget of 100000 is a 100000² attention mask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..errors import CTCDrafterError
+
+MAX_BUDGET = 512  # tree nodes per verification pass (GPU defaults use 64; Medusa's tree has 64)
+MAX_SEED = 2**62  # torch generators take 64-bit seeds; eval adds 1000 * choice + turn to the seed
+MIN_TEMPERATURE = 1e-4  # logits / T must stay finite in float32 (1e-300 rounds to 0 there: inf / nan)
+
+
+def int_in(low: int, high: int | None = None, what: str = ""):
+    """argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low or (high is not None and v > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{v} is out of range: must be {bound}{what}")
+        return v
+    return parse
+
+
+def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False):
+    """argparse type: a finite float in [low, high] ((low, high] with low_open)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (v <= low if low_open else v < low)
+        if too_low or (high is not None and v > high):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"<= {high:g}"
+            raise argparse.ArgumentTypeError(f"{v:g} is out of range: must be {' and '.join(x for x in (lo, hi) if x)}")
+        return v
+    return parse
+
+
+def temperature(text: str) -> float:
+    """argparse type: 0 (greedy) or a finite temperature >= MIN_TEMPERATURE."""
+    v = finite_float(0.0)(text)
+    if 0 < v < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"{v:g} is too small to sample with: use 0 (greedy) or >= {MIN_TEMPERATURE:g}")
+    return v
+
+
+def device(text: str) -> str:
+    """argparse type: auto, cpu, cuda[:N] or mps, present in this build and on this machine."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (this torch build or machine "
+                                             "has no CUDA GPU); use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return text
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: Apple MPS is not available here; use cpu or auto")
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: ctc-drafter runs on cpu, cuda or mps, not {dev.type}")
+
+
+# ---- a parsed command --------------------------------------------------------------------------
+
+def _flag(dest: str) -> str:
+    return dest.upper() if dest in ("spec",) else "--" + dest.replace("_", "-")
+
+
+def check_utf8_args(args) -> None:
+    """Every text argument must be UTF-8: Python keeps undecodable argv bytes as lone surrogates,
+    which the tokenizer and the JSON writers reject deep inside a run."""
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise CTCDrafterError(f"argument {_flag(dest)} is not valid UTF-8 text") from None
+
+
+def needs_remote_code(folder: Path) -> str | None:
+    """The reason a local model folder needs its own Python code to load, or None.
+
+    transformers runs a folder's code when its config maps the model to classes in that folder
+    (`auto_map`) and its model_type is not one transformers knows; without an explicit
+    trust_remote_code it then asks on stdout (which breaks --json) or fails.
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        p = folder / name
+        if not p.is_file():
+            continue
+        try:
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # the loader reports an unreadable config in its own words
+        if not isinstance(cfg, dict) or not cfg.get("auto_map"):
+            continue
+        if name == "config.json":
+            from transformers import CONFIG_MAPPING
+
+            if cfg.get("model_type") in CONFIG_MAPPING:
+                continue  # transformers has the class itself and uses it
+        return f"{p} maps to Python code shipped in the folder (auto_map)"
+    return None
+
+
+def check_remote_code(args) -> None:
+    """Refuse a base folder that would run its own code unless --trust-remote-code was given."""
+    if getattr(args, "trust_remote_code", False):
+        return
+    for dest in ("base_model", "tokenizer"):
+        name = getattr(args, dest, None)
+        if not isinstance(name, str) or name == "default":
+            continue
+        p = Path(name).expanduser()
+        reason = needs_remote_code(p) if p.is_dir() else None
+        if reason:
+            raise CTCDrafterError(f"{reason}; ctc-drafter runs a model's own code only with --trust-remote-code")
+
+
+def check_command(args) -> None:
+    """Checks every subcommand shares, before it starts."""
+    check_utf8_args(args)
+    check_remote_code(args)
+
+
+def check_max_new_tokens(max_new_tokens: int, base) -> None:
+    """--max-new-tokens cannot exceed the base's context: no answer can be longer."""
+    if max_new_tokens > base.max_length:
+        raise CTCDrafterError(f"--max-new-tokens {max_new_tokens} is more than the base's context "
+                              f"({base.max_length} tokens, prompt included)")
