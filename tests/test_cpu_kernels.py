@@ -51,3 +51,59 @@ def test_greedy_with_packed_layers_equals_stock_hf_generate(generator, budget):
         assert spec.tokens == van.tokens == hf[0, ids.shape[1]:].tolist()
         longest = max(longest, max(spec.accept_lengths))
     assert longest > 1
+
+
+# ---- bf16 on CPU: lossless with respect to HF `generate` on the same bf16 model ------------------
+
+def hf_greedy(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+
+
+def test_bf16_packed_layers_equal_stock_bit_for_bit():
+    """In bf16 both kernels are oneDNN's: packing changes the speed, not one bit of the logits."""
+    stock = tiny_llama(dtype=torch.bfloat16, seed=4, hidden=64)
+    packed = copy.deepcopy(stock)
+    assert pack_linears(packed) > 0
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, packed(ids).logits)
+
+
+def bf16_greedy_trials(attn, kernels, generator, budget, seeds=range(6)):
+    """(spec, vanilla, HF) token lists per seed on tiny bf16 Llamas with the given attention back end."""
+    out, longest = [], 1
+    for seed in seeds:
+        stock = tiny_llama(dtype=torch.bfloat16, seed=seed, hidden=64)
+        stock.set_attn_implementation(attn)
+        base = BaseModel(copy.deepcopy(stock), None, "toy")
+        if kernels == "packed":
+            pack_linears(base.model)
+        drafter = CTCDrafter(base, new_draft_for(base, seed=seed), generator=generator, budget=budget)
+        ids = torch.randint(0, 64, (1, 3 + seed), generator=torch.Generator().manual_seed(seed))
+        spec = drafter.generate(ids, max_new_tokens=40)
+        out.append((spec.tokens, drafter.generate(ids, max_new_tokens=40, speculative=False).tokens,
+                    hf_greedy(stock, ids, 40)))
+        longest = max(longest, max(spec.accept_lengths))
+    assert longest > 1, "no step accepted a draft token: the multi-token path is untested"
+    return out
+
+
+@pytest.mark.parametrize("kernels", ["stock", "packed"])
+@pytest.mark.parametrize("generator,budget", [("beam", 12), ("medusa", 64), ("prefix", 4), ("prefix", 24)])
+def test_bf16_greedy_equals_hf_generate_with_eager_attention(kernels, generator, budget):
+    for spec, van, hf in bf16_greedy_trials("eager", kernels, generator, budget):
+        assert spec == van == hf
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "bf16 + SDPA on CPU: SDPA rounds a query row's output differently when the key length differs, even "
+    "if the extra keys are masked out (same q,K,V and mask: 1 row == k rows bit for bit; 1 row over past+i "
+    "keys != 1 row over past+n keys with the rest masked). A tree pass has past+n keys for every node, a "
+    "vanilla/HF step past+i, so the last bf16 bit of attention differs and on these toys one greedy argmax "
+    "flips in 1 of 6 seeds (seed 2, token 24, for beam/medusa/prefix-24). The linear layers are exact "
+    "(row-invariant in bf16 up to 16 rows, packed == stock); eager attention is exact (test above)."))
+def test_bf16_greedy_equals_hf_generate_with_sdpa_attention():
+    for generator, budget in [("beam", 12), ("medusa", 64), ("prefix", 24)]:
+        for spec, van, hf in bf16_greedy_trials("sdpa", "stock", generator, budget):
+            assert van == hf  # the 1-row loops agree: our vanilla loop is HF generate
+            assert spec == van

@@ -1,0 +1,205 @@
+"""CPU kernels chosen by measurement (models/kernel_choice.py): the faster kernel per pass size, cached
+per machine fingerprint, and still lossless."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama
+from ctc_drafter.decoding import CTCDrafter
+from ctc_drafter.draft import new_draft_for
+from ctc_drafter.errors import CTCDrafterError
+from ctc_drafter.models import cpu_kernels, kernel_choice
+from ctc_drafter.models.base import BaseModel
+from ctc_drafter.models.cpu_kernels import DispatchLinear, PackedLinear, packed_linear_available
+from ctc_drafter.models.kernel_choice import SIZES, apply_cpu_kernels, choose_table
+
+pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN")
+
+# stock wins a 1-row pass, packed wins every tree: what an Intel Xeon with AMX measured in fp32
+STOCK_FOR_ONE_ROW = {"stock": {n: 40.0 + 4 * n for n in SIZES}, "packed": {n: 45.0 + 1.5 * n for n in SIZES}}
+
+
+class FakeMeasure:
+    """Injected timings instead of a stopwatch; counts how often the kernels were 'timed'."""
+
+    def __init__(self, timings):
+        self.timings, self.calls = timings, 0
+
+    def __call__(self, base, plan, sizes):
+        self.calls += 1
+        assert all(isinstance(m, DispatchLinear) for m in base.model.modules() if isinstance(m, nn.Module)
+                   and "Linear" in type(m).__name__), "timing must run with every layer switchable"
+        return {k: {n: t[n] for n in sizes} for k, t in self.timings.items()}
+
+
+def never_measure(base, plan, sizes):
+    raise AssertionError("a cached decision must not be timed again")
+
+
+def tiny_base(dtype=torch.float32, seed=1):
+    return BaseModel(tiny_llama(dtype=dtype, seed=seed), None, "toy")
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTC_DRAFTER_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def count_packed_calls(monkeypatch):
+    calls = []
+    real = cpu_kernels._packed_linear
+
+    def spy(x, packed, bias):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(cpu_kernels, "_packed_linear", spy)
+    return calls
+
+
+def test_auto_picks_the_faster_kernel_per_size_and_reuses_the_cache(cache_root, monkeypatch):
+    stock_model = tiny_base().model
+    base = BaseModel(copy.deepcopy(stock_model), None, "toy")
+    fake = FakeMeasure(STOCK_FOR_ONE_ROW)
+    report = apply_cpu_kernels(base, "auto", measure=fake)
+    assert fake.calls == 1 and not report.cache_hit
+    assert report.table == [(1, "stock"), (max(SIZES), "packed")] and report.label == "stock<=1,packed"
+    assert report.kernel_for(1) == "stock" and report.kernel_for(3) == "packed" and report.kernel_for(500) == "packed"
+    # the cost model follows the chosen kernel at each size
+    assert report.cost.pass_ms(1) == 44.0 and report.cost.pass_ms(8) == STOCK_FOR_ONE_ROW["packed"][8]
+
+    # the layers really dispatch: 1-row calls never reach the packed kernel, tree passes always do
+    assert all(isinstance(m, DispatchLinear) for m in base.model.modules() if "Linear" in type(m).__name__)
+    packed_rows = count_packed_calls(monkeypatch)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        out = base.model(ids[:, :1]).logits
+        assert packed_rows == []
+        out6 = base.model(ids).logits
+        ref = stock_model(ids).logits
+    assert packed_rows and set(packed_rows) == {6}
+    assert torch.allclose(out6, ref, rtol=1e-5, atol=1e-5) and torch.allclose(out, ref[:, :1], rtol=1e-5, atol=1e-5)
+
+    # the decision is cached under the fingerprint, with the timings it rests on
+    record = json.loads(open(report.cache_file).read())
+    assert record["fingerprint"] == kernel_choice.fingerprint(base)
+    assert record["timings_ms"]["packed"]["8"] == STOCK_FOR_ONE_ROW["packed"][8]
+    assert report.cache_file.startswith(str(cache_root / "kernels"))
+
+    again = apply_cpu_kernels(tiny_base(), "auto", measure=never_measure)
+    assert again.cache_hit and again.table == report.table and again.timings_ms == report.timings_ms
+    assert again.measure_s == 0.0
+
+
+def test_a_changed_fingerprint_measures_again(cache_root, monkeypatch):
+    first = FakeMeasure(STOCK_FOR_ONE_ROW)
+    r1 = apply_cpu_kernels(tiny_base(), "auto", measure=first)
+    real = kernel_choice.cpu_identity()
+    monkeypatch.setattr(kernel_choice, "cpu_identity", lambda: {**real, "flags": real["flags"] + ["new_isa"]})
+    packed_everywhere = {"stock": {n: 90.0 for n in SIZES}, "packed": {n: 50.0 for n in SIZES}}
+    second = FakeMeasure(packed_everywhere)
+    base2 = tiny_base()
+    r2 = apply_cpu_kernels(base2, "auto", measure=second)
+    assert second.calls == 1 and not r2.cache_hit and r2.cache_file != r1.cache_file
+    assert r2.label == "packed" and any(isinstance(m, PackedLinear) for m in base2.model.modules())
+    # and another thread count is another machine too
+    threads = torch.get_num_threads()
+    third = FakeMeasure(STOCK_FOR_ONE_ROW)
+    try:
+        torch.set_num_threads(threads + 1)
+        r3 = apply_cpu_kernels(tiny_base(), "auto", measure=third)
+    finally:
+        torch.set_num_threads(threads)
+    assert third.calls == 1 and r3.cache_file not in (r1.cache_file, r2.cache_file)
+
+
+def test_a_cache_file_from_another_fingerprint_is_not_trusted(tmp_path):
+    path = tmp_path / "k.json"
+    apply_cpu_kernels(tiny_base(), "auto", measure=FakeMeasure(STOCK_FOR_ONE_ROW), cache_file=path)
+    record = json.loads(path.read_text())
+    record["fingerprint"]["torch"] = "0.0-other"
+    path.write_text(json.dumps(record))
+    fake = FakeMeasure(STOCK_FOR_ONE_ROW)
+    assert not apply_cpu_kernels(tiny_base(), "auto", measure=fake, cache_file=path).cache_hit and fake.calls == 1
+    path.write_text("{not json")
+    fake = FakeMeasure(STOCK_FOR_ONE_ROW)
+    assert not apply_cpu_kernels(tiny_base(), "auto", measure=fake, cache_file=path).cache_hit and fake.calls == 1
+
+
+def test_a_single_kernel_plan_settles_into_plain_layers(tmp_path):
+    """No dispatch wrapper and no second weight copy when one kernel wins (or is forced)."""
+    packed_everywhere = {"stock": {n: 90.0 for n in SIZES}, "packed": {n: 50.0 for n in SIZES}}
+    base = tiny_base()
+    n_linear = sum(type(m) is nn.Linear for m in base.model.modules())
+    r = apply_cpu_kernels(base, "auto", measure=FakeMeasure(packed_everywhere), cache_file=tmp_path / "a.json")
+    assert r.label == "packed" and sum(isinstance(m, PackedLinear) for m in base.model.modules()) == n_linear
+    assert base.model.get_output_embeddings().weight is not None  # drafts read the head's rows
+
+    base = tiny_base()
+    r = apply_cpu_kernels(base, "stock", measure=never_measure, cache_file=tmp_path / "a.json")
+    assert r.cache_hit and r.label == "stock" and sum(type(m) is nn.Linear for m in base.model.modules()) == n_linear
+    assert r.cost.pass_ms(4) == 90.0  # forced kernels still get their own cost curve
+
+    base = tiny_base()
+    r = apply_cpu_kernels(base, "stock", measure=FakeMeasure(packed_everywhere), cache_file=tmp_path / "b.json")
+    assert r.label == "stock" and sum(type(m) is nn.Linear for m in base.model.modules()) == n_linear
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        assert torch.equal(base.model(ids).logits, tiny_base().model(ids).logits)  # the very same stock layers
+
+
+def test_choose_table_merges_neighbouring_classes():
+    t = {"stock": {1: 10, 4: 30, 8: 50, 16: 60}, "packed": {1: 12, 4: 20, 8: 40, 16: 70}}
+    assert choose_table(t) == [(1, "stock"), (8, "packed"), (16, "stock")]
+    assert choose_table({"stock": {1: 5, 4: 5}, "packed": {1: 5, 4: 6}}) == [(4, "stock")]  # ties: first listed
+
+
+def test_bad_mode_and_double_application_are_refused(tmp_path):
+    with pytest.raises(CTCDrafterError, match="cpu kernels"):
+        apply_cpu_kernels(tiny_base(), "fastest")
+    base = tiny_base()
+    apply_cpu_kernels(base, "packed", measure=FakeMeasure(STOCK_FOR_ONE_ROW), cache_file=tmp_path / "k.json")
+    with pytest.raises(CTCDrafterError, match="already"):
+        apply_cpu_kernels(base, "auto", cache_file=tmp_path / "k.json")
+
+
+def test_other_dtypes_are_left_alone(tmp_path):
+    base = tiny_base(dtype=torch.float64)
+    r = apply_cpu_kernels(base, "auto", measure=never_measure, cache_file=tmp_path / "k.json")
+    assert r.label == "stock" and r.cost is None and r.note and not (tmp_path / "k.json").exists()
+    assert all(not isinstance(m, (DispatchLinear, PackedLinear)) for m in base.model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_measurement_times_every_kernel_and_size(tmp_path, dtype):
+    base = tiny_base(dtype=dtype)
+    r = apply_cpu_kernels(base, "auto", cache_file=tmp_path / "k.json")
+    assert set(r.timings_ms) == {"stock", "packed"} and all(set(t) == set(SIZES) for t in r.timings_ms.values())
+    assert all(ms > 0 for t in r.timings_ms.values() for ms in t.values()) and r.measure_s > 0
+    assert r.label in ("stock", "packed") or "<=" in r.label
+    costs = [r.cost.pass_ms(n) for n in range(1, 80)]
+    assert all(b >= a for a, b in zip(costs, costs[1:])) and r.cost.marginal_ms(5) >= 0
+    assert "CPU kernels:" in r.describe() and json.dumps(r.to_dict())
+
+
+@pytest.mark.parametrize("generator,budget", [("beam", 12), ("medusa", 20)])
+def test_greedy_with_a_mixed_plan_equals_stock_hf_generate(tmp_path, generator, budget):
+    stock = tiny_llama(dtype=torch.float32, seed=1)
+    base = BaseModel(copy.deepcopy(stock), None, "toy")
+    r = apply_cpu_kernels(base, "auto", measure=FakeMeasure(STOCK_FOR_ONE_ROW), cache_file=tmp_path / "k.json")
+    assert r.label == "stock<=1,packed"
+    longest = 1
+    for trial in range(3):
+        drafter = CTCDrafter(base, new_draft_for(base, seed=trial), generator=generator, budget=budget)
+        ids = torch.randint(0, 64, (1, 5 + trial), generator=torch.Generator().manual_seed(trial))
+        spec = drafter.generate(ids, max_new_tokens=30)
+        van = drafter.generate(ids, max_new_tokens=30, speculative=False)
+        hf = stock.generate(ids, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert spec.tokens == van.tokens == hf[0, ids.shape[1]:].tolist()
+        longest = max(longest, max(spec.accept_lengths))
+    assert longest > 1
