@@ -1,9 +1,11 @@
-"""`ctc-drafter eval` end to end on a tiny model (real shared question files), then `report` on its answers."""
+"""`ctc-drafter eval` end to end on a tiny model (real question files, shipped in tests/data), then
+`report` on its answers."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import transformers
@@ -13,13 +15,13 @@ import transformers
 # reports no split rather than a wrong one. Pass counts (idxs) are exact on both.
 SPLIT_EXACT = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
 
-from conftest import SHARED_DATA
 from ctc_drafter.cli.main import main
 from ctc_drafter.evaluation.eval import answer_question, reorganize_answer_file
 from ctc_drafter.evaluation.questions import GSM8K_INSTRUCTION, Question, load_questions
 
-MT_BENCH = SHARED_DATA / "mt_bench" / "question.jsonl"
-GSM8K = SHARED_DATA / "gsm8k" / "test.jsonl"
+DATA = Path(__file__).parent / "data"
+MT_BENCH = DATA / "mt_bench_question.jsonl"  # FastChat's MT-bench questions (all 80)
+GSM8K = DATA / "gsm8k_test_head20.jsonl"  # the first 20 lines of GSM8K's test.jsonl
 FASTCHAT_KEYS = {"question_id", "answer_id", "model_id", "choices", "tstamp"}
 CHOICE_KEYS = {"index", "turns", "idxs", "new_tokens", "wall_time"}
 
@@ -281,7 +283,7 @@ def test_report_names_the_engines(hf_runs, capsys):
     spec, hf, lookup = (hf_runs / f"mt_bench-{k}.jsonl" for k in ("spec", "hf", "hf-prompt-lookup"))
     assert main(["report", str(spec), "--baseline", str(hf), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["engines"]["baseline"] == "HF generate" and r["engines"]["spec"].startswith("ours, speculative (beam")
+    assert r["engines"]["baseline"] == "HF generate" and r["engines"]["spec"].startswith("ours, speculative (ctc beam")
     assert r["n_questions"] == 2 and r["agreement"] == 1.0 and r["agreement_by"] == "token ids"
     assert r["gamma"] > 0 and r["beta_baseline"] == 1.0
     assert "compared on the 2 questions both files answer (1 only in the speculative file" in r["notes"][0]
@@ -315,7 +317,7 @@ def test_resume_refuses_another_prompt_lookup_size(hf_runs, tiny_model_dir, tmp_
                                         (["--engine", "hf", "--prompt-lookup-tokens", "3"],
                                          "--prompt-lookup-tokens applies only to --engine hf-prompt-lookup"),
                                         (["--engine", "hf-prompt-lookup", "--prompt-lookup-tokens", "0"],
-                                         "--prompt-lookup-tokens must be >= 1")])
+                                         "--prompt-lookup-tokens must be between 1 and")])
 def test_bad_engine_flags(tmp_path, capsys, flags, msg):
     code, err = run_cli(capsys, eval_args("unused", "mt_bench", tmp_path, "x") + flags)
     assert code == 2 and msg in err and "Traceback" not in err

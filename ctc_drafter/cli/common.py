@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..models.templates import TEMPLATES
+from . import checks
 
 
 def add_model_args(p, draft: bool = True) -> None:
@@ -11,24 +12,27 @@ def add_model_args(p, draft: bool = True) -> None:
     if draft:
         p.add_argument("--draft-model", default="default",
                        help="draft folder (from `train`), 'default' (shipped for the default base) or 'untrained'")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--device", default="auto", type=checks.device, help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, float16, bfloat16")
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="chat format: the tokenizer's template (auto) or built-in vicuna / llama2chat")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a base folder that ships its own Python code (auto_map) to run it")
 
 
 def add_decoding_args(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=checks.int_in(1), default=256,
+                   help="at most the base's context length")
+    p.add_argument("--temperature", type=checks.temperature, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=checks.finite_float(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=checks.int_in(0), default=0)
+    p.add_argument("--seed", type=checks.int_in(0, checks.MAX_SEED), default=None)
     p.add_argument("--tree-choices", "--generator", dest="generator", default="beam",
                    choices=["beam", "medusa", "prefix"],
                    help="candidate generator: CTC prefix beam search (default), the paper's Medusa-63 tree, or the "
                         "most likely prefixes by exact CTC prefix probability")
-    p.add_argument("--budget", type=int, default=None,
-                   help="tree node budget incl. root (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
+    p.add_argument("--budget", type=checks.int_in(1, checks.MAX_BUDGET), default=None,
+                   help=f"tree node budget incl. root, 1..{checks.MAX_BUDGET} (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
     p.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"],
                    help="linear layers of our loop on a CPU fp32 base: oneDNN with packed weights (default, "
                         "faster) or PyTorch's stock ones (what HF generate uses)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import CTCDrafterError
 from ..evaluation.hf_engine import DEFAULT_PROMPT_LOOKUP_TOKENS, ENGINES
+from .checks import MAX_BUDGET, check_max_new_tokens
 from .common import add_decoding_args, add_model_args
 
 
@@ -43,8 +44,6 @@ def add_parser(sub) -> None:
 
 
 def _check_args(args) -> None:
-    if args.max_new_tokens < 1:
-        raise CTCDrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_choices < 1:
         raise CTCDrafterError(f"--num-choices must be >= 1, got {args.num_choices}")
     if not args.model_id.strip() or "/" in args.model_id:
@@ -55,8 +54,9 @@ def _check_args(args) -> None:
     if args.prompt_lookup_tokens is not None:
         if args.engine != "hf-prompt-lookup":
             raise CTCDrafterError("--prompt-lookup-tokens applies only to --engine hf-prompt-lookup")
-        if args.prompt_lookup_tokens < 1:
-            raise CTCDrafterError(f"--prompt-lookup-tokens must be >= 1, got {args.prompt_lookup_tokens}")
+        if not 1 <= args.prompt_lookup_tokens <= MAX_BUDGET:
+            raise CTCDrafterError(f"--prompt-lookup-tokens must be between 1 and {MAX_BUDGET}, "
+                                  f"got {args.prompt_lookup_tokens}")
 
 
 def _meta(args, engine) -> dict:
@@ -125,6 +125,7 @@ def run(args) -> int:
                                args.question_stride)
     answer_file = Path(args.answer_file) if args.answer_file else Path(args.answer_dir) / f"{args.model_id}.jsonl"
     engine = _load_engine(args)
+    check_max_new_tokens(args.max_new_tokens, engine.base)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                   "top_k": args.top_k}
     speculative = args.engine == "ours" and not args.baseline

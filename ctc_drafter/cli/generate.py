@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .checks import check_max_new_tokens
 from .common import add_decoding_args, add_model_args
 
 
@@ -28,6 +29,7 @@ def run(args) -> int:
     drafter = CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
                                          device=args.device, dtype=args.dtype, generator=args.generator,
                                          budget=args.budget, cpu_kernels=args.cpu_kernels)
+    check_max_new_tokens(args.max_new_tokens, drafter.base)
     streamer = None
     if not args.json:
         from transformers import TextStreamer

@@ -12,13 +12,14 @@ import os
 import sys
 
 from ..errors import CTCDrafterError
+from .checks import check_command
 
 COMMANDS = ["generate", "demo", "distill", "train", "eval", "report"]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user error
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # one line, exit 2, with the same prefix as every other user error
+        self.exit(2, f"ctc-drafter: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's one-line error: an exit code like any other
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        check_command(args)
         return int(args.func(args) or 0)
     except CTCDrafterError as e:
         print(f"ctc-drafter: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's fault (full disk, read-only folder) where no command caught it
+        where = f" {e.filename}" if e.filename else ""
+        print(f"ctc-drafter: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ctc-drafter: interrupted", file=sys.stderr)

@@ -20,17 +20,19 @@ The reference's `idxs` are 0-based loop indices instead; `report` tells the two 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import CTCDrafterError
+from ..errors import CTCDrafterError, fault_reason
 from .questions import Question, read_jsonl
 
 ANSWER_FORMAT = "ctc-drafter-answers/1"
@@ -83,6 +85,7 @@ def reorganize_answer_file(path: str | Path) -> int:
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, _file_mode(p))  # mkstemp makes 0600; the answer file keeps its mode (new: the umask's)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for rec in recs:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -95,6 +98,39 @@ def reorganize_answer_file(path: str | Path) -> int:
     return len(recs)
 
 
+def _file_mode(p: Path) -> int:
+    """The permission bits `p` has, or those a new file gets under the process umask."""
+    try:
+        return p.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextmanager
+def answer_file_lock(path: Path):
+    """Hold an exclusive lock on `path` for one eval run; a second run on the same file is refused.
+
+    The lock is a hidden file next to the answers (`.NAME.lock`), not the answers themselves, which
+    are replaced when the run tidies them. The kernel drops it when the process ends, killed or not.
+    """
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise CTCDrafterError(f"cannot create the lock file {lock}: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CTCDrafterError(f"another `ctc-drafter eval` is writing {path} (it holds {lock}); wait for it to "
+                                  "finish, or use another --model-id or --answer-file") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def check_resumable(existing: list[dict], meta: dict, path) -> None:
     """Refuse to mix answers of a different kind (bench, engine, base, baseline vs speculative) in one file."""
     for rec in existing:
@@ -102,7 +138,7 @@ def check_resumable(existing: list[dict], meta: dict, path) -> None:
         if old and "engine" not in old:
             old["engine"] = "ours"  # written before HF engines existed
         for key in ("bench", "engine", "prompt_lookup_tokens", "speculative", "base_model", "max_new_tokens",
-                    "temperature", "generator", "budget", "kernels", "draft_sha256"):
+                    "temperature", "proposer", "generator", "budget", "kernels", "draft_sha256"):
             if key in old and key in meta and old[key] != meta[key]:
                 raise CTCDrafterError(
                     f"{path} already holds answers with {key}={old[key]!r} but this run has {key}={meta[key]!r}; "
@@ -163,6 +199,13 @@ def run_eval(drafter, questions: list[Question], answer_file: str | Path, model_
         raise CTCDrafterError(f"cannot create the answer folder {path.parent}: {e.strerror}") from e
     if path.is_dir():
         raise CTCDrafterError(f"answer file {path} is a folder")
+    with answer_file_lock(path):
+        return _answer_missing(drafter, questions, path, model_id, meta, speculative, gen_kwargs, template, seed,
+                               num_choices, progress)
+
+
+def _answer_missing(drafter, questions: list[Question], path: Path, model_id: str, meta: dict, speculative: bool,
+                    gen_kwargs: dict, template: str, seed: int | None, num_choices: int, progress: bool) -> dict:
     existing = read_answers(path)
     check_resumable(existing, meta, path)
     done = {json.dumps(r["question_id"]) for r in existing}
@@ -183,15 +226,22 @@ def run_eval(drafter, questions: list[Question], answer_file: str | Path, model_
         bar.set_postfix(tok_s=f"{summary['new_tokens'] / max(summary['wall_s'], 1e-9):.1f}",
                         beta=f"{summary['new_tokens'] / max(summary['steps'], 1):.2f}")
 
-    for q in bar:
-        choices = answer_question(drafter, q, speculative, gen_kwargs, template, seed, num_choices, on_turn)
-        append_answer(path, {
-            "question_id": q.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
-            "choices": choices, "tstamp": time.time(), "bench": meta["bench"], "category": q.category,
-            "meta": meta,
-        })
-        summary["answered"] += 1
-    bar.close()
-    if path.exists():
-        reorganize_answer_file(path)
+    try:
+        for q in bar:
+            choices = answer_question(drafter, q, speculative, gen_kwargs, template, seed, num_choices, on_turn)
+            append_answer(path, {
+                "question_id": q.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                "choices": choices, "tstamp": time.time(), "bench": meta["bench"], "category": q.category,
+                "meta": meta,
+            })
+            summary["answered"] += 1
+        bar.close()
+        if path.exists():
+            reorganize_answer_file(path)
+    except Exception as e:  # noqa: BLE001 - only file-system faults are converted
+        reason = fault_reason(e)
+        if reason is None:
+            raise
+        raise CTCDrafterError(f"cannot write answer file {path}: {reason}; the {len(done) + summary['answered']} "
+                              "answer(s) written before are kept (rerun to answer the rest)") from e
     return summary
