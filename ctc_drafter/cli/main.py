@@ -14,7 +14,7 @@ import sys
 from ..errors import CTCDrafterError
 from .checks import check_command
 
-COMMANDS = ["generate", "demo", "distill", "train", "eval", "report"]
+COMMANDS = ["generate", "demo", "distill", "train", "eval", "report", "serve"]
 
 
 class _Parser(argparse.ArgumentParser):
