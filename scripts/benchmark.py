@@ -4,9 +4,9 @@
         --ctc-draft ctc_drafter/assets/default_draft --ce-draft runs/ce --out runs/bench/mt_bench \
         [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8 | --spread 10]
 
-Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with both candidate
-generators, the CE (Medusa-style) ablation, our vanilla loop, HF `generate` greedy and HF prompt-lookup
-decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
+Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with each tree policy, the
+n-gram proposer, the hybrid (CTC + n-gram), the CE (Medusa-style) ablation, our vanilla loop, HF
+`generate` greedy and HF prompt-lookup decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
 with HF `generate` greedy: speedup (gamma), beta, the accepted-length histogram, token-exact agreement
 and, for GSM8K, accuracy.
 
@@ -30,12 +30,15 @@ def methods(a) -> list[tuple[str, list[str]]]:
     budget = ["--budget", str(a.budget)] if a.budget else []
     out = [("hf-generate", ["--engine", "hf"]),
            ("vanilla", ["--baseline"]),
-           ("ctc-beam", ["--draft-model", a.ctc_draft, "--tree-choices", "beam"] + budget),
-           ("ctc-medusa", ["--draft-model", a.ctc_draft, "--tree-choices", "medusa"]
+           ("ctc-beam", ["--draft-model", a.ctc_draft, "--generator", "beam"] + budget),
+           ("ctc-medusa", ["--draft-model", a.ctc_draft, "--generator", "medusa"]
             + (["--budget", str(a.medusa_budget)] if a.medusa_budget else [])),
+           ("ctc-prefix", ["--draft-model", a.ctc_draft, "--generator", "prefix"] + budget),
+           ("ngram", ["--proposer", "ngram"] + budget),
+           ("hybrid", ["--draft-model", a.ctc_draft, "--proposer", "hybrid", "--generator", "prefix"] + budget),
            ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
     if a.ce_draft:
-        out.insert(4, ("ce-beam", ["--draft-model", a.ce_draft, "--tree-choices", "beam"] + budget))
+        out.insert(5, ("ce-beam", ["--draft-model", a.ce_draft, "--generator", "beam"] + budget))
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
@@ -83,7 +86,7 @@ def main():
     ap.add_argument("--question-end", type=int, default=None)
     ap.add_argument("--question-stride", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--budget", type=int, default=None, help="node budget for the beam generator (default: device's)")
+    ap.add_argument("--budget", type=int, default=None, help="node budget for beam/prefix/ngram/hybrid (default: device's)")
     ap.add_argument("--medusa-budget", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated subset of methods to run")
     ap.add_argument("--chunk", type=int, default=8,

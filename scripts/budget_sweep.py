@@ -1,8 +1,9 @@
-"""Choose the node budget: beta and tokens/s against tree size, on prompts that are not benchmarks.
+"""Choose the proposer and node budget: beta and tokens/s against tree size, on prompts that are not benchmarks.
 
-    python scripts/budget_sweep.py --draft-model default [--budgets 4,8,12,16,24,32] [--prompts 6] \
-        [--cpu-kernels packed|stock]
+    python scripts/budget_sweep.py --draft-model default [--proposers ctc,ngram,hybrid] [--budgets 4,8,12,16,24,32] \
+        [--prompts 6] [--generator beam] [--cpu-kernels packed|stock]
 
+Each proposer x budget starts from a fresh proposer (the n-gram memory fills over its own prompts only).
 Uses the LAST --prompts questions of ../shared/data/arena/question.jsonl (the distillation run that
 trained the shipped draft used only the first few hundred), greedy, --max-new-tokens each, and our
 vanilla loop as the reference speed, all in one process on one machine.
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 
 from ctc_drafter.decoding import CTCDrafter
-from ctc_drafter.decoding.candidates import make_generator
+from ctc_drafter.decoding.proposers import make_proposer
 
 ARENA = Path(__file__).resolve().parents[2] / "shared" / "data" / "arena" / "question.jsonl"
 
@@ -24,6 +25,7 @@ def main():
     ap.add_argument("--draft-model", default="default")
     ap.add_argument("--budgets", default="4,8,12,16,24,32")
     ap.add_argument("--generator", default="beam")
+    ap.add_argument("--proposers", default="ctc")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--questions", default=str(ARENA))
@@ -40,17 +42,18 @@ def main():
         for q in qs:
             r = d.chat(q, max_new_tokens=a.max_new_tokens, speculative=speculative)
             tok, wall, steps = tok + r.new_tokens, wall + r.wall_s, steps + r.steps
-        rows.append({"budget": label, "tokens_per_s": tok / wall, "beta": tok / steps})
+        rows.append({"method": label, "tokens_per_s": tok / wall, "beta": tok / steps})
         print(json.dumps(rows[-1]), flush=True)
 
     run("vanilla", False)
-    for b in [int(x) for x in a.budgets.split(",")]:
-        d.candidates = make_generator(a.generator, b, d.base.device, ctc=d.draft.config.loss == "ctc")
-        run(b, True)
+    for name in a.proposers.split(","):
+        for b in [int(x) for x in a.budgets.split(",")]:
+            d.proposer, d.budget = make_proposer(name, d.draft, a.generator), b
+            run(f"{name} {a.generator if name != 'ngram' else ''} budget {b}".replace("  ", " "), True)
     van = rows[0]["tokens_per_s"]
-    print(f"\n| budget | beta | tokens/s | speedup vs vanilla |\n|---|---|---|---|")
+    print(f"\n| method | beta | tokens/s | speedup vs vanilla |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['budget']} | {r['beta']:.2f} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / van:.2f}x |")
+        print(f"| {r['method']} | {r['beta']:.2f} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / van:.2f}x |")
 
 
 if __name__ == "__main__":

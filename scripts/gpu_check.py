@@ -54,7 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ctc_drafter.decoding import CTCDrafter  # noqa: E402
-from ctc_drafter.decoding.candidates import CandidateGenerator  # noqa: E402
+from ctc_drafter.decoding.proposers import CTCProposer, Proposer  # noqa: E402
 from ctc_drafter.decoding.generate import _Picker  # noqa: E402
 from ctc_drafter.decoding.kv_cache import compact_kv, new_kv_cache  # noqa: E402
 from ctc_drafter.decoding.tree import TokenTree  # noqa: E402
@@ -138,7 +138,7 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
-class FixedTreeCandidates(CandidateGenerator):
+class FixedTreeProposer(Proposer):
     """A synthetic tree of exactly `budget` nodes (width chains under the root) whatever the draft says.
 
     Verification cost depends on the node count and the mask's shape, not on which tokens are in it,
@@ -148,12 +148,11 @@ class FixedTreeCandidates(CandidateGenerator):
     name = "fixed"
 
     def __init__(self, budget: int, vocab_size: int, width: int = 8, seed: int = 0):
-        super().__init__(budget)
         g = torch.Generator().manual_seed(seed)
         self.tokens = torch.randint(0, vocab_size, (budget,), generator=g).tolist()
         self.parents = [-1] + [max(0, i - width) for i in range(1, budget)]
 
-    def build(self, root, frame_logprobs, max_depth, symbols=None):
+    def propose(self, context, root, max_depth, budget):
         return TokenTree([root] + self.tokens[1:], list(self.parents))
 
 
@@ -438,38 +437,38 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     van = clock.times_ms(lambda: picker.pick(drafter.decode_one_token(root, cache)), warm, reps, after=trim)
     res["vanilla"] = {"step_ms": med(van), "step_ms_min": round(min(van), 4)}
 
-    # The draft's context over the prompt (what generate does after prefill).
-    from ctc_drafter.draft import DraftCache
-
-    dcache = DraftCache()
-    next_ids = torch.cat([prompt[:, 1:], torch.tensor([[root]], device=device)], 1)
-    s_last = draft.extend(hidden, next_ids, dcache)
-    saved = (list(dcache.layers), dcache.frame, dcache.length)
+    # The draft's context over the prompt (what generate does after prefill): one CTC proposer, shared.
+    context = prompt[0].tolist() + [root]
+    ctc = CTCProposer(draft, "beam")
+    ctc.start(context[:-1], hidden, root)
+    dcache = ctc.cache
+    saved = (dcache.length, ctc.s_last)
 
     def restore():
+        """Back to the prompt: the draft cache's rows past `length` are simply overwritten later."""
         trim()
-        dcache.layers, dcache.frame, dcache.length = list(saved[0]), saved[1], saved[2]
+        dcache.length, ctc.s_last = saved
 
     def spec_full(d: CTCDrafter):
-        """One speculative step as generate runs it: the step, then the draft's context update."""
-        new, path_hidden, nodes = d.speculative_step(root, s_last, cache, dcache, picker, max_depth=64)
-        d.draft.extend(path_hidden, torch.tensor([new], device=device), dcache)
+        """One speculative step as generate runs it: the step, then the proposer's context update."""
+        new, path_hidden, nodes = d.speculative_step(context, cache, picker, max_depth=64)
+        d.proposer.accept(new, path_hidden)
         sizes.append(nodes)
 
     res["spec"] = {}
     for budget in a.budgets:
         for kind in ("beam", "fixed"):
-            gen = "beam" if kind == "beam" else FixedTreeCandidates(budget, c.vocab_size)
-            d = CTCDrafter(base, draft, generator=gen, budget=budget)
+            d = CTCDrafter(base, draft, budget=budget,
+                           proposer=ctc if kind == "beam" else FixedTreeProposer(budget, c.vocab_size))
             sizes: list[int] = []
             full = clock.times_ms(lambda: spec_full(d), warm, reps, after=restore)
             step = clock.times_ms(
-                lambda: d.speculative_step(root, s_last, cache, dcache, picker, max_depth=64), warm, reps, after=restore)
+                lambda: d.speculative_step(context, cache, picker, max_depth=64), warm, reps, after=restore)
             entry = {"step_with_extend_ms": med(full), "step_ms": med(step), "nodes_mean": round(sum(sizes) / len(sizes), 2),
                      "nodes_min": min(sizes), "nodes_max": max(sizes),
                      "over_hf": round(med(full) / hf_ms, 4), "over_vanilla": round(med(full) / med(van), 4)}
             if kind == "fixed":
-                tree = d.candidates.build(root, None, 64)
+                tree = d.proposer.propose(context, root, 64, budget)
                 ids, pos, mask = tree.verify_inputs(past, device, dtype)
                 entry["verify_only_ms"] = med(clock.times_ms(
                     lambda: base.forward(ids, cache, position_ids=pos, attention_mask=mask), warm, reps, after=trim))
@@ -477,11 +476,10 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
             res["spec"][f"{kind}{budget}"] = entry
 
     # The draft's own overhead: frames + candidate tree (beam, budget 64) + context update of 1 token.
-    d64 = CTCDrafter(base, draft, generator="beam", budget=64)
-    frames_ms = clock.times_ms(lambda: draft.frames(s_last, dcache), warm, reps)
-    fr = draft.frames(s_last, dcache)[0]
+    frames_ms = clock.times_ms(lambda: draft.frames(ctc.s_last, dcache), warm, reps)
+    fr = draft.frames(ctc.s_last, dcache)[0]
     syms = draft.symbol_tokens()
-    build_ms = clock.times_ms(lambda: d64.candidates.build(root, fr, 64, symbols=syms), warm, reps)
+    build_ms = clock.times_ms(lambda: ctc.policy.build(root, fr, 64, 64, symbols=syms), warm, reps)
     one = torch.tensor([[root]], device=device)
     extend_ms = clock.times_ms(lambda: draft.extend(hidden[:, -1:], one, dcache), warm, reps, after=restore)
     total = med(frames_ms) + med(build_ms) + med(extend_ms)
@@ -495,9 +493,9 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     # Syncs per step: a count growing with the node budget would mean a per-node host sync.
     res["syncs_per_step"] = {}
     for b in (16, 128):
-        d = CTCDrafter(base, draft, generator="beam", budget=b)
+        d = CTCDrafter(base, draft, budget=b, proposer=ctc)
         res["syncs_per_step"][f"beam{b}"] = count_syncs(
-            lambda: d.speculative_step(root, s_last, cache, dcache, picker, max_depth=64), device)
+            lambda: d.speculative_step(context, cache, picker, max_depth=64), device)
         restore()
     res["syncs_per_step"]["vanilla"] = count_syncs(lambda: picker.pick(drafter.decode_one_token(root, cache)), device)
     trim()
@@ -512,7 +510,7 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     if spec64:
         # Tokens per step a draft must average for speculation to beat HF's vanilla decoding.
         res["break_even_accept_length_beam64"] = round(spec64 / hf_ms, 3)
-    del drafter, d, d64, draft, cache, dcache, saved, base, model, hidden, logits, s_last
+    del drafter, d, ctc, draft, cache, dcache, saved, base, model, hidden, logits
     release_memory()
     return res
 

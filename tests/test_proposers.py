@@ -154,3 +154,24 @@ def test_ngram_needs_no_draft_and_remembers_across_requests():
     again = drafter.generate(ids, max_new_tokens=30)  # the same request: its earlier answer is in the memory
     assert first.tokens == again.tokens == hf_greedy(base.model, ids, 30)
     assert again.steps < first.steps
+
+
+class RepeatLast(Proposer):
+    """README's custom proposer: guesses that the newest token repeats (up to 3 times)."""
+
+    name = "repeat"
+
+    def propose(self, context, root, max_depth, budget):
+        n = min(3, max_depth, budget - 1)
+        return TokenTree([root] * (n + 1), list(range(-1, n)))
+
+
+def test_readme_custom_proposer_is_lossless():
+    model = tiny_llama(dtype=torch.float64, seed=7)
+    with torch.no_grad():  # make repeats likely: the model copies its input token
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight * 20)
+    base = BaseModel(model, None, "toy")
+    drafter = CTCDrafter(base, proposer=RepeatLast(), budget=4)
+    ids = torch.tensor([[5, 5, 5, 2]])
+    spec = drafter.generate(ids, max_new_tokens=20)
+    assert spec.tokens == hf_greedy(model, ids, 20) and spec.steps < 20

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CTCDrafterError
+from .cache import DraftCache
 from .config import DraftConfig
 
 
@@ -94,22 +95,6 @@ class DecoderLayer(nn.Module):
         x = x + self.attn(self.input_norm(x), cos, sin, k, v, mask)
         y = self.post_norm(x)
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
-
-
-class DraftCache:
-    """KV of the accepted context only: the draft never sees speculative tokens, so it never rolls back.
-
-    layers[i] = (k, v) of context layer i; frame = (k, v) of the frame layer over s_{<=t}.
-    """
-
-    def __init__(self):
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        self.frame: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.length = 0
-
-    @staticmethod
-    def _cat(old, new):
-        return new if old is None else (torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2))
 
 
 class CTCDraftModel(nn.Module):
@@ -293,19 +278,15 @@ class CTCDraftModel(nn.Module):
         return torch.cat([tok, blank.to(tok.dtype)], dim=-1)
 
     def _context_layers(self, x, positions, cache: DraftCache | None, causal_mask):
+        """Context layers over new positions; with a cache their keys/values are written into it."""
         cos, sin = self.rotary(positions, x.dtype)
-        new_kv = []
         for i, layer in enumerate(self.layers):
             k, v = layer.kv(x, cos, sin)
-            if cache is not None and i < len(cache.layers) and cache.layers[i] is not None:
-                k_all = torch.cat([cache.layers[i][0], k], 2)
-                v_all = torch.cat([cache.layers[i][1], v], 2)
-            else:
-                k_all, v_all = k, v
-            new_kv.append((k_all, v_all))
-            x = layer(x, cos, sin, k_all, v_all, causal_mask)
+            if cache is not None:
+                k, v = cache.layer(i).write(cache.length, k, v)  # views over the past and the new positions
+            x = layer(x, cos, sin, k, v, causal_mask)
         fk, fv = self.frame_layer.kv(x, cos, sin)  # frame layer's keys over the context states
-        return x, new_kv, (fk, fv)
+        return x, (fk, fv)
 
     # ---- decoding (batch 1 in practice, written for B) -----------------------------------------
 
@@ -321,9 +302,8 @@ class CTCDraftModel(nn.Module):
         positions = torch.arange(start, start + n, device=hidden.device).expand(B, n)
         x = self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), self._embed(next_ids).to(self.fuse.weight.dtype)], -1))
         mask = torch.ones(n, start + n, dtype=torch.bool, device=hidden.device).tril(start)[None, None]
-        s, new_kv, fkv = self._context_layers(x, positions, cache, mask)
-        cache.layers = new_kv
-        cache.frame = DraftCache._cat(cache.frame, fkv)
+        s, (fk, fv) = self._context_layers(x, positions, cache, mask)
+        cache.frame.write(start, fk, fv)
         cache.length = start + n
         return s[:, -1]
 
@@ -336,8 +316,7 @@ class CTCDraftModel(nn.Module):
         positions = torch.arange(t + 1, t + 1 + L, device=s_last.device).expand(B, L)
         cos, sin = self.rotary(positions, f.dtype)
         k, v = self.frame_layer.kv(f, cos, sin)
-        k_all = torch.cat([cache.frame[0], k], 2)
-        v_all = torch.cat([cache.frame[1], v], 2)
+        k_all, v_all = cache.frame.write(cache.length, k, v)  # scratch past the context: not kept
         f = self.frame_layer(f, cos, sin, k_all, v_all, None)  # frames see all context and each other
         return torch.log_softmax(self.frame_logits(f, fast=True).float(), dim=-1)
 
@@ -355,7 +334,7 @@ class CTCDraftModel(nn.Module):
         x = self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), self._embed(next_ids).to(self.fuse.weight.dtype)], -1))
         pos = torch.arange(T, device=dev).expand(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None]
-        s, _, (ck, cv) = self._context_layers(x, pos, None, causal)
+        s, (ck, cv) = self._context_layers(x, pos, None, causal)
         # Frames of every selected position, flattened to P*L queries.
         s_sel = torch.gather(s, 1, positions_sel[..., None].expand(B, P, d))  # [B,P,d]
         f = (s_sel[:, :, None, :] + self.frame_embed.to(s.dtype)[None, None]).reshape(B, P * L, d)
