@@ -229,6 +229,12 @@ def test_bad_requests_get_openai_style_errors(engine, server):
         "context_length_exceeded"
     after = get_metric(server, "ctc_drafter_requests_total", endpoint="/v1/chat/completions", outcome="invalid")
     assert after - before == len(cases) + 1
+    for body, param, code in [({"prompt": "word " * 2000}, "prompt", "context_length_exceeded"),
+                              ({"prompt": [1, 10**9]}, "prompt", None), ({"prompt": ""}, "prompt", None),
+                              ({"prompt": "hi", "seed": 2**70}, "seed", None),
+                              ({"prompt": "hi", "echo": True}, "echo", None)]:
+        status, err = post(server, "/v1/completions", {"model": MODEL, **body})
+        assert (status, err["error"]["param"], err["error"]["code"]) == (400, param, code), body
     c = client(server)
     with pytest.raises(openai.BadRequestError) as bad:
         c.completions.create(model=MODEL, prompt="hi", max_tokens=0)

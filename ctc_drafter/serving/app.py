@@ -61,15 +61,16 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
             ids = build_prompt_ids(engine.base.tokenizer, messages, settings.template)
         except CTCDrafterError as e:
             raise APIError(400, str(e), param="messages")
-        return await _answer(request, body, ids, chat=True)
+        return await _answer(request, body, ids, chat=True, prompt_param="messages")
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body, settings)
-        return await _answer(request, body, _completion_prompt_ids(engine, body.prompt), chat=False)
+        return await _answer(request, body, _completion_prompt_ids(engine, body.prompt), chat=False,
+                             prompt_param="prompt")
 
-    async def _answer(request: Request, body: SamplingRequest, ids: list[int], chat: bool):
-        _check_context(engine, ids)
+    async def _answer(request: Request, body: SamplingRequest, ids: list[int], chat: bool, prompt_param: str):
+        _check_context(engine, ids, prompt_param)
         job = _new_job(request.url.path, body, ids, settings)
         try:
             worker.submit(job)
@@ -138,11 +139,11 @@ def _completion_prompt_ids(engine, prompt: str | list[int]) -> list[int]:
     return ids
 
 
-def _check_context(engine, ids: list[int]) -> None:
+def _check_context(engine, ids: list[int], param: str) -> None:
     limit = engine.base.max_length
     if len(ids) >= limit:
         raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has {len(ids)} "
-                            "tokens (at least one must be left for the reply)", param="messages",
+                            "tokens (at least one must be left for the reply)", param=param,
                        code="context_length_exceeded")
 
 

@@ -63,7 +63,7 @@ class SamplingRequest(_Request):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what a torch generator takes
     stop: str | list[str] | None = None
     n: int | None = 1
     stream: bool | None = False
