@@ -1,66 +1,58 @@
-"""Base forward time against tree size: what the default node budget is chosen from.
+"""Base forward time against tree size: the cost curve the CPU kernel choice and node budget rest on.
 
-    python scripts/tree_cost.py [--base-model default] [--device auto] [--past 256] [--reps 10] [--kernels both]
+    python scripts/tree_cost.py [--base-model default] [--device auto] [--dtype auto] [--past 256] [--reps 10]
+                                [--kernels both] [--threads 1,2] [--sizes 1,2,4,8,...]
 
 Times one base pass over n tree nodes (a chain; the mask shape, not its pattern, sets the cost) on top
-of a `--past`-token KV cache, median of --reps after a warm-up, for n in 1..64. On CPU, --kernels
-picks the linear layers: `packed` (oneDNN, what our decoding loop uses), `stock` (PyTorch's default,
-what HF `generate` uses) or `both`.
+of a `--past`-token KV cache, median of --reps after a warm-up, for each n in --sizes, with the same
+procedure `--cpu-kernels auto` runs at first load (models/kernel_choice.py: measure_passes, kernels
+and sizes interleaved). On CPU, --kernels picks the linear layers: `packed` (oneDNN packed weights),
+`stock` (PyTorch's default, what HF `generate` uses) or `both`; --threads repeats it all per torch
+thread count. Elsewhere (GPU) the stock layers are timed.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from ctc_drafter.decoding.kv_cache import new_kv_cache
-from ctc_drafter.decoding.tree import TokenTree
-from ctc_drafter.decoding.kv_cache import compact_kv
 from ctc_drafter.models import load_base_model
-from ctc_drafter.models.cpu_kernels import pack_linears
+from ctc_drafter.models.cpu_kernels import KernelPlan, dispatch_linears
+from ctc_drafter.models.kernel_choice import KERNELS, measure_passes, medians
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-model", default="default")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--past", type=int, default=256)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sizes", default="1,2,4,8,12,16,24,32,48,64")
-    ap.add_argument("--kernels", default="packed", choices=["packed", "stock", "both"])
+    ap.add_argument("--kernels", default="both", choices=["packed", "stock", "both"])
+    ap.add_argument("--threads", default=None, help="comma-separated torch thread counts (default: as set)")
     a = ap.parse_args()
-    base = load_base_model(a.base_model, device=a.device)
-    for kernels in (["stock", "packed"] if a.kernels == "both" else [a.kernels]):
-        if kernels == "packed" and pack_linears(base.model) == 0:  # not a CPU fp32 model
-            if a.kernels == "both":
-                break
-            kernels = "stock"
-        time_sizes(base, a, kernels)
+    base = load_base_model(a.base_model, device=a.device, dtype=a.dtype)
+    plan = KernelPlan()
+    kernels = KERNELS if a.kernels == "both" else (a.kernels,)
+    if dispatch_linears(base.model, plan) == 0:  # not a CPU fp32/bf16 model: only its own layers
+        kernels = ("stock",)
+    sizes = tuple(int(x) for x in a.sizes.split(","))
+    for threads in [int(t) for t in a.threads.split(",")] if a.threads else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        timings = medians(measure_passes(base, plan, sizes, kernels, reps=a.reps, past=a.past, budget_s=None))
+        print_table(base, a, threads, timings)
 
 
-def time_sizes(base, a, kernels: str) -> None:
-    cache = new_kv_cache(base)
-    base.forward(torch.randint(0, 1000, (1, a.past), device=base.device), cache)
-    sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)
-    print(f"{base.name} on {base.device} ({base.dtype}), torch threads {torch.get_num_threads()}, past {a.past}, "
-          f"{kernels} linear layers")
-    print(f"{'nodes':>5} {'ms':>8} {'ms/node':>8} {'vs 1 node':>9}")
-    first = None
-    for n in [int(x) for x in a.sizes.split(",")]:
-        tree = TokenTree(list(range(100, 100 + n)), [-1] + list(range(n - 1)))
-        ids, pos, mask = tree.verify_inputs(a.past, base.device, base.dtype)
-        times = []
-        for r in range(a.reps + 2):
-            sync()
-            t = time.perf_counter()
-            base.forward(ids, cache, position_ids=pos, attention_mask=mask)
-            sync()
-            times.append(time.perf_counter() - t)
-            compact_kv(cache, a.past, [])
-        ms = statistics.median(times[2:]) * 1e3
-        first = first or ms
-        print(f"{n:>5} {ms:8.1f} {ms / n:8.2f} {ms / first:8.2f}x")
+def print_table(base, a, threads: int, timings) -> None:
+    print(f"{base.name} on {base.device} ({str(base.dtype).replace('torch.', '')}), torch threads {threads}, "
+          f"past {a.past}, median of {a.reps}; ms per base pass (ms/node, x the 1-node pass of that kernel)")
+    sizes = sorted(next(iter(timings.values())))
+    print(f"{'nodes':>5} " + " ".join(f"{k:>22}" for k in timings) + "  fastest")
+    for n in sizes:
+        cells = [f"{t[n]:8.1f} {t[n] / n:6.2f} {t[n] / t[sizes[0]]:5.2f}x" for t in timings.values()]
+        fastest = min(timings, key=lambda k: timings[k][n])
+        print(f"{n:>5} " + " ".join(f"{c:>22}" for c in cells) + f"  {fastest}")
+    print()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from ctc_drafter.draft import new_draft_for
 from ctc_drafter.errors import CTCDrafterError
 from ctc_drafter.models import cpu_kernels, kernel_choice
 from ctc_drafter.models.base import BaseModel
-from ctc_drafter.models.cpu_kernels import DispatchLinear, PackedLinear, packed_linear_available
-from ctc_drafter.models.kernel_choice import SIZES, apply_cpu_kernels, choose_table
+from ctc_drafter.models.cpu_kernels import DispatchLinear, PackedLinear, kernel_label, packed_linear_available
+from ctc_drafter.models.kernel_choice import REPS, SIZES, apply_cpu_kernels, choose_table
 
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN")
 
@@ -26,14 +26,15 @@ STOCK_FOR_ONE_ROW = {"stock": {n: 40.0 + 4 * n for n in SIZES}, "packed": {n: 45
 class FakeMeasure:
     """Injected timings instead of a stopwatch; counts how often the kernels were 'timed'."""
 
-    def __init__(self, timings):
-        self.timings, self.calls = timings, 0
+    def __init__(self, timings, spread=1.0):
+        self.timings, self.calls, self.spread = timings, 0, spread
 
     def __call__(self, base, plan, sizes):
         self.calls += 1
         assert all(isinstance(m, DispatchLinear) for m in base.model.modules() if isinstance(m, nn.Module)
                    and "Linear" in type(m).__name__), "timing must run with every layer switchable"
-        return {k: {n: t[n] for n in sizes} for k, t in self.timings.items()}
+        # REPS samples per cell around the given median; `spread` = slowest / fastest sample
+        return {k: {n: [t[n], t[n], t[n] * self.spread][:REPS] for n in sizes} for k, t in self.timings.items()}
 
 
 def never_measure(base, plan, sizes):
@@ -70,6 +71,7 @@ def test_auto_picks_the_faster_kernel_per_size_and_reuses_the_cache(cache_root, 
     assert fake.calls == 1 and not report.cache_hit
     assert report.table == [(1, "stock"), (max(SIZES), "packed")] and report.label == "stock<=1,packed"
     assert report.kernel_for(1) == "stock" and report.kernel_for(3) == "packed" and report.kernel_for(500) == "packed"
+    assert kernel_label(base.model) == report.label  # what an engine reports without the report at hand
     # the cost model follows the chosen kernel at each size
     assert report.cost.pass_ms(1) == 44.0 and report.cost.pass_ms(8) == STOCK_FOR_ONE_ROW["packed"][8]
 
@@ -138,6 +140,7 @@ def test_a_single_kernel_plan_settles_into_plain_layers(tmp_path):
     n_linear = sum(type(m) is nn.Linear for m in base.model.modules())
     r = apply_cpu_kernels(base, "auto", measure=FakeMeasure(packed_everywhere), cache_file=tmp_path / "a.json")
     assert r.label == "packed" and sum(isinstance(m, PackedLinear) for m in base.model.modules()) == n_linear
+    assert kernel_label(base.model) == "packed"
     assert base.model.get_output_embeddings().weight is not None  # drafts read the head's rows
 
     base = tiny_base()
@@ -153,10 +156,24 @@ def test_a_single_kernel_plan_settles_into_plain_layers(tmp_path):
         assert torch.equal(base.model(ids).logits, tiny_base().model(ids).logits)  # the very same stock layers
 
 
-def test_choose_table_merges_neighbouring_classes():
+def test_choose_table_merges_neighbouring_classes_and_does_not_flap_on_near_ties():
     t = {"stock": {1: 10, 4: 30, 8: 50, 16: 60}, "packed": {1: 12, 4: 20, 8: 40, 16: 70}}
     assert choose_table(t) == [(1, "stock"), (8, "packed"), (16, "stock")]
     assert choose_table({"stock": {1: 5, 4: 5}, "packed": {1: 5, 4: 6}}) == [(4, "stock")]  # ties: first listed
+    near = {"stock": {1: 10, 4: 20, 8: 29.5}, "packed": {1: 12, 4: 15, 8: 30}}  # 8 rows: packed within 2%
+    assert choose_table(near) == [(1, "stock"), (8, "packed")]
+
+
+def test_noisy_timings_are_used_but_not_cached(tmp_path):
+    """A busy machine's timings choose for this run only; the next load measures again."""
+    path = tmp_path / "k.json"
+    noisy = FakeMeasure(STOCK_FOR_ONE_ROW, spread=2.0)
+    r = apply_cpu_kernels(tiny_base(), "auto", measure=noisy, cache_file=path)
+    assert r.label == "stock<=1,packed" and "noisy" in r.note and r.cache_file is None and not path.exists()
+    assert "NOT cached" in r.describe()
+    calm = FakeMeasure(STOCK_FOR_ONE_ROW, spread=1.1)
+    r = apply_cpu_kernels(tiny_base(), "auto", measure=calm, cache_file=path)
+    assert calm.calls == 1 and not r.note and path.exists()
 
 
 def test_bad_mode_and_double_application_are_refused(tmp_path):

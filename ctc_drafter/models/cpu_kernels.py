@@ -159,14 +159,19 @@ def settle_linears(model: nn.Module, plan: KernelPlan) -> int:
     return _swap_linears(model, settle)
 
 
-def linear_kernels(model: nn.Module) -> set[str]:
-    """Kernels the model's linear layers can run now: {'stock'}, {'packed'} or both (mixed plan)."""
-    found = set()
+def plan_label(table: list[tuple[int, str]]) -> str:
+    """'stock', 'packed', or a mixed plan such as 'stock<=1,packed' (stock up to 1 row, packed above)."""
+    kernels = [k for _, k in table] or [STOCK]
+    if len(set(kernels)) == 1:
+        return kernels[0]
+    return ",".join([f"{k}<={n}" for n, k in table[:-1]] + [table[-1][1]])
+
+
+def kernel_label(model: nn.Module) -> str:
+    """The label of what the model's linear layers run now (plan_label's format)."""
     for m in model.modules():
+        if isinstance(m, DispatchLinear):
+            return plan_label(m.plan.table)
         if isinstance(m, PackedLinear):
-            found.add(PACKED)
-        elif isinstance(m, DispatchLinear):
-            found |= {k for _, k in m.plan.table}
-        elif type(m) is nn.Linear:
-            found.add(STOCK)
-    return found
+            return PACKED
+    return STOCK

@@ -37,7 +37,7 @@ import torch
 from ..errors import CTCDrafterError
 from .base import BaseModel, cache_dir
 from .cpu_kernels import (PACKED, STOCK, DispatchLinear, KernelPlan, PackedLinear, dispatch_linears, pack_linears,
-                          packable, settle_linears)
+                          packable, plan_label, settle_linears)
 from .pass_cost import PassCostModel
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,14 @@ KERNELS = (STOCK, PACKED)
 SIZES = (1, 4, 8, 16, 32, 64)  # rows per pass: 1 = a vanilla step, the rest tree sizes
 PAST = 256  # KV length the passes are timed on (the middle of a typical chat answer)
 REPS = 3  # timed passes per (kernel, size), after one warm-up
-SCHEMA = 1  # bump when the procedure changes: old cache entries then no longer match
+BUDGET_S = 15.0  # stop timing after the repetition that passes this (a busy machine), and do not cache
+NOISE_LIMIT = 1.25  # median over cells of slowest/fastest rep above this: too noisy to cache
+TIE = 0.03  # a kernel within 3% of the fastest keeps the previous size class's kernel (no flapping on noise)
+SCHEMA = 2  # bump when the procedure changes: old cache entries then no longer match
 
 Timings = dict[str, dict[int, float]]  # kernel -> rows -> median ms of one whole base pass
-Measure = Callable[[BaseModel, KernelPlan, tuple[int, ...]], Timings]
+Samples = dict[str, dict[int, list[float]]]  # kernel -> rows -> ms of each timed pass
+Measure = Callable[[BaseModel, KernelPlan, tuple[int, ...]], Samples]
 
 
 @dataclass
@@ -69,10 +73,7 @@ class KernelReport:
     @property
     def label(self) -> str:
         """'stock', 'packed', or a mixed plan such as 'stock<=1,packed'."""
-        kernels = [k for _, k in self.table] or [STOCK]
-        if len(set(kernels)) == 1:
-            return kernels[0]
-        return ",".join([f"{k}<={n}" for n, k in self.table[:-1]] + [self.table[-1][1]])
+        return plan_label(self.table)
 
     def kernel_for(self, rows: int) -> str:
         return KernelPlan(self.table).kernel_for(rows) if self.table else STOCK
@@ -90,7 +91,8 @@ class KernelReport:
         if not self.timings_ms:
             return f"CPU kernels: {self.label} ({self.note or self.mode})"
         src = (f"cached decision, {self.cache_file}" if self.cache_hit
-               else f"measured now in {self.measure_s:.1f} s, cached in {self.cache_file}")
+               else f"measured now in {self.measure_s:.1f} s, "
+               + (f"NOT cached: {self.note}" if self.note else f"cached in {self.cache_file}"))
         classes, lo = [], 1
         for n, k in self.table:
             classes.append(f"{k} for {lo}-{n} rows" if n > lo else f"{k} for {n} row{'s' if n > 1 else ''}")
@@ -186,10 +188,12 @@ def _chain_inputs(n: int, past: int, vocab: int, device, dtype):
 
 
 def measure_passes(base: BaseModel, plan: KernelPlan, sizes: tuple[int, ...] = SIZES,
-                   kernels: tuple[str, ...] = KERNELS, reps: int = REPS, past: int = PAST) -> Timings:
-    """Median ms of one base pass over n new tokens (logits for all of them, as in verification) on a
+                   kernels: tuple[str, ...] = KERNELS, reps: int = REPS, past: int = PAST,
+                   budget_s: float | None = BUDGET_S) -> Samples:
+    """ms of each timed base pass over n new tokens (logits for all of them, as in verification) on a
     `past`-token cache, per kernel (forced through `plan`) and n. Kernels and sizes are interleaved
-    within each repetition so that a burst of load from other processes hits all of them alike."""
+    within each repetition so that a burst of load from other processes hits all of them alike; after
+    `budget_s` no further repetition starts (at least one is timed)."""
     from ..decoding.kv_cache import compact_kv, new_kv_cache
 
     past = max(1, min(past, base.max_length - max(sizes) - 1))
@@ -197,9 +201,12 @@ def measure_passes(base: BaseModel, plan: KernelPlan, sizes: tuple[int, ...] = S
     vocab = int(base.config.vocab_size)
     base.forward(_random_ids(past, vocab, base.device, seed=0), cache, logits_at=slice(-1, None))
     inputs = {n: _chain_inputs(n, past, vocab, base.device, base.dtype) for n in sizes}
-    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in sizes} for k in kernels}
+    times: Samples = {k: {n: [] for n in sizes} for k in kernels}
+    t0 = time.perf_counter()
     try:
         for rep in range(reps + 1):  # rep 0 warms up each (kernel, size)
+            if rep > 1 and budget_s is not None and time.perf_counter() - t0 > budget_s:
+                break
             for n in sizes:
                 ids, pos, mask = inputs[n]
                 for k in kernels:
@@ -211,16 +218,36 @@ def measure_passes(base: BaseModel, plan: KernelPlan, sizes: tuple[int, ...] = S
                     compact_kv(cache, past, [])
     finally:
         plan.forced = None
-    return {k: {n: statistics.median(v) for n, v in t.items()} for k, t in times.items()}
+    return times
+
+
+def medians(samples: Samples) -> Timings:
+    return {k: {n: statistics.median(v) for n, v in t.items()} for k, t in samples.items()}
+
+
+def unreliable(samples: Samples, reps: int = REPS) -> str:
+    """Why these samples should not be cached ('' when they may): cut short, or too noisy."""
+    cells = [v for t in samples.values() for v in t.values()]
+    if min(len(v) for v in cells) < reps:
+        return f"timing stopped after {min(len(v) for v in cells)} of {reps} repetitions (busy machine?)"
+    spread = statistics.median(max(v) / min(v) for v in cells)
+    if spread > NOISE_LIMIT:
+        return f"timings too noisy to keep (median slowest/fastest {spread:.2f} > {NOISE_LIMIT}; busy machine?)"
+    return ""
 
 
 def choose_table(timings: Timings) -> list[tuple[int, str]]:
     """Per measured size the fastest kernel; size n's class covers rows in (previous size, n].
-    Neighbouring classes with the same kernel merge. Ties go to the kernel listed first."""
+    Within TIE of the fastest, the previous class's kernel stays (for the first size: the kernel
+    listed first), so noise does not split the table. Neighbouring classes with the same kernel merge."""
     sizes = sorted({n for t in timings.values() for n in t})
     table: list[tuple[int, str]] = []
     for n in sizes:
-        best = min((k for k in timings if n in timings[k]), key=lambda k: timings[k][n])
+        here = [k for k in timings if n in timings[k]]
+        fastest = min(timings[k][n] for k in here)
+        incumbent = table[-1][1] if table else here[0]
+        near = incumbent in here and timings[incumbent][n] <= fastest * (1 + TIE)
+        best = incumbent if near else min(here, key=lambda k: timings[k][n])
         if table and table[-1][1] == best:
             table[-1] = (n, best)
         else:
@@ -267,19 +294,21 @@ def apply_cpu_kernels(base: BaseModel, mode: str = "auto", *, measure: Measure |
     fp = fingerprint(base)
     path = Path(cache_file) if cache_file is not None else cache_file_for(fp)
     record = read_cached(path, fp)
-    plan, measure_s = None, 0.0
+    plan, measure_s, note = None, 0.0, ""
     if record is None:
         plan = KernelPlan()
         dispatch_linears(model, plan)
         t0 = time.perf_counter()
-        timings = (measure or measure_passes)(base, plan, SIZES)
+        samples = (measure or measure_passes)(base, plan, SIZES)
         measure_s = time.perf_counter() - t0
-        log.info("timed the CPU kernels in %.1f s: %s", measure_s, timings)
-        record = {"fingerprint": fp, "timings_ms": timings, "measure_s": round(measure_s, 3),
+        record = {"fingerprint": fp, "timings_ms": medians(samples), "measure_s": round(measure_s, 3),
                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_cached(path, record)
+        note = unreliable(samples)
+        log.info("timed the CPU kernels in %.1f s: %s %s", measure_s, record["timings_ms"], note)
+        if not note and not write_cached(path, record):
+            note = "could not write the cache"
     timings = record["timings_ms"]
     table = choose_table(timings) if mode == "auto" else [(max(SIZES), mode)]
     _install(model, table, plan)
-    return KernelReport(mode, table, timings, cache_hit=plan is None, cache_file=str(path), measure_s=measure_s,
-                        cost=_cost_of(table, timings))
+    return KernelReport(mode, table, timings, cache_hit=plan is None, cache_file=None if note else str(path),
+                        measure_s=measure_s, cost=_cost_of(table, timings), note=note)
