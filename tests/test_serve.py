@@ -150,6 +150,22 @@ def test_greedy_replies_equal_generate(engine, server):
         assert complete(c, stream, prompt, max_tokens=16) == (engine.decode(raw.tokens), "length")
 
 
+def test_stream_is_server_sent_events_in_openai_format(server):
+    body = json.dumps({"model": MODEL, "messages": HI, "max_tokens": 5, "stream": True}).encode()
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-2])
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "speculation" in chunks[-1]
+
+
 def _stop_across_tokens(engine, tokens):
     """A 4-character stop string that starts in one token's text and ends in the next one's."""
     text = engine.decode(tokens)

@@ -82,8 +82,8 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         reply_id, model = new_id("chatcmpl" if chat else "cmpl"), settings.model_name
         if body.stream:
-            events = _sse_events(worker, job, chat, reply_id, model, body.include_usage())
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = _sse_events(job, chat, reply_id, model, body.include_usage())
+            return _EventStream(events, on_close=lambda: worker.cancel(job))
         kind, payload = await _terminal_event(worker, job, request)
         if kind == "done":
             return completion_body(chat, reply_id, model, payload)
@@ -184,28 +184,42 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _sse_events(worker: DecodeWorker, job: Job, chat: bool, reply_id: str, model: str, include_usage: bool):
-    """The stream of one reply. When the client disconnects, Starlette cancels this generator mid-await,
-    and `finally` frees the worker for the next request."""
-    try:
-        if chat:
-            yield _sse(chunk_body(chat, reply_id, model, first=True))
-        while True:
-            kind, payload = await job.events.get()
-            if kind == "delta":
-                yield _sse(chunk_body(chat, reply_id, model, text=payload))
-                continue
-            if kind == "done":
-                last = chunk_body(chat, reply_id, model, finish_reason=payload.finish_reason)
-                yield _sse({**last, "speculation": payload.speculation.model_dump()})
-                if include_usage:
-                    yield _sse(usage_chunk_body(chat, reply_id, model, payload))
-            elif kind == "error":
-                yield _sse(payload.body())
-            yield "data: [DONE]\n\n"
-            return
-    finally:
-        worker.cancel(job)  # a no-op for a finished job
+async def _sse_events(job: Job, chat: bool, reply_id: str, model: str, include_usage: bool):
+    """The chunks of one streamed reply, then `data: [DONE]`."""
+    if chat:
+        yield _sse(chunk_body(chat, reply_id, model, first=True))
+    while True:
+        kind, payload = await job.events.get()
+        if kind == "delta":
+            yield _sse(chunk_body(chat, reply_id, model, text=payload))
+            continue
+        if kind == "done":
+            last = chunk_body(chat, reply_id, model, finish_reason=payload.finish_reason)
+            yield _sse({**last, "speculation": payload.speculation.model_dump()})
+            if include_usage:
+                yield _sse(usage_chunk_body(chat, reply_id, model, payload))
+        elif kind == "error":
+            yield _sse(payload.body())
+        yield "data: [DONE]\n\n"
+        return
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that call `on_close` however the response ends. When the client disconnects,
+    Starlette cancels the sending, possibly before the event generator has even started (so its own
+    `finally` would never run); this frees the worker for the next request either way."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close):
+        super().__init__(content, headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()  # a no-op for a finished job
 
 
 # ---- errors ------------------------------------------------------------------------------------
