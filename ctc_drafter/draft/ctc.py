@@ -12,6 +12,7 @@ import heapq
 import math
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
@@ -98,63 +99,81 @@ def best_prefixes(logprobs: torch.Tensor, blank: int, n: int, topk: int | None =
     continuations). The score only falls along a path, so best-first search returns a prefix-closed
     set. Candidate symbols are the union of each frame's `topk` (None: all). ctc=False: frame j is
     token j (Medusa-style heads, no blank), the score a plain product.
+
+    Vectorised over candidate symbols (numpy, float64): each chosen prefix scores all its one-symbol
+    extensions with one [C, L] x [L] product, and the heap holds one extension per open prefix.
     """
     L, S = logprobs.shape
-    lp = logprobs.detach().double().cpu()
+    lp = logprobs.detach()
     masked = lp.clone()
     if ctc:
         masked[:, blank] = NEG_INF
     k = S - (1 if ctc else 0) if topk is None else min(topk, S - (1 if ctc else 0))
     cands = sorted({c for row in masked.topk(k, dim=-1).indices.tolist() for c in row})
-    # Only the candidate columns (and blank) go to Python floats: the full [L, S] matrix is ~65k
-    # conversions per step for a few dozen used. Pc[c][t] = P(frame t emits c); no underflow, L is small.
+    # Only the candidate columns (and blank) leave the device: P[c, t] = P(frame t emits c).
     cols = cands + ([blank] if ctc else [])
-    Pc = dict(zip(cols, lp[:, cols].exp().t().tolist()))
-    Pb = Pc[blank] if ctc else None
+    P = lp[:, cols].double().exp().cpu().numpy().T  # [C(+1), L]
+    Pc = P[: len(cands)]
+    Pb = P[-1] if ctc else None
+    col_of = {c: i for i, c in enumerate(cands)}
     limit = min(L, max_len if max_len is not None else L)
 
     # State of a prefix h: gb[t], gn[t] = P(frames 1..t collapse to h, ending in blank / in h's last symbol).
-    root_gb = [1.0] + [0.0] * L
-    for t in range(1, L + 1):
-        root_gb[t] = root_gb[t - 1] * Pb[t - 1] if ctc else 0.0
-    states = {(): (root_gb, [0.0] * (L + 1))}
+    root_gb = np.concatenate([[1.0], np.cumprod(Pb)]) if ctc else np.zeros(L + 1)
+    states = {(): (root_gb, np.zeros(L + 1))}
+    scores: dict[tuple[int, ...], float] = {}
 
-    def children(h):
-        """(psi, prefix) for every one-symbol extension of h."""
-        if len(h) >= limit:
-            return []
+    def children(h) -> np.ndarray:
+        """psi[c]: the prefix probability of h + (cands[c],)."""
         if not ctc:
             base = math.exp(scores[h]) if h else 1.0
-            return [(base * Pc[c][len(h)], h + (c,)) for c in cands]
+            return base * Pc[:, len(h)]
         gb, gn = states[h]
-        out = []
-        for c in cands:
-            rep = bool(h) and h[-1] == c  # a repeat needs a blank between, or it merges into h
-            psi = sum(Pc[c][t - 1] * (gb[t - 1] + (0.0 if rep else gn[t - 1])) for t in range(1, L + 1))
-            out.append((psi, h + (c,)))
-        return out
+        psi = Pc @ (gb[:-1] + gn[:-1])
+        if h:  # a repeat of h's last symbol needs a blank between, or it merges into h
+            r = col_of[h[-1]]
+            psi[r] = Pc[r] @ gb[:-1]
+        return psi
 
     def expand(g):
         h, c = g[:-1], g[-1]
         gb, gn = states[h]
         rep = bool(h) and h[-1] == c
-        cb, cn = [0.0] * (L + 1), [0.0] * (L + 1)
+        pc = Pc[col_of[c]]
+        into = gb[:-1] + (0.0 if rep else gn[:-1])  # mass that may emit c at frame t
+        cb, cn = np.zeros(L + 1), np.zeros(L + 1)
         for t in range(1, L + 1):
-            cn[t] = Pc[c][t - 1] * (cn[t - 1] + gb[t - 1] + (0.0 if rep else gn[t - 1]))
+            cn[t] = pc[t - 1] * (cn[t - 1] + into[t - 1])
             cb[t] = Pb[t - 1] * (cb[t - 1] + cn[t - 1])
         states[g] = (cb, cn)
 
-    scores: dict[tuple[int, ...], float] = {}
-    heap = [(-psi, g) for psi, g in children(()) if psi > 0]
-    heapq.heapify(heap)
+    # Lazy best-first: a prefix's extensions are sorted once; only its best not-yet-taken extension is
+    # in the heap, and taking one puts its next sibling in. So two pushes per chosen prefix.
+    ranked: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    def push_child(heap, h, rank):
+        order, psi = ranked[h]
+        if rank < len(order):
+            i = order[rank]
+            heapq.heappush(heap, (-float(psi[i]), h + (cands[i],), rank))
+
+    def open_children(heap, h):
+        if len(h) >= limit:
+            return
+        psi = children(h)
+        order = np.argsort(-psi, kind="stable")
+        ranked[h] = (order[psi[order] > 0], psi)
+        push_child(heap, h, 0)
+
+    heap: list = []
+    open_children(heap, ())
     out = []
     while heap and len(out) < n:
-        neg, g = heapq.heappop(heap)
+        neg, g, rank = heapq.heappop(heap)
         scores[g] = math.log(-neg)
         out.append((g, scores[g]))
+        push_child(heap, g[:-1], rank + 1)
         if ctc:
             expand(g)
-        for psi, child in children(g):
-            if psi > 0:
-                heapq.heappush(heap, (-psi, child))
+        open_children(heap, g)
     return out

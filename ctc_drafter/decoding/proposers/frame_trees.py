@@ -11,6 +11,7 @@ Node scores are the draft's probability mass through each node.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -115,9 +116,10 @@ class PrefixTree(FrameTreePolicy):
         S = frame_logprobs.shape[1]
         lp = frame_logprobs if self.ctc else frame_logprobs[:, : S - 1]
         best = best_prefixes(lp, blank=S - 1, n=budget - 1, topk=self.topk, ctc=self.ctc, max_len=max_depth)
-        # The set is prefix-closed and has budget-1 nodes, so the trie keeps every one of them.
-        return TokenTree.from_sequences(root, [(_to_tokens(g, symbols), s) for g, s in best], budget=budget,
-                                        max_depth=max_depth)
+        # The set is prefix-closed and has budget-1 nodes, so the trie keeps every one of them; each
+        # node's score is its own prefix probability (the chance the base accepts the path to it).
+        return TokenTree.from_prefix_scores(root, {tuple(_to_tokens(g, symbols)): math.exp(s) for g, s in best},
+                                            budget=budget)
 
 
 POLICIES = {"medusa": MedusaTree, "beam": BeamTree, "prefix": PrefixTree}
