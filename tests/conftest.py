@@ -20,6 +20,32 @@ def tiny_llama(vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, 
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+# Tiny bases of the other architectures the README names, each with what sets it apart from Llama.
+# Windows are smaller than the tests' contexts, so tokens do fall out of them.
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),  # every layer slides
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",  # q/k/v biases; layer 0 full, layer 1 sliding
+              {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # logit soft-capping after the head; sliding + full
+               {"sliding_window": 5, "final_logit_softcapping": 1.5, "attn_logit_softcapping": 20.0,
+                "head_dim": 8, "query_pre_attn_scalar": 8}),
+}
+
+
+def tiny_arch(arch: str, vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, max_pos=512):
+    """A tiny random base of `arch` (a TINY_ARCHS key), shaped like tiny_llama."""
+    import transformers
+
+    config_cls, model_cls, extra = TINY_ARCHS[arch]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, bos_token_id=0,
+        eos_token_id=None, pad_token_id=None, tie_word_embeddings=False, **extra)
+    return getattr(transformers, model_cls)(cfg).to(dtype).eval()
+
+
 @pytest.fixture
 def toy_base():
     """A float64 tiny Llama (vocab 64, no tokenizer, no EOS): for exactness tests on token ids."""

@@ -1,5 +1,6 @@
 """Token trees, CTC-transformed Medusa trees, and KV-cache compaction."""
 
+import pytest
 import torch
 
 from ctc_drafter.decoding.proposers import MEDUSA_63, BeamTree, MedusaTree
@@ -65,15 +66,31 @@ def test_beam_tree_budget_and_depth():
     assert len(tree) <= 10 and max(tree.depths) <= 3
 
 
-def test_compact_kv_keeps_past_and_accepted_path():
+def test_compact_kv_keeps_past_and_accepted_path_in_place():
     from transformers import DynamicCache
 
     cache = DynamicCache()
     k = torch.arange(2 * 1 * 7 * 1, dtype=torch.float32).view(1, 2, 7, 1)
     cache.update(k.clone(), -k.clone(), 0)
+    storage = cache.layers[0].keys.data_ptr()
     compact_kv(cache, past_len=3, keep=[0, 2, 3])
     kk = cache.layers[0].keys
     assert kk.shape[2] == 6
     assert kk[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5, 6]
     assert torch.equal(cache.layers[0].values, -kk)
     assert cache.get_seq_length() == 6
+    assert kk.data_ptr() == storage  # rows moved within the layer's tensor, the past not copied
+    compact_kv(cache, past_len=4, keep=[0, 1])  # a path already in place: only the length changes
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5, 6]
+
+
+def test_compact_kv_refuses_layers_with_their_own_bookkeeping():
+    """A sliding-window layer counts positions itself and drops old rows: compacting it would corrupt it."""
+    from transformers import DynamicCache, MistralConfig
+
+    from ctc_drafter.errors import CTCDrafterError
+
+    cache = DynamicCache(config=MistralConfig(num_hidden_layers=1, sliding_window=4))
+    cache.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), 0)
+    with pytest.raises(CTCDrafterError, match="DynamicSlidingWindowLayer"):
+        compact_kv(cache, past_len=1, keep=[0])

@@ -14,11 +14,13 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from ..errors import CTCDrafterError
+from .attention import AttentionLayout, attention_layout, ensure_mask_attention, layer_masks
 
 DEFAULT_BASE = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,36 +111,63 @@ class BaseModel:
         c = self.config
         return {"base_model": self.name, "hidden_size": int(c.hidden_size), "vocab_size": int(c.vocab_size)}
 
+    def __post_init__(self):
+        ensure_mask_attention(self.model)
+
+    @cached_property
+    def attention_layout(self) -> AttentionLayout:
+        """Layer kinds and sliding window; raises CTCDrafterError for bases a tree pass cannot verify."""
+        return attention_layout(self.config)
+
     @torch.no_grad()
     def forward(self, input_ids, past_key_values, position_ids=None, attention_mask=None, logits_at=None):
         """One base pass. Returns (last hidden states [B,T,d], logits [B,T',V]).
 
-        Runs the backbone and the LM head separately so that the head, the largest matmul on a
-        small model, is applied only where logits are needed (`logits_at`: slice or index).
+        Runs the model's own forward so that logit post-processing after the head (Gemma-2 soft-capping,
+        Cohere/Granite scaling) is applied as in HF `generate`; `logits_to_keep` applies the head only
+        where logits are needed (`logits_at`: None for all, a slice or indices), and a hook on the
+        backbone returns the last hidden states, which a causal-LM output does not carry.
+        A 4D tree mask is adapted to the base's layers (sliding windows) by models/attention.py.
         """
-        backbone = self.model.base_model
-        out = backbone(
-            input_ids=input_ids,
-            **{_cache_kwarg(backbone): past_key_values},
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-        )
-        hidden = out.last_hidden_state
-        h = hidden if logits_at is None else hidden[:, logits_at]
-        logits = self.model.get_output_embeddings()(h)
-        return hidden, logits
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = layer_masks(attention_mask, position_ids, self.attention_layout)
+        captured = []
+        hook = self.model.base_model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                **{_cache_kwarg(self.model): past_key_values},
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=past_key_values is not None,
+                logits_to_keep=_logits_to_keep(logits_at, input_ids.shape[1], input_ids.device),
+            )
+        finally:
+            hook.remove()
+        return captured[-1], out.logits
 
 
-def _cache_kwarg(backbone) -> str:
+def _logits_to_keep(logits_at, length: int, device):
+    """`logits_at` in transformers' terms: 0 keeps all positions, k the last k, a 1-D tensor those indices."""
+    if logits_at is None:
+        return 0
+    if isinstance(logits_at, slice):
+        if logits_at.stop is None and logits_at.step in (None, 1) and logits_at.start is not None \
+                and logits_at.start < 0:
+            return min(-logits_at.start, length)  # the last k: what prefill asks for
+        logits_at = range(length)[logits_at]
+    return torch.as_tensor(logits_at, dtype=torch.long, device=device).reshape(-1)
+
+
+def _cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` in late 5.x; use whichever forward takes."""
     import inspect
 
-    key = getattr(backbone, "_ctc_cache_kwarg", None)
+    key = getattr(model, "_ctc_cache_kwarg", None)
     if key is None:
-        params = inspect.signature(backbone.forward).parameters
+        params = inspect.signature(model.forward).parameters
         key = "cache" if "cache" in params else "past_key_values"
-        backbone._ctc_cache_kwarg = key
+        model._ctc_cache_kwarg = key
     return key
 
 
