@@ -38,9 +38,14 @@ def _check(messages: list[dict]) -> None:
             raise CTCDrafterError(f"message {i} has no text")
 
 
-def _render_builtin(kind: str, messages: list[dict], open_assistant: bool, eos: str) -> list[tuple[str, bool]]:
-    """Text segments (text, is_assistant) for the built-in templates."""
-    segs: list[tuple[str, bool]] = []
+def _render_builtin(kind: str, messages: list[dict], open_assistant: bool, eos: str,
+                    bos_ids: list[int]) -> list[tuple[str | list[int], bool]]:
+    """Segments (text or token ids, is_assistant) for the built-in templates, after the leading BOS.
+
+    LLaMA-2-chat starts every user turn after the first with a BOS too, as Meta's reference code and
+    FastChat do (`... {answer} </s><s>[INST] ...`).
+    """
+    segs: list[tuple[str | list[int], bool]] = []
     if kind == "vicuna":
         segs.append((VICUNA_SYSTEM + " ", False))
         for m in messages:
@@ -53,6 +58,8 @@ def _render_builtin(kind: str, messages: list[dict], open_assistant: bool, eos: 
     for i, m in enumerate(messages):
         if m["role"] == "user":
             sys_block = f"<<SYS>>\n{LLAMA2_SYSTEM}\n<</SYS>>\n\n" if i == 0 else ""
+            if i > 0 and bos_ids:
+                segs.append((bos_ids, False))
             segs.append((f"[INST] {sys_block}{m['content']} [/INST]", False))
         else:
             segs.append((" " + m["content"] + " " + eos, True))
@@ -67,7 +74,7 @@ def _bos(tokenizer) -> list[int]:
 def _encode_segments(tokenizer, segs):
     ids, mask = list(_bos(tokenizer)), [False] * len(_bos(tokenizer))
     for text, is_asst in segs:
-        t = tokenizer.encode(text, add_special_tokens=False)
+        t = text if isinstance(text, list) else tokenizer.encode(text, add_special_tokens=False)
         ids += t
         mask += [is_asst] * len(t)
     return ids, mask
@@ -90,7 +97,8 @@ def build_prompt_ids(tokenizer, messages: list[dict], template: str = "auto") ->
     kind = _resolve(tokenizer, template)
     if kind == "chat":
         return _chat_ids(tokenizer, messages, add_generation_prompt=True)
-    return _encode_segments(tokenizer, _render_builtin(kind, messages, True, tokenizer.eos_token or "</s>"))[0]
+    segs = _render_builtin(kind, messages, True, tokenizer.eos_token or "</s>", _bos(tokenizer))
+    return _encode_segments(tokenizer, segs)[0]
 
 
 def encode_conversation(tokenizer, messages: list[dict], template: str = "auto") -> tuple[list[int], list[bool]]:
@@ -103,7 +111,8 @@ def encode_conversation(tokenizer, messages: list[dict], template: str = "auto")
     _check(messages)
     kind = _resolve(tokenizer, template)
     if kind != "chat":
-        return _encode_segments(tokenizer, _render_builtin(kind, messages, False, tokenizer.eos_token or "</s>"))
+        segs = _render_builtin(kind, messages, False, tokenizer.eos_token or "</s>", _bos(tokenizer))
+        return _encode_segments(tokenizer, segs)
     ids: list[int] = []
     mask: list[bool] = []
     for i, m in enumerate(messages):
