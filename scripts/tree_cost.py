@@ -4,7 +4,7 @@
                                 [--kernels both] [--threads 1,2] [--sizes 1,2,4,8,...]
 
 Times one base pass over n tree nodes (a chain; the mask shape, not its pattern, sets the cost) on top
-of a `--past`-token KV cache, median of --reps after a warm-up, for each n in --sizes, with the same
+of a `--past`-token KV cache, the fastest of --reps after a warm-up, for each n in --sizes, with the same
 procedure `--cpu-kernels auto` runs at first load (models/kernel_choice.py: measure_passes, kernels
 and sizes interleaved). On CPU, --kernels picks the linear layers: `packed` (oneDNN packed weights),
 `stock` (PyTorch's default, what HF `generate` uses) or `both`; --threads repeats it all per torch
@@ -17,7 +17,7 @@ import torch
 
 from ctc_drafter.models import load_base_model
 from ctc_drafter.models.cpu_kernels import KernelPlan, dispatch_linears
-from ctc_drafter.models.kernel_choice import KERNELS, measure_passes, medians
+from ctc_drafter.models.kernel_choice import KERNELS, measure_passes, fastest
 
 
 def main():
@@ -39,13 +39,13 @@ def main():
     sizes = tuple(int(x) for x in a.sizes.split(","))
     for threads in [int(t) for t in a.threads.split(",")] if a.threads else [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        timings = medians(measure_passes(base, plan, sizes, kernels, reps=a.reps, past=a.past, budget_s=None))
+        timings = fastest(measure_passes(base, plan, sizes, kernels, reps=a.reps, past=a.past, budget_s=None))
         print_table(base, a, threads, timings)
 
 
 def print_table(base, a, threads: int, timings) -> None:
     print(f"{base.name} on {base.device} ({str(base.dtype).replace('torch.', '')}), torch threads {threads}, "
-          f"past {a.past}, median of {a.reps}; ms per base pass (ms/node, x the 1-node pass of that kernel)")
+          f"past {a.past}, fastest of {a.reps}; ms per base pass (ms/node, x the 1-node pass of that kernel)")
     sizes = sorted(next(iter(timings.values())))
     print(f"{'nodes':>5} " + " ".join(f"{k:>22}" for k in timings) + "  fastest")
     for n in sizes:

@@ -5,7 +5,9 @@ on an AMD EPYC oneDNN packed weights win for 1 and for 4 rows in fp32; on an Int
 PyTorch's stock kernel wins for 1 row in fp32 and packed wins for trees. So at first load we time one
 base pass over n new tokens on top of a PAST-token KV cache (what scripts/tree_cost.py prints) for
 each candidate kernel and each n in SIZES, interleaved so that noise from other processes spreads
-over all of them, take medians, and give each size class the kernel that was fastest. The result,
+over all of them, keep each one's fastest repetition (other processes only ever add time, so the
+minimum is the steadiest estimate on a shared machine), and give each size class the kernel that was
+fastest. The result,
 with the timings, is cached as JSON under cache_dir()/kernels, keyed by a fingerprint of the CPU
 (model name, flags, torch threads), the library versions, the model's shape and dtype and this
 procedure; a later load with the same fingerprint reads the decision at once.
@@ -50,9 +52,9 @@ REPS = 3  # timed passes per (kernel, size), after one warm-up
 BUDGET_S = 15.0  # stop timing after the repetition that passes this (a busy machine), and do not cache
 NOISE_LIMIT = 1.25  # median over cells of slowest/fastest rep above this: too noisy to cache
 TIE = 0.03  # a kernel within 3% of the fastest keeps the previous size class's kernel (no flapping on noise)
-SCHEMA = 2  # bump when the procedure changes: old cache entries then no longer match
+SCHEMA = 3  # bump when the procedure changes: old cache entries then no longer match
 
-Timings = dict[str, dict[int, float]]  # kernel -> rows -> median ms of one whole base pass
+Timings = dict[str, dict[int, float]]  # kernel -> rows -> ms of one whole base pass (fastest repetition)
 Samples = dict[str, dict[int, list[float]]]  # kernel -> rows -> ms of each timed pass
 Measure = Callable[[BaseModel, KernelPlan, tuple[int, ...]], Samples]
 
@@ -221,8 +223,9 @@ def measure_passes(base: BaseModel, plan: KernelPlan, sizes: tuple[int, ...] = S
     return times
 
 
-def medians(samples: Samples) -> Timings:
-    return {k: {n: statistics.median(v) for n, v in t.items()} for k, t in samples.items()}
+def fastest(samples: Samples) -> Timings:
+    """Each cell's fastest repetition: load from other processes only adds time."""
+    return {k: {n: min(v) for n, v in t.items()} for k, t in samples.items()}
 
 
 def unreliable(samples: Samples, reps: int = REPS) -> str:
@@ -301,7 +304,7 @@ def apply_cpu_kernels(base: BaseModel, mode: str = "auto", *, measure: Measure |
         t0 = time.perf_counter()
         samples = (measure or measure_passes)(base, plan, SIZES)
         measure_s = time.perf_counter() - t0
-        record = {"fingerprint": fp, "timings_ms": medians(samples), "measure_s": round(measure_s, 3),
+        record = {"fingerprint": fp, "timings_ms": fastest(samples), "measure_s": round(measure_s, 3),
                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         note = unreliable(samples)
         log.info("timed the CPU kernels in %.1f s: %s %s", measure_s, record["timings_ms"], note)
