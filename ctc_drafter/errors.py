@@ -17,14 +17,16 @@ def fault_reason(e: BaseException) -> str | None:
     permissions); None for anything else.
 
     Libraries report such faults in their own types: safetensors as SafetensorError ("... (os error
-    28)"), torch.save as RuntimeError ("... file write failed").
+    28)"), torch.save as RuntimeError ("... file write failed", "[enforce fail at inline_container.cc]
+    ... unexpected pos").
     """
     if isinstance(e, OSError):
         return e.strerror or str(e) or type(e).__name__
     text = str(e)
     if type(e).__name__ == "SafetensorError" and "os error" in text.lower():
         return text.strip().splitlines()[0]
-    if isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter failed" in text):
+    torch_writer = ("file write failed", "PytorchStreamWriter failed", "inline_container.cc")  # torch.save's zip writer
+    if isinstance(e, RuntimeError) and any(s in text for s in torch_writer):
         return "file write failed (disk full or folder not writable?)"
     return None
 

@@ -56,6 +56,7 @@ GOOD_CONFIG = {"model_type": "ctc_draft", "hidden_size": 32, "vocab_size": 64, "
     (json.dumps({**GOOD_CONFIG, "hidden_size": 10**9}).encode(), "hidden_size must be between"),
     (json.dumps([GOOD_CONFIG]).encode(), "must hold a JSON object, not a list"),
     (b'{"model_type": "ctc_draft", "base_model": "caf\xe9"}', "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # nesting past the parser's recursion limit
 ])
 def test_draft_config_json(tmp_path, capsys, tiny_model_dir, content, needle):
     d = tmp_path / "draft"
@@ -141,6 +142,23 @@ def test_answer_file_numbers_must_be_finite(tmp_path, capsys):
     a = tmp_path / "a.jsonl"
     a.write_text(json.dumps(rec) + "\n")  # json writes NaN, and json.loads reads it back
     one_line_error(capsys, main(["report", str(a), "--baseline", str(a)]), "'wall_time' must be a list of finite")
+
+
+@pytest.mark.parametrize("choice, meta, needle", [
+    ({"new_tokens": [10**400]}, None, "'new_tokens' must be a list of finite"),
+    ({"idxs": [True]}, None, "'idxs' must be a list of finite"),
+    ({"tokens": [["a"]]}, None, "'tokens' must be a list of integer lists"),
+    ({}, {"temperature": "hot"}, "meta 'temperature' has the wrong type"),
+    ({}, [1], "'meta' must be a JSON object"),
+])
+def test_answer_record_types(tmp_path, capsys, choice, meta, needle):
+    rec = {"question_id": 1, "choices": [{"index": 0, "turns": ["a"], "new_tokens": [3], "idxs": [2],
+                                          "wall_time": [1.0], **choice}]}
+    if meta is not None:
+        rec["meta"] = meta
+    a = tmp_path / "a.jsonl"
+    a.write_text(json.dumps(rec) + "\n")
+    one_line_error(capsys, main(["report", str(a), "--baseline", str(a)]), needle)
 
 
 # ---- resource sizes ----------------------------------------------------------------------------
@@ -308,6 +326,16 @@ def test_eval_read_only_folder_when_tidying(tmp_path, capsys, tiny_model_dir, mo
     line = one_line_error(capsys, _eval(tiny_model_dir, tmp_path), "Read-only file system", mid_run=True)
     assert "the 3 answer(s) written before are kept" in line
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("content", [b"my notes\nsecond line\n\xff\xfe", b"\x89PNG\r\x1a one line, no newline",
+                                     b'{"question_id": 81, "choices": []}\nnot a cut record'])
+def test_eval_will_not_rewrite_a_file_that_is_not_an_answer_file(tmp_path, capsys, tiny_model_dir, content):
+    notes = tmp_path / "m.jsonl"
+    notes.write_bytes(content)
+    before = notes.read_bytes()
+    one_line_error(capsys, _eval(tiny_model_dir, tmp_path), "is not an answer file")
+    assert notes.read_bytes() == before
 
 
 def test_answer_files_follow_the_umask(tmp_path, capsys, tiny_model_dir):

@@ -67,15 +67,19 @@ def read_records(path: Path) -> list:
     if not path.is_file():
         raise CTCDrafterError(f"data file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CTCDrafterError(f"cannot read {path}: {e}") from e
-    head = text.lstrip()[:1]
-    if head in ("[", "{"):
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CTCDrafterError(f"cannot read {path}: {e.strerror or e}") from e
+    head = raw.lstrip()[:1]
+    if head in (b"[", b"{"):
         try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as e:
-            if head == "[":
+            whole = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if head == b"[":
+                raise CTCDrafterError(f"{path} is not UTF-8 text (byte {e.start})") from e
+            whole = None  # JSON Lines: a line that is not UTF-8 is one malformed record
+        except (ValueError, RecursionError) as e:  # bad JSON, a number too long to convert, absurd nesting
+            if head == b"[":
                 raise CTCDrafterError(f"{path} is not valid JSON: {e}") from e
             whole = None  # JSON Lines: one object per line
         if isinstance(whole, dict) and isinstance(whole.get("data"), list):
@@ -85,14 +89,20 @@ def read_records(path: Path) -> list:
         if isinstance(whole, dict):
             return [whole]
     records = []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on.
-    for n, line in enumerate(text.split("\n"), 1):
+    # split on "\n", not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on.
+    for n, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            records.append(MalformedRecord(f"line {n} is not UTF-8 text (byte {e.start})", known=False))
+            continue
+        try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            records.append(MalformedRecord(f"line {n} is not valid JSON ({e.msg})", known=False))
+        except (ValueError, RecursionError) as e:  # bad JSON, a number too long to convert, absurd nesting
+            records.append(MalformedRecord(f"line {n} is not valid JSON ({getattr(e, 'msg', type(e).__name__)})",
+                                           known=False))
     return records
 
 

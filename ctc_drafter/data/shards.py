@@ -105,7 +105,7 @@ def read_manifest(directory: Path) -> dict:
         raise CTCDrafterError(f"{p} is unreadable: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
         raise CTCDrafterError(f"{p} is corrupt: not UTF-8 text (byte {e.start})") from e
-    except ValueError as e:  # json.JSONDecodeError
+    except (ValueError, RecursionError) as e:  # bad JSON, absurd nesting
         raise CTCDrafterError(f"{p} is corrupt: {str(e).splitlines()[0]}") from e
     if not isinstance(m, dict):
         raise CTCDrafterError(f"{p} is corrupt: a JSON object was expected, found a {type(m).__name__}")

@@ -134,7 +134,7 @@ class DraftConfig:
             raise CTCDrafterError(f"draft config {p} is unreadable: {e.strerror or e}") from e
         except UnicodeDecodeError as e:
             raise CTCDrafterError(f"draft config {p} is not UTF-8 text (byte {e.start})") from e
-        except ValueError as e:  # json.JSONDecodeError, and numbers too large to parse
+        except (ValueError, RecursionError) as e:  # bad JSON, numbers too long to parse, absurd nesting
             raise CTCDrafterError(f"draft config {p} is not valid JSON: {str(e).splitlines()[0]}") from e
         if not isinstance(d, dict):
             raise CTCDrafterError(f"draft config {p} must hold a JSON object, not a {type(d).__name__}")

@@ -48,6 +48,25 @@ def read_answers(path: str | Path) -> list[dict]:
     return [obj for _, obj in rows if "question_id" in obj]
 
 
+def check_answer_file(path: Path) -> None:
+    """Refuse to add to (and later rewrite) a file that is not an answer file.
+
+    One bad line is allowed, the last: the record a killed run was writing (the tidy-up drops it).
+    """
+    if not path.exists():
+        return
+    rows, bad = read_jsonl(path, "answer file")
+    foreign = [n for n, obj in rows if "question_id" not in obj]
+    last_good = max((n for n, _ in rows), default=0)
+    lines = path.read_bytes().rstrip().split(b"\n")
+    # append_answer writes question_id first: a record cut short by a kill still starts like one
+    cut_last_line = bad == 1 and last_good < len(lines) and lines[-1].startswith(b'{"question_id"')
+    if foreign or (bad and not cut_last_line):
+        n = len(foreign) + bad
+        raise CTCDrafterError(f"{path} is not an answer file ({n} line(s) are not answer records); eval would rewrite "
+                              "it: give another --answer-file or --model-id")
+
+
 def _ends_mid_line(path: Path) -> bool:
     if not path.exists() or path.stat().st_size == 0:
         return False
@@ -117,7 +136,7 @@ def answer_file_lock(path: Path):
     """
     lock = path.with_name(f".{path.name}.lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: flock needs no more
     except OSError as e:
         raise CTCDrafterError(f"cannot create the lock file {lock}: {e.strerror or e}") from e
     try:
@@ -206,6 +225,7 @@ def run_eval(drafter, questions: list[Question], answer_file: str | Path, model_
 
 def _answer_missing(drafter, questions: list[Question], path: Path, model_id: str, meta: dict, speculative: bool,
                     gen_kwargs: dict, template: str, seed: int | None, num_choices: int, progress: bool) -> dict:
+    check_answer_file(path)
     existing = read_answers(path)
     check_resumable(existing, meta, path)
     done = {json.dumps(r["question_id"]) for r in existing}

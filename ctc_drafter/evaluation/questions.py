@@ -58,7 +58,7 @@ def read_jsonl(path: str | Path, what: str = "file") -> tuple[list[tuple[int, di
             why = "is not a JSON object"
         except UnicodeDecodeError:
             obj, why = None, "is not UTF-8 text"
-        except ValueError:  # json.JSONDecodeError, or a number too long to convert
+        except (ValueError, RecursionError):  # bad JSON, a number too long to convert, absurd nesting
             obj, why = None, "is not a JSON object"
         if not isinstance(obj, dict):
             bad += 1

@@ -15,6 +15,7 @@ Reads this package's answer files and the reference implementation's (same FastC
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -89,9 +90,20 @@ def load_answer_file(path: str | Path, what: str) -> AnswerFile:
     return AnswerFile(str(path), records, bad, duplicates)
 
 
+MAX_COUNT = 10**15  # past any token count, step count or wall time; keeps sums exact and floats finite
+
+
 def _is_count(x) -> bool:
-    """A finite non-negative JSON number (json.loads accepts NaN and Infinity; a bool is not a count)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+    """A finite non-negative JSON number (json.loads accepts NaN, Infinity and 400-digit ints; a bool is
+    not a count)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return 0 <= x <= MAX_COUNT if isinstance(x, int) else math.isfinite(x) and 0 <= x <= MAX_COUNT
+
+
+# meta fields the report compares or does arithmetic on, and the JSON types they may have (or null)
+_META_TYPES = {"temperature": (int, float), "top_p": (int, float), "top_k": int, "max_new_tokens": int,
+               "budget": int, "speculative": bool, "draft_trained": bool}
 
 
 def _check_record(obj: dict, where: str) -> None:
@@ -101,9 +113,14 @@ def _check_record(obj: dict, where: str) -> None:
         raise CTCDrafterError(f"{where} is not an answer record (needs a question_id, an integer or a string)")
     if not isinstance(obj.get("choices"), list) or not obj["choices"]:
         raise CTCDrafterError(f"{where} is not an answer record (needs question_id and choices)")
-    for key in ("meta",):
-        if obj.get(key) is not None and not isinstance(obj[key], dict):
-            raise CTCDrafterError(f"{where}: '{key}' must be a JSON object")
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise CTCDrafterError(f"{where}: 'meta' must be a JSON object")
+    for key, kinds in _META_TYPES.items():
+        v = (meta or {}).get(key)
+        if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and kinds is not bool)
+                              or (isinstance(v, float) and not math.isfinite(v))):
+            raise CTCDrafterError(f"{where}: meta '{key}' has the wrong type ({json.dumps(v)})")
     for key in ("category", "bench", "model_id"):
         if obj.get(key) is not None and not isinstance(obj[key], (str, int)):
             raise CTCDrafterError(f"{where}: '{key}' must be a string")
@@ -590,7 +607,8 @@ def plot_report(r: dict, out: str | Path) -> None:
             os.replace(tmp, out)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even removing a missing file fails
+            tmp.unlink(missing_ok=True)
 
 
 def plot_format(out: str | Path) -> str:

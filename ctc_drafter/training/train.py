@@ -132,7 +132,7 @@ def _config_overrides(args) -> tuple[dict, str]:
             raise CTCDrafterError(f"--config {args.config} is unreadable: {e.strerror or e}") from e
         except UnicodeDecodeError as e:
             raise CTCDrafterError(f"--config {args.config} is not UTF-8 text (byte {e.start})") from e
-        except ValueError as e:  # json.JSONDecodeError
+        except (ValueError, RecursionError) as e:  # bad JSON, absurd nesting
             raise CTCDrafterError(f"--config {args.config} is not valid JSON: {str(e).splitlines()[0]}") from e
         if not isinstance(over, dict):
             raise CTCDrafterError(f"--config {args.config} must hold a JSON object of DraftConfig fields")
