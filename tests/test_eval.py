@@ -408,3 +408,13 @@ def test_report_margins_rebuild_the_diverging_prefix(runs, tiny_model_dir, tmp_p
     assert m["baseline_is_top1"] and m["chosen_gap"] >= m["top2_margin"] >= 0
     assert main(["report", str(fake), "--baseline", str(runs / "mt_bench-base.jsonl"), "--margins"]) == 2
     assert "--question-file" in capsys.readouterr().err
+
+
+def test_default_answer_folder_is_fastchats_layout(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """FastChat's judge reads data/{bench}/model_answer/{model_id}.jsonl: eval writes there by default."""
+    monkeypatch.chdir(tmp_path)
+    args = eval_args(tiny_model_dir, "mt_bench", "unused", "m", "--baseline", "--question-end", "1")
+    i = args.index("--answer-dir")
+    del args[i:i + 2]
+    assert main(args) == 0
+    assert [r["question_id"] for r in lines(tmp_path / "data" / "mt_bench" / "model_answer" / "m.jsonl")] == [81]

@@ -19,7 +19,7 @@ from .common import add_decoding_args, add_model_args
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="answer benchmark questions (MT-bench, GSM8K) and record speed",
                        description="Answer benchmark questions and record speed per turn, resumably, in "
-                                   "FastChat's answer-file schema ({answer_dir}/{model_id}.jsonl).")
+                                   "FastChat's answer-file schema and layout (data/{bench}/model_answer/{model_id}.jsonl).")
     p.add_argument("--bench", required=True, choices=["mt_bench", "gsm8k"])
     p.add_argument("--question-file", required=True, help="MT-bench question.jsonl or GSM8K test.jsonl")
     p.add_argument("--model-id", required=True, help="names the run and its answer file")
@@ -34,7 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--question-stride", type=int, default=1,
                    help="take every N-th question of the range (10 on MT-bench: one per category)")
     p.add_argument("--question-end", type=int, default=None, help="one past the last question index")
-    p.add_argument("--answer-dir", default="data/model_answer", help="where {model_id}.jsonl goes")
+    p.add_argument("--answer-dir", default=None,
+                   help="where {model_id}.jsonl goes (default: data/{bench}/model_answer, FastChat's layout, where "
+                        "its judge looks)")
     p.add_argument("--answer-file", default=None, help="answer file path (overrides --answer-dir)")
     p.add_argument("--num-choices", type=int, default=1, help="answers per question")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,7 +125,8 @@ def run(args) -> int:
     # Questions first: a bad file or range fails in a second, before minutes of model loading.
     questions = load_questions(args.question_file, args.bench, args.question_begin, args.question_end,
                                args.question_stride)
-    answer_file = Path(args.answer_file) if args.answer_file else Path(args.answer_dir) / f"{args.model_id}.jsonl"
+    answer_dir = Path(args.answer_dir) if args.answer_dir else Path("data") / args.bench / "model_answer"
+    answer_file = Path(args.answer_file) if args.answer_file else answer_dir / f"{args.model_id}.jsonl"
     engine = _load_engine(args)
     check_max_new_tokens(args.max_new_tokens, engine.base)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
