@@ -77,8 +77,17 @@ class _Picker:
             raise CTCDrafterError(f"top_k must be >= 0, got {top_k}")
         self.greedy = temperature == 0
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.gen = torch.Generator()
-        self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self.gen = torch.Generator().manual_seed(self.seed)  # host draws (acceptance walk)
+        self._device_gens: dict[torch.device, torch.Generator] = {}
+
+    def device_gen(self, device: torch.device) -> torch.Generator:
+        """A generator where the logits live, so sampling a token never copies a vocabulary row to the host."""
+        if device.type == "cpu":
+            return self.gen
+        if device not in self._device_gens:
+            self._device_gens[device] = torch.Generator(device=device).manual_seed(self.seed + 1)
+        return self._device_gens[device]
 
     def probs(self, logits):
         return warp_probs(logits, self.temperature, self.top_k, self.top_p)
@@ -86,12 +95,12 @@ class _Picker:
     def pick(self, logits) -> int:  # logits [V]
         if self.greedy:
             return int(logits.argmax().item())
-        return int(torch.multinomial(self.probs(logits).cpu(), 1, generator=self.gen).item())
+        return int(torch.multinomial(self.probs(logits), 1, generator=self.device_gen(logits.device)).item())
 
     def accept(self, tree: TokenTree, logits):  # logits [n,V]
         if self.greedy:
             return accept_greedy(tree, logits)
-        return accept_sampling(tree, self.probs(logits), self.gen)
+        return accept_sampling(tree, self.probs(logits), self.gen, self.device_gen(logits.device))
 
 
 class ChatMixin:

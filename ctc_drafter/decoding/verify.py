@@ -35,29 +35,38 @@ def accept_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
         node = nxt
 
 
-def accept_sampling(tree, probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
-    """probs [n, V]: the base's (warped) distribution at every node.
+def accept_sampling(tree, probs: torch.Tensor, generator: torch.Generator,
+                    device_generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """probs [n, V]: the base's (warped) distribution at every node, on its device.
 
     Recursive rejection sampling over siblings (SpecInfer/EAGLE) with deterministic proposals: child c
     is accepted with probability p(c); on rejection p(c) is zeroed and p renormalised before the next
     sibling; if all are rejected the bonus is drawn from what is left. Each emitted token is therefore
     distributed exactly as sampling the base model.
+
+    Host work does not grow with the vocabulary or the node count: the probability each parent gives
+    each child's token is gathered in one transfer, the walk runs on those scalars (uniforms from the
+    host `generator`), and the bonus is drawn on the device (`device_generator`, default `generator`)
+    from the last node's row with the rejected tokens zeroed: two host syncs per step.
     """
+    n = len(tree)
+    if n > 1:
+        parents = torch.tensor(tree.parents[1:], device=probs.device)
+        tokens = torch.tensor(tree.tokens[1:], device=probs.device)
+        p_child = [0.0] + probs[parents, tokens].double().tolist()  # P_parent(child's token), node-indexed
     node = 0
-    p = probs[0].double().cpu()
     while True:
-        moved = False
+        left, rejected, moved = 1.0, [], False  # `left`: mass not yet rejected at this node
         for c in tree.children[node]:
-            tok = tree.tokens[c]
-            if torch.rand((), generator=generator, dtype=torch.float64).item() < p[tok].item():
+            q = p_child[c] / left if left > 0 else 0.0
+            if torch.rand((), generator=generator, dtype=torch.float64).item() < q:
                 node, moved = c, True
-                p = probs[c].double().cpu()
                 break
-            p[tok] = 0.0
-            total = p.sum()
-            if total <= 0:  # cannot happen with exact arithmetic: p(tok) == 1 is always accepted
-                break
-            p /= total
+            rejected.append(tree.tokens[c])
+            left -= p_child[c]
         if not moved:
-            bonus = int(torch.multinomial(p.float(), 1, generator=generator).item())
+            row = probs[node]
+            if rejected:
+                row = row.index_fill(0, torch.tensor(rejected, device=row.device), 0.0)
+            bonus = int(torch.multinomial(row.float(), 1, generator=device_generator or generator).item())
             return tree.path_to(node), bonus
