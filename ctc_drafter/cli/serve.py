@@ -67,14 +67,13 @@ def run(args) -> int:
     engine = CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
                                         device=args.device, dtype=args.dtype, generator=args.generator,
                                         budget=args.budget, cpu_kernels=args.cpu_kernels,
-                                        proposer=args.proposer)
+                                        proposer=getattr(args, "proposer", "ctc"))  # until common.py has it
     settings = _settings(args, engine.base.name)
     if not _is_loopback(args.host) and not settings.api_key:
         print(f"ctc-drafter: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     sock = _bind(args.host, args.port)
-    mode = "baseline (no speculation)" if args.baseline else \
-        engine.label()
+    mode = "baseline (no speculation)" if args.baseline else engine.label()
     host, port = sock.getsockname()[:2]
     print(f"ctc-drafter: serving {settings.model_name!r}, {mode}, on http://{_url_host(host)}:{port}/v1 "
           "(Ctrl-C finishes the requests in flight, then exits)", file=sys.stderr, flush=True)
