@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -85,24 +86,20 @@ class TokenTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: row i is True on i and its ancestors (what node i may attend to)."""
-        n = len(self.tokens)
-        rows = [0] * n  # row i as a bit set: parents come first, so each row is its parent's plus itself
-        for i in range(n):
-            rows[i] = (rows[self.parents[i]] if i else 0) | (1 << i)
-        bits = torch.tensor([[(r >> j) & 1 for j in range(n)] for r in rows], dtype=torch.bool)
-        return bits
+        return _ancestor_mask(tuple(self.parents))
 
     def verify_inputs(self, past_len: int, device, dtype):
         """input_ids [1,n], position_ids [1,n], additive 4D mask [1,1,n,past+n] for one base pass.
 
-        Only the n x n tree block is built on the host; the (all-visible) past block is made on the
-        device, so the host-to-device copy does not grow with the context.
+        The tree's shape (depths and the n x n ancestor block) is built once per distinct shape and
+        device and kept there (static trees repeat every step); per step only the token ids cross
+        to the device, and the all-visible past block is made on the device.
         """
         n = len(self.tokens)
         ids = torch.tensor([self.tokens], device=device)
-        pos = (torch.tensor(self.depths) + past_len)[None].to(device)
-        block = torch.zeros(n, n, dtype=dtype).masked_fill_(~self.ancestor_mask(), torch.finfo(dtype).min)
-        mask = torch.cat([torch.zeros(n, past_len, dtype=dtype, device=device), block.to(device)], dim=1)
+        depths, block = _shape_on_device(tuple(self.parents), torch.device(device), dtype)
+        pos = (depths + past_len)[None]
+        mask = torch.cat([torch.zeros(n, past_len, dtype=dtype, device=block.device), block], dim=1)
         return ids, pos, mask[None, None]
 
     def path_to(self, node: int) -> list[int]:
@@ -112,3 +109,23 @@ class TokenTree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+@lru_cache(maxsize=512)
+def _ancestor_mask(parents: tuple[int, ...]) -> torch.Tensor:
+    n = len(parents)
+    rows = [0] * n  # row i as a bit set: parents come first, so each row is its parent's plus itself
+    for i in range(n):
+        rows[i] = (rows[parents[i]] if i else 0) | (1 << i)
+    return torch.tensor([[(r >> j) & 1 for j in range(n)] for r in rows], dtype=torch.bool)
+
+
+@lru_cache(maxsize=512)
+def _shape_on_device(parents: tuple[int, ...], device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(depths [n] long, additive ancestor block [n,n]) of a tree shape, on `device`; cached per shape."""
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depths[i] = depths[parents[i]] + 1
+    block = torch.zeros(len(parents), len(parents), dtype=dtype)
+    block.masked_fill_(~_ancestor_mask(parents), torch.finfo(dtype).min)
+    return torch.tensor(depths, device=device), block.to(device)
