@@ -1,11 +1,12 @@
 """Where a speculative step's time goes: the parts of `CTCDrafter.generate`, timed by wrapping them.
 
-    OMP_NUM_THREADS=1 python scripts/step_profile.py [--budget 4] [--threads 1] [--max-new-tokens 128] \
-        [--cpu-kernels packed|stock]
+    OMP_NUM_THREADS=1 python scripts/step_profile.py [--proposer ctc|ngram|hybrid] [--generator beam] \
+        [--budget 4] [--threads 1] [--max-new-tokens 128] [--cpu-kernels packed|stock]
 
-Prints ms per call of the base forward (tree verification, or one token for vanilla), the draft's
-frames and context update, the candidate tree and the KV compaction, then the same prompt without
-speculation. On a GPU the numbers include no synchronisation: use scripts/gpu_check.py there.
+Prints ms per call of the whole step, the base forward (tree verification, or one token for vanilla),
+the proposer (for the CTC draft: its frames, tree policy and context update), the tree's verify
+inputs, acceptance and the KV compaction, and the host time the step spends outside the base pass;
+then the same prompt without speculation. On a GPU the numbers include no synchronisation: use scripts/gpu_check.py there.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--draft-model", default="default")
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--generator", default="beam")
+    ap.add_argument("--proposer", default="ctc", choices=["ctc", "ngram", "hybrid"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompt", default=PROMPT)
@@ -47,12 +49,20 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, generator=a.generator, budget=a.budget,
-                                   cpu_kernels=a.cpu_kernels)
+                                   cpu_kernels=a.cpu_kernels, proposer=a.proposer)
     t = defaultdict(list)
-    wrap(t, d.draft, "frames", "draft frames")
-    wrap(t, d.draft, "extend", "draft extend")
-    wrap(t, d.candidates, "build", "candidate tree")
+    wrap(t, d, "speculative_step", "whole step")
+    wrap(t, d.proposer, "propose", "propose")
+    wrap(t, d.proposer, "accept", "proposer accept")
+    if d.draft is not None:
+        wrap(t, d.draft, "frames", "  draft frames")
+        wrap(t, d.draft, "extend", "  draft extend")
+    for part in getattr(d.proposer, "parts", [d.proposer]):
+        if hasattr(part, "policy"):
+            wrap(t, part.policy, "build", f"  {part.policy.name} tree")
     wrap(t, d.base, "forward", "base forward")
+    wrap(t, G.TokenTree, "verify_inputs", "verify inputs")
+    wrap(t, G, "accept_greedy", "acceptance")
     wrap(t, G, "compact_kv", "KV compaction")
     d.chat(a.prompt, max_new_tokens=16)  # warm-up
     for spec in (True, False):
@@ -60,9 +70,12 @@ def main():
         r = d.chat(a.prompt, max_new_tokens=a.max_new_tokens, speculative=spec)
         print(f"{'speculative' if spec else 'vanilla'}: {r.new_tokens} tokens, {r.steps} steps, beta "
               f"{r.mean_accept_length:.2f}, {r.tokens_per_s:.2f} tokens/s, {1000 * r.wall_s / r.steps:.1f} ms/step"
-              + (f", budget {d.candidates.budget}" if spec else ""))
+              + (f", {d.label()}" if spec else ""))
         for k, v in t.items():
-            print(f"  {k:15s} {1000 * sum(v) / len(v):7.2f} ms x {len(v)}")
+            print(f"  {k:18s} {1000 * sum(v) / len(v):7.2f} ms x {len(v)}")
+        if spec and t["whole step"]:
+            host = (sum(t["whole step"]) - sum(t["base forward"][1:])) / len(t["whole step"])  # [0]: prefill
+            print(f"  {'host outside base':18s} {1000 * host:7.2f} ms per step (proposer, tree, acceptance, cache)")
 
 
 if __name__ == "__main__":
