@@ -202,7 +202,8 @@ def test_devices_this_build_lacks(capsys, command, device):
         pytest.skip("a machine with 100 GPUs")
     if device == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    required = {"generate": ["--prompt", "hi"], "eval": ["--bench", "mt_bench", "--question-file", "q", "--model-id", "m"],
+    required = {"generate": ["--prompt", "hi"],
+                "eval": ["--bench", "mt_bench", "--question-file", "q", "--model-id", "m"],
                 "train": ["--data", "d", "--out", "o"], "distill": ["--data", "d"]}[command]
     line = one_line_error(capsys, main([command, *required, "--device", device]), "argument --device")
     assert device in line
@@ -387,8 +388,10 @@ def test_train_out_disk_full_keeps_finished_epochs(tmp_path, capsys, tiny_model_
         return real(epoch_dir, o)
 
     monkeypatch.setattr(T, "publish_top_level", full_on_epoch_2)
-    line = one_line_error(capsys, _train(tiny_model_dir, d, out, "--epochs", "2"), "No space left on device", mid_run=True)
-    assert f"cannot write the training run in {out}" in line and "epochs 1..1 are kept (resume with --recover 1)" in line
+    code = _train(tiny_model_dir, d, out, "--epochs", "2")
+    line = one_line_error(capsys, code, "No space left on device", mid_run=True)
+    assert f"cannot write the training run in {out}" in line
+    assert "epochs 1..1 are kept (resume with --recover 1)" in line
     assert (out / "state_1" / "trainer_state.json").is_file() and (out / "epoch_1" / "model.safetensors").is_file()
     monkeypatch.undo()
     assert _train(tiny_model_dir, d, out, "--epochs", "2", "--recover", "1") == 0

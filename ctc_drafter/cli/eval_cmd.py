@@ -19,7 +19,8 @@ from .common import add_decoding_args, add_model_args
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="answer benchmark questions (MT-bench, GSM8K) and record speed",
                        description="Answer benchmark questions and record speed per turn, resumably, in "
-                                   "FastChat's answer-file schema and layout (data/{bench}/model_answer/{model_id}.jsonl).")
+                                   "FastChat's answer-file schema and layout "
+                                   "(data/{bench}/model_answer/{model_id}.jsonl).")
     p.add_argument("--bench", required=True, choices=["mt_bench", "gsm8k"])
     p.add_argument("--question-file", required=True, help="MT-bench question.jsonl or GSM8K test.jsonl")
     p.add_argument("--model-id", required=True, help="names the run and its answer file")

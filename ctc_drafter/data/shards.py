@@ -161,7 +161,8 @@ def check_shard_plan(plan: ShardPlan, directory, allow_incomplete: bool) -> str 
         return None
     if not allow_incomplete:
         raise CTCDrafterError(f"{problem}: training on it would silently use part of the data; finish it with the "
-                              "same `ctc-drafter distill` command, or pass --allow-incomplete to train on what is there")
+                              "same `ctc-drafter distill` command, or pass --allow-incomplete to train on what is "
+                              "there")
     return f"{problem}; training on the {len(plan.files)} shard(s) present (--allow-incomplete)"
 
 

@@ -393,8 +393,8 @@ def _count_notes(name: str, methods: Counter, notes: list[str]) -> None:
     if methods.get("token ids"):
         notes.append(f"{name}: {methods['token ids']} turn(s) record new_tokens 0; counted from stored token ids")
     if methods.get("loop steps"):
-        notes.append(f"{name}: {methods['loop steps']} turn(s) record new_tokens 0 and no token ids; counted as idxs + 1 "
-                     "tokens each (read as a plain decoding loop, which emits one token per step)")
+        notes.append(f"{name}: {methods['loop steps']} turn(s) record new_tokens 0 and no token ids; counted as "
+                     "idxs + 1 tokens each (read as a plain decoding loop, which emits one token per step)")
     if methods.get("re-tokenized"):
         notes.append(f"{name}: {methods['re-tokenized']} turn(s) record new_tokens 0; counted by re-tokenizing the "
                      "text (approximate: stripped text, no end token)")

@@ -71,7 +71,8 @@ def add_train_args(p) -> None:
                    help="ctc (default), ce (Medusa-style heads, no blank) or ctc+ce")
     p.add_argument("--frames", type=int, default=None, help="L, draft frames (default 8)")
     p.add_argument("--label-len", type=int, default=None, help="k, tokens the frames are trained to emit (default 6)")
-    p.add_argument("--positions", type=checks.int_in(1, 1 << 16), default=32, help="P, positions trained per sequence and epoch")
+    p.add_argument("--positions", type=checks.int_in(1, 1 << 16), default=32,
+                   help="P, positions trained per sequence and epoch")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="propose from the N tokens most frequent in the training targets (0: the whole "
                         "vocabulary, the default); the frame head shrinks from V to N rows, lossless")
@@ -79,7 +80,8 @@ def add_train_args(p) -> None:
     p.add_argument("--recover", type=int, default=None, metavar="N", help="resume from CKPT/state_N")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if CKPT holds an earlier run")
     p.add_argument("--seed", type=checks.int_in(0, checks.MAX_SEED), default=0)
-    p.add_argument("--eval-frac", type=checks.finite_float(0.0, 1.0), default=0.02, help="fraction of sequences held out for evaluation")
+    p.add_argument("--eval-frac", type=checks.finite_float(0.0, 1.0), default=0.02,
+                   help="fraction of sequences held out for evaluation")
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--device", default="auto", type=checks.device,
                    help="auto, cpu, cuda (several GPUs: accelerate launch)")
