@@ -73,12 +73,13 @@ def _meta(args, engine) -> dict:
         "bench": args.bench,
         "engine": args.engine,
         "speculative": spec,
-        "generator": engine.candidates.name if draft else None,
-        "budget": engine.candidates.budget if draft else None,
+        "proposer": engine.settings()["proposer"] if draft else None,
+        "generator": engine.settings().get("generator") if draft else None,
+        "budget": engine.settings()["budget"] if draft else None,
         "prompt_lookup_tokens": engine.prompt_lookup_tokens if args.engine == "hf-prompt-lookup" else None,
         "draft_model": args.draft_model if draft else None,
         "draft_trained": engine.draft_trained if draft else None,
-        "draft_sha256": engine.draft.fingerprint if draft else None,
+        "draft_sha256": getattr(engine.draft, "fingerprint", None) if draft else None,
         "base_model": engine.base.name,
         "device": str(engine.base.device),
         "dtype": str(engine.base.dtype).replace("torch.", ""),
@@ -100,7 +101,8 @@ def _load_engine(args):
 
         return CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
                                           device=args.device, dtype=args.dtype, generator=args.generator,
-                                          budget=args.budget, cpu_kernels=args.cpu_kernels)
+                                          budget=args.budget, cpu_kernels=args.cpu_kernels,
+                                          proposer=args.proposer)
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 
@@ -114,8 +116,7 @@ def _mode(args, engine) -> str:
         return "HF generate"
     if args.engine == "hf-prompt-lookup":
         return f"HF prompt lookup (K={engine.prompt_lookup_tokens})"
-    c = engine.candidates
-    return "baseline" if args.baseline else f"speculative ({c.name}, budget {c.budget})"
+    return "baseline" if args.baseline else engine.label()
 
 
 def run(args) -> int:

@@ -73,7 +73,8 @@ def engine_label(f: AnswerFile) -> str:
     if not m.get("speculative"):
         return f"ours, vanilla{packed}"
     untrained = ", untrained draft" if m.get("draft_trained") is False else ""
-    return f"ours, speculative ({m.get('generator')}, budget {m.get('budget')}{untrained}{packed})"
+    who = f"{m['proposer']} {m.get('generator') or ''}".strip() if m.get("proposer") else m.get("generator")
+    return f"ours, speculative ({who}, budget {m.get('budget')}{untrained}{packed})"
 
 
 def load_answer_file(path: str | Path, what: str) -> AnswerFile:
