@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ..errors import CTCDrafterError
 
-MAX_BUDGET = 512  # tree nodes per verification pass (GPU defaults use 64; Medusa's tree has 64)
+from ..decoding.generate import MAX_BUDGET, MIN_TEMPERATURE  # noqa: F401 - the decoder's limits, one home
+
 MAX_SEED = 2**62  # torch generators take 64-bit seeds; eval adds 1000 * choice + turn to the seed
-MIN_TEMPERATURE = 1e-4  # logits / T must stay finite in float32 (1e-300 rounds to 0 there: inf / nan)
 
 
 def int_in(low: int, high: int | None = None, what: str = ""):
@@ -61,30 +61,15 @@ def temperature(text: str) -> float:
 
 
 def device(text: str) -> str:
-    """argparse type: auto, cpu, cuda[:N] or mps, present in this build and on this machine."""
-    import torch
+    """argparse type: auto, cpu, cuda[:N] or mps, present in this build and on this machine
+    (the rules are models/base.py's resolve_device, which the Python API applies too)."""
+    from ..models.base import resolve_device
 
-    if text == "auto":
-        return text
     try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cpu":
-        return text
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (this torch build or machine "
-                                             "has no CUDA GPU); use cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-        return text
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: Apple MPS is not available here; use cpu or auto")
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r}: ctc-drafter runs on cpu, cuda or mps, not {dev.type}")
+        resolve_device(text)
+    except CTCDrafterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 # ---- a parsed command --------------------------------------------------------------------------

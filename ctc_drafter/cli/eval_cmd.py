@@ -102,11 +102,12 @@ def _load_engine(args):
         return CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
                                           device=args.device, dtype=args.dtype, generator=args.generator,
                                           budget=args.budget, cpu_kernels=args.cpu_kernels,
-                                          proposer=args.proposer)
+                                          proposer=args.proposer, trust_remote_code=args.trust_remote_code)
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 
-    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
+    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype,
+                           trust_remote_code=args.trust_remote_code)
     k = None if args.engine == "hf" else (args.prompt_lookup_tokens or DEFAULT_PROMPT_LOOKUP_TOKENS)
     return HFEngine(base, prompt_lookup_tokens=k)
 

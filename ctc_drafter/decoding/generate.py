@@ -10,6 +10,7 @@ Shapes are for batch 1, the setting of the paper and of interactive use.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,10 @@ from .proposers import Proposer, default_budget, make_proposer
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
 from .verify import accept_greedy, accept_sampling, warp_probs
+
+
+MAX_BUDGET = 512  # tree nodes per pass: the mask is nodes x (past + nodes); Medusa's tree has 64
+MIN_TEMPERATURE = 1e-4  # logits / T must stay finite in float32 (1e-300 rounds to 0 there: inf / nan)
 
 
 @dataclass
@@ -69,9 +74,10 @@ class _Picker:
     """Chooses one token from logits: argmax, or a sample from the warped distribution."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float, seed: int | None):
-        if temperature < 0:
-            raise CTCDrafterError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
+        if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+            raise CTCDrafterError(f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE:g}, "
+                                  f"got {temperature}")
+        if not 0 < top_p <= 1:  # also refuses nan
             raise CTCDrafterError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise CTCDrafterError(f"top_k must be >= 0, got {top_k}")
@@ -142,8 +148,8 @@ class CTCDrafter(ChatMixin):
         name = getattr(self.proposer, "name", "ctc")
         self.budget = budget if budget is not None else default_budget(base.device, name, generator,
                                                                        sized=cost_ms is not None)
-        if self.budget < 1:
-            raise CTCDrafterError(f"node budget must be at least 1, got {self.budget}")
+        if not 1 <= self.budget <= MAX_BUDGET:
+            raise CTCDrafterError(f"node budget must be in 1..{MAX_BUDGET}, got {self.budget}")
 
     def settings(self) -> dict:
         """What identifies this engine's speculation in answer files and --json output."""
@@ -165,7 +171,8 @@ class CTCDrafter(ChatMixin):
     @classmethod
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
                         dtype="auto", generator: str = "beam", budget: int | None = None,
-                        cpu_kernels: str = "packed", proposer: str = "ctc") -> "CTCDrafter":
+                        cpu_kernels: str = "packed", proposer: str | Proposer = "ctc",
+                        trust_remote_code: bool = False) -> "CTCDrafter":
         """Load base and draft. cpu_kernels='packed' swaps a CPU fp32 base's linear layers for oneDNN
         packed-weight ones (faster for the few rows a step has); 'stock' keeps PyTorch's."""
         from ..draft import load_draft
@@ -173,7 +180,7 @@ class CTCDrafter(ChatMixin):
 
         if cpu_kernels not in ("packed", "stock"):
             raise CTCDrafterError(f"cpu_kernels must be 'packed' or 'stock', got {cpu_kernels!r}")
-        base = load_base_model(base_model, device=device, dtype=dtype)
+        base = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         if cpu_kernels == "packed":
             pack_linears(base.model)
         if proposer == "ngram":

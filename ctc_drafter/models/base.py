@@ -44,10 +44,20 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise CTCDrafterError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CTCDrafterError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CTCDrafterError(f"{device!r}: CUDA is not available here (this torch build or machine has no CUDA "
+                                  "GPU); use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CTCDrafterError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CTCDrafterError(f"{device!r}: Apple MPS is not available here; use cpu or auto")
+    elif dev.type != "cpu":
+        raise CTCDrafterError(f"{device!r}: ctc-drafter runs on cpu, cuda or mps, not {dev.type}")
     return dev
 
 
@@ -228,7 +238,7 @@ def default_model_dir() -> Path:
 
 
 def load_base_model(name_or_path: str, device: str | torch.device | None = "auto",
-                    dtype: str | torch.dtype | None = "auto") -> BaseModel:
+                    dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False) -> BaseModel:
     """Load a base model by 'default', a local HF folder, or a .gguf file; eval mode, no grad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -252,6 +262,8 @@ def load_base_model(name_or_path: str, device: str | torch.device | None = "auto
         name = _model_name(p, gguf_name)
     try:
         kw = {"gguf_file": gguf_name} if gguf_name else {}
+        # Custom modelling code runs only when asked: otherwise transformers would prompt on stdout.
+        kw["trust_remote_code"] = trust_remote_code
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
     except CTCDrafterError:

@@ -550,7 +550,8 @@ def run_training(args) -> int:
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, step_scheduler_with_optimizer=False)
     try:
         set_seed(args.seed)
-        base = load_base_model(args.base_model, device=acc.device, dtype=base_dtype)
+        base = load_base_model(args.base_model, device=acc.device, dtype=base_dtype,
+                               trust_remote_code=args.trust_remote_code)
         for key in ("hidden_size", "vocab_size"):  # a config.json of a draft for another base
             if key in overrides and overrides[key] != int(getattr(base.config, key)):
                 raise CTCDrafterError(f"--config {args.config} has {key} {overrides[key]}, but base {base.name} has "
