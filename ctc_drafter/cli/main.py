@@ -14,7 +14,7 @@ import sys
 from ..errors import CTCDrafterError
 from .checks import check_command
 
-COMMANDS = ["generate", "demo", "distill", "train", "eval", "report", "serve"]
+COMMANDS = ["generate", "demo", "make-prompts", "distill", "train", "eval", "report", "serve"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ctc-drafter", description="Lossless speculative decoding with a CTC-based draft model.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
-        mod = importlib.import_module(f"ctc_drafter.cli.{'eval_cmd' if name == 'eval' else name}")
+        mod = importlib.import_module(f"ctc_drafter.cli.{'eval_cmd' if name == 'eval' else name.replace('-', '_')}")
         mod.add_parser(sub)
     return p
 

@@ -31,14 +31,15 @@ import torch
 
 from ..errors import CTCDrafterError
 from ..models.templates import build_prompt_ids, encode_conversation
+from .batch_generation import LOGIT_ELEMS, Reply, Sampling, argmax_in_chunks, generate_batch
 from .conversations import Conversation, Malformed, iter_records
 from .shards import MANIFEST, Sequence, read_manifest, shard_name, write_manifest, write_shard
 
 FORMAT = 1  # manifest format
 MODES = ("regenerate", "teacher-forced")
 MODE_ALIASES = {"base": "regenerate", "data": "teacher-forced", "teacher_forced": "teacher-forced"}
-LOGIT_ELEMS = 1 << 26  # LM-head rows per chunk * vocab: bounds the [rows, V] logits block (256 MB fp32)
 MALFORMED_EXAMPLES = 5  # reasons the manifest keeps
+KV_TOKENS = 1 << 15  # rows x (prompt + reply) of one generation batch: bounds its KV cache (~1.5 GB for SmolLM2-135M)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class DistillOptions:
     limit: int | None = None  # records to read (all when None)
     shard_size: int = 64  # records per shard: fixes which shard every record lands in
     save_hidden: bool = False
-    batch_size: int = 8  # sequences per base pass; does not change the data, so a resume may change it
+    batch_size: int = 8  # prompts decoded together / sequences per labelling pass; not part of the data's
+    # identity (a resume may change it), though in float32 it can flip a near-tie (scripts/batch_agreement.py)
 
     def __post_init__(self):
         self.mode = MODE_ALIASES.get(self.mode, self.mode)
@@ -141,42 +143,43 @@ def label_batch(base, seqs: list[list[int]], save_hidden: bool = False) -> list[
         att[b, : len(s)] = 1
     hidden = base.model.base_model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
     head = base.model.get_output_embeddings()
-    rows = max(1, LOGIT_ELEMS // int(base.config.vocab_size))
     out = []
     for b, n in enumerate(lens):
         h = hidden[b, :n]  # [T,d]
-        targets = torch.cat([head(h[i : i + rows]).argmax(-1) for i in range(0, n, rows)]).cpu()
+        targets = argmax_in_chunks(head, h, LOGIT_ELEMS)
         out.append((targets, h.to(torch.float16).cpu() if save_hidden else None))
     return out
 
 
-@torch.no_grad()
 def generate_replies(base, prompts: list[list[int]], budgets: list[int], temperature: float = 0.0,
-                     top_p: float = 1.0) -> list[tuple[list[int], bool]]:
-    """The base's replies to a batch of prompts: (tokens up to and incl. the end token, ended by the base?).
+                     top_p: float = 1.0, seeds: list[int] | None = None, save_hidden: bool = False) -> list[Reply]:
+    """The base's replies to a batch of prompts, each with the base's greedy targets over prompt + reply.
 
-    Left padding lines every prompt up against the new tokens; `budgets` caps each reply.
+    `budgets` caps each reply; sampling (temperature > 0) draws reply b from a generator seeded with seeds[b].
     """
-    from transformers import GenerationConfig
+    sampling = Sampling(temperature, top_p)
+    gens = None if sampling.greedy else [torch.Generator().manual_seed(s) for s in seeds]
+    return generate_batch(base, prompts, budgets, _pad_id(base), base.eos_token_ids, sampling, gens,
+                          labels=True, keep_hidden=save_hidden)
 
-    dev, pad, eos = base.device, _pad_id(base), sorted(base.eos_token_ids)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        att[b, width - len(p):] = 1
-    sample = temperature > 0
-    cfg = GenerationConfig(max_new_tokens=max(budgets), do_sample=sample, temperature=temperature if sample else None,
-                           top_p=top_p if sample else None, top_k=0 if sample else None, pad_token_id=pad,
-                           eos_token_id=eos or None, num_beams=1)
-    out = base.model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=cfg)
-    replies = []
-    for b, budget in enumerate(budgets):
-        new = out[b, width:].tolist()[:budget]
-        end = next((i for i, t in enumerate(new) if t in base.eos_token_ids), None)
-        replies.append((new, False) if end is None else (new[: end + 1], True))
-    return replies
+
+def reply_batches(todo: list, batch_size: int, max_tokens: int = KV_TOKENS) -> list[list]:
+    """Consecutive runs of `todo` (sorted by prompt length; items end with (prompt, budget)) of at most
+    batch_size prompts whose cache, rows x (longest prompt + largest budget), stays under max_tokens."""
+    batches, cur = [], []
+    for item in todo:
+        grown = cur + [item]
+        width = max(len(x[-2]) for x in grown) + max(x[-1] for x in grown)
+        if cur and (len(grown) > batch_size or len(grown) * width > max_tokens):
+            batches.append(cur)
+            grown = [item]
+        cur = grown
+    return batches + ([cur] if cur else [])
+
+
+def reply_seed(seed: int, record: int, turn: int) -> int:
+    """The sampling seed of one reply: fixed by --seed, the record's place in the data and the turn."""
+    return (seed << 40) + (record << 12) + turn
 
 
 # --------------------------------------------------------------------------- conversations -> sequences
@@ -214,11 +217,16 @@ class Answered:
     replies: list[str]  # text of each reply (earlier ones are re-encoded into later prompts)
     prompt: list[int]  # prompt ids of the last reply
     reply: list[int]  # the last reply's tokens exactly as the base generated them (end token included)
+    targets: torch.Tensor | None = None  # [len(prompt + reply)] the base's greedy next tokens, from generating it
+    hidden: torch.Tensor | None = None  # [len(prompt + reply), d] fp16, with --save-hidden
 
 
-def answer_conversations(base, convs: list[Conversation], opts: DistillOptions, stats: Stats) -> list[Answered | None]:
+def answer_conversations(base, convs: list[Conversation], opts: DistillOptions, stats: Stats,
+                         first_seed: int = 0) -> list[Answered | None]:
     """Self-distillation: the base answers each user turn in turn, seeing its own earlier replies.
 
+    Every turn's prompts go to the base in batches of up to --batch-size, sorted by length (little padding).
+    Sampled replies are seeded by reply_seed(--seed, first_seed + conversation, turn).
     A conversation stops at a reply the base did not finish (a cut reply is kept: its tokens are
     still the base's) or when its prompt leaves no room under --max-len. None: no reply at all.
     """
@@ -239,15 +247,16 @@ def answer_conversations(base, convs: list[Conversation], opts: DistillOptions, 
                 continue
             todo.append((c, msgs, prompt, budget))
         todo.sort(key=lambda x: len(x[2]))  # similar lengths together: less padding
-        for i in range(0, len(todo), opts.batch_size):
-            batch = todo[i : i + opts.batch_size]
+        for batch in reply_batches(todo, opts.batch_size):
             outs = generate_replies(base, [p for _, _, p, _ in batch], [b for *_, b in batch],
-                                    opts.temperature, opts.top_p)
-            for (c, msgs, prompt, _), (new, ended) in zip(batch, outs):
-                text = reply_text(tok, new, msgs, opts.template)
-                answered[c] = Answered((answered[c].replies if turn else []) + [text], prompt, new)
+                                    opts.temperature, opts.top_p,
+                                    [reply_seed(opts.seed, first_seed + c, turn) for c, *_ in batch], opts.save_hidden)
+            for (c, msgs, prompt, _), r in zip(batch, outs):
+                text = reply_text(tok, r.tokens, msgs, opts.template)
+                answered[c] = Answered((answered[c].replies if turn else []) + [text], prompt, r.tokens,
+                                       r.targets, r.hidden)
                 stats.replies_generated += 1
-                if not ended:
+                if not r.ended:
                     stats.replies_unfinished += 1
                     going[c] = False
     return answered
@@ -271,7 +280,8 @@ def data_example(tokenizer, messages: list[dict], template: str, max_length: int
 
 def base_example(tokenizer, users: list[str], a: Answered, template: str, max_length: int):
     """A conversation the base answered: the last prompt (earlier turns as the base saw them) + the
-    last reply's exact tokens. Earlier replies' spans come from encoding the turns before it."""
+    last reply's exact tokens. Earlier replies' spans come from encoding the turns before it.
+    (ids, loss_mask, targets, hidden) with the targets (and hidden states) generation read off, or None."""
     prev_ids, prev_mask = [], []
     if len(a.replies) > 1:
         msgs = Conversation("", users[: len(a.replies) - 1], a.replies[:-1]).messages()
@@ -280,14 +290,20 @@ def base_example(tokenizer, users: list[str], a: Answered, template: str, max_le
             raise CTCDrafterError("the chat template is not prefix-consistent")
     ids = a.prompt + a.reply
     amask = prev_mask + [False] * (len(a.prompt) - len(prev_ids)) + [True] * len(a.reply)
-    return _with_loss_mask(ids, amask, max_length)
+    ex = _with_loss_mask(ids, amask, max_length)
+    if ex is None:
+        return None
+    n = len(ex[0])
+    return ex + (a.targets[:n], None if a.hidden is None else a.hidden[:n])
 
 
-def conversations_to_examples(base, convs: list[Conversation], opts: DistillOptions, stats: Stats) -> list:
-    """Each conversation -> (ids, loss_mask) or None (skipped, with the reason counted)."""
+def conversations_to_examples(base, convs: list[Conversation], opts: DistillOptions, stats: Stats,
+                              first_seed: int = 0) -> list:
+    """Each conversation -> (ids, loss_mask), (ids, loss_mask, targets, hidden) when the base answered it,
+    or None (skipped, with the reason counted)."""
     tok = base.tokenizer
     regen = opts.mode == "regenerate"
-    answered = answer_conversations(base, convs, opts, stats) if regen else None
+    answered = answer_conversations(base, convs, opts, stats, first_seed) if regen else None
     out = []
     for k, c in enumerate(convs):
         users = _usable_users(c)
@@ -320,37 +336,37 @@ def conversations_to_examples(base, convs: list[Conversation], opts: DistillOpti
     return out
 
 
+def _sequence(ids: list[int], loss: list[bool], targets: torch.Tensor, hidden, stats: Stats) -> Sequence:
+    ids, loss = torch.tensor(ids, dtype=torch.long), torch.tensor(loss, dtype=torch.bool)
+    stats.sequences += 1
+    stats.tokens += len(ids)
+    stats.assistant_tokens += int(loss.sum())
+    stats.agree += int(((targets[:-1] == ids[1:]) & loss[:-1]).sum())
+    return Sequence(ids, targets, loss, hidden)
+
+
 def label_examples(base, examples: list, opts: DistillOptions, stats: Stats) -> list[Sequence]:
-    """Base passes over the examples (batched by length); Sequences in the examples' order."""
-    order = sorted((i for i, e in enumerate(examples) if e is not None), key=lambda i: len(examples[i][0]))
-    seqs: dict[int, Sequence] = {}
+    """Sequences in the examples' order: those the base generated keep the targets read off while
+    generating; the others get a base pass (batched by length)."""
+    seqs = {i: _sequence(*e, stats) for i, e in enumerate(examples) if e is not None and len(e) == 4}
+    order = sorted((i for i, e in enumerate(examples) if e is not None and len(e) == 2), key=lambda i: len(examples[i][0]))
     for k in range(0, len(order), opts.batch_size):
         idx = order[k : k + opts.batch_size]
         labelled = label_batch(base, [examples[i][0] for i in idx], opts.save_hidden)
         for i, (targets, hidden) in zip(idx, labelled):
-            ids = torch.tensor(examples[i][0], dtype=torch.long)
-            loss = torch.tensor(examples[i][1], dtype=torch.bool)
-            seqs[i] = Sequence(ids, targets, loss, hidden)
-            stats.sequences += 1
-            stats.tokens += len(ids)
-            stats.assistant_tokens += int(loss.sum())
-            stats.agree += int(((targets[:-1] == ids[1:]) & loss[:-1]).sum())
+            seqs[i] = _sequence(*examples[i], targets, hidden, stats)
     return [seqs[i] for i in sorted(seqs)]
-
-
 
 
 def label_shard(base, records: list, opts: DistillOptions, first_index: int) -> tuple[list[Sequence], Stats]:
     """One shard's records (Conversation or Malformed) -> labelled Sequences, with their stats.
 
     Depends only on the records, the options and where the shard starts: any process makes the
-    same shard (batches are formed within the shard; sampling is seeded by the shard's position).
+    same shard (batches are formed within the shard; a sampled reply is seeded by its conversation's place).
     """
     convs = [r for r in records if isinstance(r, Conversation)]
     stats = Stats(records=len(records), malformed=len(records) - len(convs))
-    if opts.temperature > 0:
-        torch.manual_seed(opts.seed + first_index)
-    examples = conversations_to_examples(base, convs, opts, stats)
+    examples = conversations_to_examples(base, convs, opts, stats, first_seed=first_index)
     return label_examples(base, examples, opts, stats), stats
 
 
