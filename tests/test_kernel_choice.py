@@ -220,3 +220,24 @@ def test_greedy_with_a_mixed_plan_equals_stock_hf_generate(tmp_path, generator, 
         assert spec.tokens == van.tokens == hf[0, ids.shape[1]:].tolist()
         longest = max(longest, max(spec.accept_lengths))
     assert longest > 1
+
+
+def test_generate_json_reports_the_kernel_choice_and_the_second_run_reads_the_cache(capsys, tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """`generate --json` carries the plan and its timings; a calm measurement is cached for the next run."""
+    from ctc_drafter.cli.main import main
+
+    monkeypatch.setattr(kernel_choice, "measure_passes", FakeMeasure(STOCK_FOR_ONE_ROW))  # a calm machine
+    monkeypatch.setattr(kernel_choice, "cache_file_for", lambda fp: tmp_path / "kernels.json")
+    argv = ["generate", "--base-model", str(tiny_model_dir), "--prompt", "Say hello.", "--max-new-tokens", "6",
+            "--json", "--baseline"]
+    reports = []
+    for _ in range(2):
+        assert main(argv) == 0
+        reports.append(json.loads(capsys.readouterr().out)["cpu_kernels"])
+    first, second = reports
+    assert first["label"] == "stock<=1,packed" and first["mode"] == "auto" and not first["cache_hit"]
+    assert first["timings_ms"]["packed"]["8"] == STOCK_FOR_ONE_ROW["packed"][8] and first["pass_cost"]["nodes_ms"]
+    assert second["cache_hit"] and second["label"] == first["label"] and second["measure_s"] == 0
+    assert main(argv + ["--cpu-kernels", "stock"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu_kernels"]["label"] == "stock"

@@ -27,12 +27,32 @@ def add_decoding_args(p) -> None:
     p.add_argument("--top-p", type=checks.finite_float(0.0, 1.0, low_open=True), default=1.0)
     p.add_argument("--top-k", type=checks.int_in(0), default=0)
     p.add_argument("--seed", type=checks.int_in(0, checks.MAX_SEED), default=None)
-    p.add_argument("--tree-choices", "--generator", dest="generator", default="beam",
+    p.add_argument("--proposer", default="ctc", choices=["ctc", "ngram", "hybrid"],
+                   help="who proposes draft tokens: the CTC draft (default), n-gram lookup in the prompt, the output "
+                        "and earlier requests (no draft needed), or both merged by calibrated acceptance")
+    p.add_argument("--generator", "--tree-choices", dest="generator", default="beam",
                    choices=["beam", "medusa", "prefix"],
-                   help="candidate generator: CTC prefix beam search (default), the paper's Medusa-63 tree, or the "
+                   help="the CTC draft's tree policy: prefix beam search (default), the paper's Medusa-63 tree, or the "
                         "most likely prefixes by exact CTC prefix probability")
     p.add_argument("--budget", type=checks.int_in(1, checks.MAX_BUDGET), default=None,
                    help=f"tree node budget incl. root, 1..{checks.MAX_BUDGET} (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
-    p.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"],
-                   help="linear layers of our loop on a CPU fp32 base: oneDNN with packed weights (default, "
-                        "faster) or PyTorch's stock ones (what HF generate uses)")
+    # default "packed" until CTCDrafter.from_pretrained takes "auto"; load_drafter's users default to "auto"
+    p.add_argument("--cpu-kernels", default="packed", choices=["auto", "packed", "stock"],
+                   help="linear layers of our loop on a CPU fp32/bf16 base: auto (the fastest per pass size, timed "
+                        "once per machine and cached), oneDNN with packed weights, or PyTorch's stock ones (what HF "
+                        "generate uses)")
+
+
+def load_drafter(args, draft_model):
+    """CTCDrafter.from_pretrained with --cpu-kernels chosen by models/kernel_choice.py; -> (drafter, KernelReport).
+
+    Until from_pretrained calls apply_cpu_kernels itself, the base loads with stock layers and the
+    kernels are applied here (the draft only reads the LM head's weight, which every kernel keeps).
+    """
+    from ..decoding import CTCDrafter
+    from ..models.kernel_choice import apply_cpu_kernels
+
+    d = CTCDrafter.from_pretrained(args.base_model, draft_model, device=args.device, dtype=args.dtype,
+                                   generator=args.generator, budget=args.budget, cpu_kernels="stock",
+                                   proposer=args.proposer)
+    return d, apply_cpu_kernels(d.base, args.cpu_kernels)

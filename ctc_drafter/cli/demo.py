@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_decoding_args, add_model_args
+from .common import add_decoding_args, add_model_args, load_drafter
 
 PROMPTS = [
     "Explain in three sentences why the sky is blue.",
@@ -13,45 +13,72 @@ PROMPTS = [
     "A baker makes 36 muffins in the morning and half as many in the afternoon. She sells 40 of them. "
     "How many muffins are left?",
 ]
+ENGINES = ("spec", "base", "hf")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="compare speculative decoding with vanilla and HF generate on built-in prompts")
     add_model_args(p)
     add_decoding_args(p)
-    p.set_defaults(max_new_tokens=128)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each prompt this many times per engine (interleaved) and time the median run: "
+                        "steadier figures on a busy machine")
+    p.set_defaults(max_new_tokens=128, cpu_kernels="auto")
     p.set_defaults(func=run)
 
 
-def _hf_reference(args, d):
-    """HF `generate` greedy on the base as loaded, stock layers: what a user runs without ctc-drafter."""
+def _hf_reference(args, d, kernels_label: str):
+    """HF `generate` greedy on the same base in the same dtype with stock layers: what a user runs without
+    ctc-drafter."""
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 
-    base = d.base if d.kernels == "stock" else load_base_model(args.base_model, device=args.device, dtype=args.dtype)
-    return HFEngine(base)
+    same = kernels_label == "stock"
+    return HFEngine(d.base if same else load_base_model(args.base_model, device=args.device, dtype=args.dtype))
+
+
+def _timed_runs(engines: dict, prompt: str, kw: dict, repeats: int) -> dict:
+    """Each engine answers `prompt` `repeats` times, interleaved; keeps the run of median wall time."""
+    runs = {k: [] for k in engines}
+    for _ in range(repeats):
+        for k, (engine, extra) in engines.items():
+            runs[k].append(engine.chat(prompt, **kw, **extra))
+    return {k: sorted(rs, key=lambda r: r.wall_s)[len(rs) // 2] for k, rs in runs.items()}
+
+
+def _differences(runs: dict) -> str:
+    """'yes', or which texts differ from HF generate's and at which new token (for a bug report)."""
+    ref, notes = runs["hf"].tokens, []
+    for k, name in (("spec", "speculative"), ("base", "vanilla")):
+        toks = runs[k].tokens
+        if toks != ref:
+            at = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), min(len(toks), len(ref)))
+            notes.append(f"{name} differs from HF generate at new token {at}")
+    return "yes" if not notes else "NO (" + "; ".join(notes) + ")"
 
 
 def run(args) -> int:
-    from ..decoding import CTCDrafter
+    import torch
 
-    d = CTCDrafter.from_pretrained(args.base_model, args.draft_model, device=args.device, dtype=args.dtype,
-                                   generator=args.generator, budget=args.budget,
-                                   cpu_kernels=args.cpu_kernels)
+    if args.repeats < 1:
+        from ..errors import CTCDrafterError
+
+        raise CTCDrafterError(f"--repeats must be >= 1, got {args.repeats}")
+    d, kernels = load_drafter(args, args.draft_model)
     kw = dict(template=args.template, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     label = "shipped trained draft" if d.draft_trained else "UNTRAINED draft (no trained draft ships yet)"
-    print(f"base {d.base.name} on {d.base.device} ({str(d.base.dtype).replace('torch.', '')}); {label}; "
-          f"generator {d.candidates.name}, node budget {d.candidates.budget}"
-          + ("; oneDNN packed linear layers" if d.kernels == "packed" else ""))
-    hf = _hf_reference(args, d)
+    dtype = str(d.base.dtype).replace("torch.", "")
+    print(f"base {d.base.name} on {d.base.device} ({dtype}, {torch.get_num_threads()} threads); {label}; {d.label()}")
+    print(kernels.describe())
+    hf = _hf_reference(args, d, kernels.label)
+    engines = {"spec": (d, {"speculative": True}), "base": (d, {"speculative": False}), "hf": (hf, {})}
     for e in (d, hf):
         e.chat("Hi", **{**kw, "max_new_tokens": 8})  # warm-up: first calls pay one-off costs
-    tot = {k: [0, 0.0, 0] for k in ("spec", "base", "hf")}
-    identical = 0
+    tot = {k: [0, 0.0, 0] for k in ENGINES}
+    identical, ratios = 0, []
     for i, prompt in enumerate(PROMPTS, 1):
-        runs = {"spec": d.chat(prompt, speculative=True, **kw), "base": d.chat(prompt, speculative=False, **kw),
-                "hf": hf.chat(prompt, **kw)}
+        runs = _timed_runs(engines, prompt, kw, args.repeats)
         same = runs["spec"].tokens == runs["base"].tokens == runs["hf"].tokens
         identical += same
         for k, r in runs.items():
@@ -59,15 +86,18 @@ def run(args) -> int:
             tot[k][1] += r.wall_s
             tot[k][2] += r.steps
         spec, tps = runs["spec"], {k: r.tokens_per_s for k, r in runs.items()}
+        ratios.append(tps["spec"] / tps["hf"])
         print(f"\n[{i}] {prompt}\n{spec.text.strip()}\n"
               f"    speculative {tps['spec']:6.1f} tok/s, {spec.mean_accept_length:.2f} tokens/step | "
               f"vanilla {tps['base']:6.1f} | HF generate {tps['hf']:6.1f} | "
-              f"speedup {tps['spec'] / tps['base']:.2f}x vs vanilla, {tps['spec'] / tps['hf']:.2f}x vs HF generate | "
-              f"identical: {'yes' if same else 'NO'}")
+              f"speedup {tps['spec'] / tps['base']:.2f}x vs vanilla, {ratios[-1]:.2f}x vs HF generate | "
+              f"identical: {_differences(runs)}")
     tps = {k: v[0] / v[1] for k, v in tot.items()}
-    print(f"\nall prompts: speculative {tps['spec']:.1f} tok/s, vanilla {tps['base']:.1f} tok/s, "
+    print(f"\nall prompts ({dtype}, kernels {kernels.label}"
+          + (f", median of {args.repeats} runs each" if args.repeats > 1 else "") + "): "
+          f"speculative {tps['spec']:.1f} tok/s, vanilla {tps['base']:.1f} tok/s, "
           f"HF generate {tps['hf']:.1f} tok/s; speedup {tps['spec'] / tps['base']:.2f}x vs vanilla, "
-          f"{tps['spec'] / tps['hf']:.2f}x vs HF generate; mean accepted length "
+          f"{tps['spec'] / tps['hf']:.2f}x vs HF generate (slowest prompt {min(ratios):.2f}x); mean accepted length "
           f"{tot['spec'][0] / tot['spec'][2]:.2f} tokens/step; identical texts {identical}/{len(PROMPTS)}")
     if not d.draft_trained:
         print("note: the draft is untrained; train one with `ctc-drafter distill` + `ctc-drafter train`", file=sys.stderr)

@@ -6,7 +6,7 @@ import json
 import sys
 
 from .checks import check_max_new_tokens
-from .common import add_decoding_args, add_model_args
+from .common import add_decoding_args, add_model_args, load_drafter
 
 
 def add_parser(sub) -> None:
@@ -16,19 +16,15 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--baseline", action="store_true", help="vanilla decoding, no speculation")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, cpu_kernels="auto")
 
 
 def run(args) -> int:
-    from ..decoding import CTCDrafter
-
     if not args.prompt.strip():
         from ..errors import CTCDrafterError
 
         raise CTCDrafterError("empty prompt")
-    drafter = CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
-                                         device=args.device, dtype=args.dtype, generator=args.generator,
-                                         budget=args.budget, cpu_kernels=args.cpu_kernels)
+    drafter, kernels = load_drafter(args, None if args.baseline else args.draft_model)
     check_max_new_tokens(args.max_new_tokens, drafter.base)
     streamer = None
     if not args.json:
@@ -43,11 +39,11 @@ def run(args) -> int:
         d.pop("tokens")
         d["speculative"] = not args.baseline
         d["draft_trained"] = drafter.draft_trained if not args.baseline else None
-        d["generator"] = None if args.baseline else drafter.candidates.name
-        d["budget"] = None if args.baseline else drafter.candidates.budget
+        d["cpu_kernels"] = kernels.to_dict()  # the plan, its timings, cache hit or not
+        d.update({k: None for k in drafter.settings()} if args.baseline else drafter.settings())
         print(json.dumps(d))
     else:
-        mode = "baseline" if args.baseline else f"speculative ({drafter.candidates.name}, budget {drafter.candidates.budget})"
+        mode = "baseline" if args.baseline else drafter.label()
         print(f"\n[{mode}] {res.new_tokens} tokens in {res.wall_s:.2f} s = {res.tokens_per_s:.1f} tokens/s, "
               f"{res.steps} steps, {res.mean_accept_length:.2f} tokens/step", file=sys.stderr)
     return 0

@@ -7,10 +7,10 @@ base pass over n new tokens on top of a PAST-token KV cache (what scripts/tree_c
 each candidate kernel and each n in SIZES, interleaved so that noise from other processes spreads
 over all of them, keep each one's fastest repetition (other processes only ever add time, so the
 minimum is the steadiest estimate on a shared machine), and give each size class the kernel that was
-fastest. The result,
-with the timings, is cached as JSON under cache_dir()/kernels, keyed by a fingerprint of the CPU
-(model name, flags, torch threads), the library versions, the model's shape and dtype and this
-procedure; a later load with the same fingerprint reads the decision at once.
+fastest. The result, with the timings, is cached as JSON under cache_dir()/kernels, keyed by a
+fingerprint of the CPU (model name, flags, torch threads), the library versions, the model's shape
+and dtype and this procedure; a later load with the same fingerprint reads the decision at once.
+Timings cut short by BUDGET_S or too noisy (a busy machine) choose for this load only.
 
 The same timings of the chosen plan make the pass cost model (models/pass_cost.py) that proposers
 use to size trees.
