@@ -8,12 +8,26 @@ from pathlib import Path
 from ..errors import CTCDrafterError
 from .config import DraftConfig
 from .ctc import collapse, prefix_beam_search
+from .ar_model import ARDraftModel, new_ar_draft_for
 from .model import CTCDraftModel, DraftCache, new_draft_for
 
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "assets" / "default_draft"
 
-__all__ = ["DraftConfig", "CTCDraftModel", "DraftCache", "new_draft_for", "collapse", "prefix_beam_search",
-           "load_draft", "SHIPPED_DRAFT"]
+__all__ = ["DraftConfig", "CTCDraftModel", "ARDraftModel", "DraftCache", "new_draft_for", "new_ar_draft_for",
+           "draft_class", "load_draft_folder", "collapse", "prefix_beam_search", "load_draft", "SHIPPED_DRAFT"]
+
+
+def draft_class(config: DraftConfig) -> type[CTCDraftModel]:
+    """The model class of a config's architecture ("nar": frames from one state, "ar": levels)."""
+    return ARDraftModel if config.architecture == "ar" else CTCDraftModel
+
+
+def load_draft_folder(directory, device="cpu", dtype=None) -> CTCDraftModel:
+    """A saved draft of either architecture (its config.json says which), unbound."""
+    import torch
+
+    cls = draft_class(DraftConfig.load(Path(directory))) if Path(directory).is_dir() else CTCDraftModel
+    return cls.from_pretrained(directory, device=device, dtype=dtype or torch.float32)
 
 
 def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftModel, bool]:
@@ -30,13 +44,13 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
                 f"--draft-model default is the draft for {DEFAULT_NAME}; base {base.name} needs a trained draft "
                 "folder (ctc-drafter train), or 'untrained' for a random one")
         if name_or_path == "default" and (SHIPPED_DRAFT / "model.safetensors").is_file():
-            draft = CTCDraftModel.from_pretrained(SHIPPED_DRAFT, device=base.device, dtype=base.dtype)
+            draft = load_draft_folder(SHIPPED_DRAFT, device=base.device, dtype=base.dtype)
             return draft.bind(base.model), True
         if not quiet:
             print("ctc-drafter: note: using an UNTRAINED draft (deterministic init, seed 0); expect little or no "
                   "speedup", file=sys.stderr)
         return new_draft_for(base, seed=0), False
-    draft = CTCDraftModel.from_pretrained(name_or_path, device=base.device, dtype=base.dtype)
+    draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype)
     draft.bind(base.model)
     if draft.config.base_model and draft.config.base_model != base.name and not quiet:
         print(f"ctc-drafter: warning: draft was trained for {draft.config.base_model}, base is {base.name}",

@@ -14,6 +14,8 @@ from ..errors import CTCDrafterError
 _LIMITS = {"hidden_size": 65536, "vocab_size": 1 << 22, "num_attention_heads": 1024, "num_key_value_heads": 1024,
            "head_dim": 4096, "intermediate_size": 1 << 19, "num_context_layers": 64, "num_frames": 64,
            "label_len": 64}
+ARCHITECTURES = ("nar", "ar")
+AR_DEFAULTS = {"num_frames": 4, "label_len": 3}  # levels drafted per step; tokens CTC aligns them to
 _KINDS = {"int": int, "float": float, "str": str, "dict": dict}
 _KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", dict: "a JSON object"}
 
@@ -37,6 +39,9 @@ class DraftConfig:
     # (ids in the weights as `vocab_ids`). Frames then score N tokens + blank: a 135M base's LM head
     # shrinks 6x at N = 8192, and a token outside the list can still be emitted by the base (lossless).
     draft_vocab: int = 0
+    # "nar": L frames from one state (draft/model.py); "ar": the reference code's EAGLE-style head run
+    # autoregressively for num_frames levels (draft/ar_model.py). Configs without it are "nar".
+    architecture: str = "nar"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -67,6 +72,8 @@ class DraftConfig:
             rope_theta=theta,
             base_model=base_model,
         )
+        if overrides.get("architecture") == "ar":  # the reference's 4 levels, a 3-token CTC window
+            kw.update(AR_DEFAULTS)
         kw.update(overrides)
         cfg = cls(**kw)
         cfg.validate()
@@ -87,6 +94,8 @@ class DraftConfig:
                                   f"num_key_value_heads {self.num_key_value_heads}")
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
             raise CTCDrafterError("draft config: rms_norm_eps and rope_theta must be positive")
+        if self.architecture not in ARCHITECTURES:
+            raise CTCDrafterError(f"draft architecture must be {' or '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.loss not in ("ctc", "ce"):
             raise CTCDrafterError(f"draft loss must be ctc or ce, got {self.loss!r}")
         if self.num_frames < 1 or self.label_len < 1:

@@ -5,7 +5,8 @@
     ctc+ce  their sum (the draft still decodes with CTC)
 
 Both are summed over a position's labels and averaged over positions, so they share one scale
-(negative log-likelihood of a label window).
+(negative log-likelihood of a label window). The autoregressive draft adds feature regression and a
+token cross-entropy to a weighted CTC term (`ar_losses`, at the end).
 """
 
 from __future__ import annotations
@@ -92,3 +93,46 @@ def compute_losses(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.
         total = total + c
     parts["loss"] = float(total.detach())
     return LossParts(total, parts, int(valid.sum()))
+
+
+# ---- the autoregressive draft (draft/ar_model.py) ------------------------------------------------
+
+# The reference code's weights: EAGLE's feature regression 1.0 and token cross-entropy 0.1, plus a CTC
+# term 0.01. CTC weight 0 is EAGLE-style (the draft is then saved with loss "ce": no blank symbol).
+AR_LOSS_WEIGHTS = {"feature": 1.0, "token": 0.1, "ctc": 0.01}
+
+
+def ar_loss_weights(config) -> dict:
+    """The weights a draft was (or is being) trained with: config.extra["ar_loss_weights"] over the defaults."""
+    return {**AR_LOSS_WEIGHTS, **(config.extra or {}).get("ar_loss_weights", {})}
+
+
+def ar_losses(out, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_len: torch.Tensor,
+              config) -> LossParts:
+    """out: ARTrainOutput (frames [B,P,L,N+1], features [B,P,d]); hidden [B,T,d] the base's states;
+    positions [B,P]; labels [B,P,k] symbols, loss_len [B,P] -> weighted feature + token + CTC loss.
+
+    feature: smooth L1 of f_t to h_{t+1} (mean over d), token: cross-entropy of the head at t against
+    x_{t+2} (the window's first label), ctc: the frames t..t+L-1 against the window (compute_losses).
+    Each is a mean over the positions whose window starts inside the proposal vocabulary."""
+    w = ar_loss_weights(config)
+    B, P, d = out.features.shape
+    T = hidden.shape[1]
+    valid = loss_len > 0  # [B,P]: label 0 exists (so does h_{t+1}) and is a proposal symbol
+    n = max(int(valid.sum()), 1)
+    nxt = (positions + 1).clamp(max=T - 1)
+    target = torch.gather(hidden, 1, nxt[..., None].expand(B, P, d)).to(out.features.dtype)
+    feat = F.smooth_l1_loss(out.features.float(), target.float(), reduction="none").mean(-1)  # [B,P]
+    feature = (feat * valid).sum() / n
+    tok = out.frames[:, :, 0, : config.num_tokens].float()  # head at t, blank excluded
+    nll = F.cross_entropy(tok.reshape(B * P, -1), labels[..., 0].reshape(-1), reduction="none").view(B, P)
+    token = (nll * valid).sum() / n
+    total = w["feature"] * feature + w["token"] * token
+    parts = {"feature": float(feature.detach()), "token": float(token.detach())}
+    if w["ctc"] > 0 and config.loss == "ctc":
+        c = compute_losses(out.frames, labels, loss_len, "ctc", config.num_tokens)
+        total = total + w["ctc"] * c.total
+        parts["ctc"] = c.parts["ctc"]
+    parts["loss"] = float(total.detach())
+    return LossParts(total, parts, int(valid.sum()))
+

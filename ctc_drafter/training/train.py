@@ -36,11 +36,12 @@ import torch
 
 from ..cli import checks
 from ..data.shards import check_shard_plan, plan_shards, read_manifest
+from ..draft.config import ARCHITECTURES
 from ..errors import CTCDrafterError, fault_reason, writing
-from .data import (HiddenReader, TrainSequence, data_fingerprint, load_sequences, make_batch,
-                   most_frequent_targets, sample_positions, split_eval)
-from .losses import LOSSES, compute_losses, symbol_labels
-from .metrics import DraftMetrics
+from .data import (Batch, HiddenReader, TrainSequence, batch_loader, data_fingerprint, load_sequences,
+                   loader_workers, make_batch, most_frequent_targets, split_eval)
+from .losses import AR_LOSS_WEIGHTS, LOSSES, ar_losses, compute_losses, symbol_labels
+from .metrics import DraftMetrics, batch_sums
 
 LOG = "log.jsonl"
 MAX_BATCH = 4096  # sequences per step: an epoch's batch plan is bs x steps indices
@@ -69,7 +70,14 @@ def add_train_args(p) -> None:
     p.add_argument("--grad-clip", type=checks.finite_float(0.0), default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--loss", default=None, choices=LOSSES,
                    help="ctc (default), ce (Medusa-style heads, no blank) or ctc+ce")
-    p.add_argument("--frames", type=int, default=None, help="L, draft frames (default 8)")
+    p.add_argument("--frames", type=int, default=None, help="L, draft frames (default 8; with --arch ar: levels, 4)")
+    p.add_argument("--arch", default=None, choices=ARCHITECTURES,
+                   help="nar: L frames from one state (default); ar: the reference code's EAGLE-style head "
+                        "drafting level by level (trained with feature regression + token CE + weighted CTC)")
+    for part, default in AR_LOSS_WEIGHTS.items():
+        p.add_argument(f"--{part}-weight", type=checks.finite_float(0.0), default=None,
+                       help=f"with --arch ar: weight of the {part} loss (default {default}"
+                            f"{'; 0 trains an EAGLE-style head without a blank' if part == 'ctc' else ''})")
     p.add_argument("--label-len", type=int, default=None, help="k, tokens the frames are trained to emit (default 6)")
     p.add_argument("--positions", type=checks.int_in(1, 1 << 16), default=32,
                    help="P, positions trained per sequence and epoch")
@@ -83,6 +91,9 @@ def add_train_args(p) -> None:
     p.add_argument("--eval-frac", type=checks.finite_float(0.0, 1.0), default=0.02,
                    help="fraction of sequences held out for evaluation")
     p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
+    p.add_argument("--loader-workers", type=int, default=None, metavar="N",
+                   help="DataLoader processes that read and pad the next batches during a step (0: in the "
+                        "training process; default: 1 when a core is free)")
     p.add_argument("--device", default="auto", type=checks.device,
                    help="auto, cpu, cuda (several GPUs: accelerate launch)")
     p.add_argument("--allow-incomplete", action="store_true",
@@ -156,7 +167,25 @@ def _config_overrides(args) -> tuple[dict, str]:
         over["label_len"] = args.label_len
     kind = args.loss or ("ce" if over.get("loss") == "ce" else "ctc")
     over["loss"] = "ce" if kind == "ce" else "ctc"  # ctc+ce drafts still decode with CTC
+    if args.arch is not None:
+        over["architecture"] = args.arch
+    if over.get("architecture") == "ar":
+        kind = _ar_loss_weights(args, over)
     return over, kind
+
+
+def _ar_loss_weights(args, over: dict) -> str:
+    """--*-weight into the config (saved with the draft); CTC weight 0 (or --loss ce) is EAGLE-style:
+    no blank symbol. Returns the loss kind ("ce" then, else "ctc")."""
+    weights = dict((over.get("extra") or {}).get("ar_loss_weights", {}))
+    for part in AR_LOSS_WEIGHTS:
+        if getattr(args, f"{part}_weight", None) is not None:
+            weights[part] = getattr(args, f"{part}_weight")
+    if args.loss == "ce":
+        weights["ctc"] = 0.0
+    over["extra"] = {**(over.get("extra") or {}), "ar_loss_weights": {**AR_LOSS_WEIGHTS, **weights}}
+    over["loss"] = "ce" if over["extra"]["ar_loss_weights"]["ctc"] == 0 else "ctc"
+    return over["loss"]
 
 
 def _precision(args, device: torch.device) -> tuple[torch.dtype, str]:
@@ -195,9 +224,9 @@ def _write_json(path: Path, obj) -> None:
 
 def export_draft(config, state_dict: dict, directory: Path) -> None:
     """Write a loadable draft folder atomically from a (possibly gathered) state dict."""
-    from ..draft.model import CTCDraftModel
+    from ..draft import draft_class
 
-    model = CTCDraftModel(config)
+    model = draft_class(config)(config)
     model.load_state_dict({k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
                            for k, v in state_dict.items()})
     tmp = directory.with_name(directory.name + ".tmp")
@@ -328,6 +357,12 @@ class Trainer:
         return [[self.train_seqs[i] for i in order[s * per + r * bs: s * per + (r + 1) * bs]]
                 for s in range(self.steps_per_epoch)]
 
+    def epoch_loader(self, epoch: int):
+        """This process's batches for `epoch`, read and padded ahead of the step by DataLoader workers."""
+        workers = loader_workers(getattr(self.args, "loader_workers", None), self.acc.num_processes)
+        return batch_loader(self.epoch_batches(epoch), self.cfg.label_len, self.args.positions, self.args.seed,
+                            epoch, workers, pin_memory=self.acc.device.type == "cuda")
+
     def hidden_for(self, batch) -> torch.Tensor:
         """Stored hidden states when every sequence has them, else one frozen base pass (no grad)."""
         if batch.hidden is not None:
@@ -337,15 +372,13 @@ class Trainer:
 
     # -- steps --
 
-    def train_step(self, seqs: list[TrainSequence], epoch: int, window: DraftMetrics, totals: DraftMetrics):
-        P, k = self.args.positions, self.cfg.label_len
-        positions = [sample_positions(s, P, self.args.seed, epoch) for s in seqs]
-        batch = make_batch(seqs, positions, k, self.reader).to(self.acc.device)
+    def train_step(self, batch: Batch, window: DraftMetrics, totals: DraftMetrics):
+        batch = batch.to(self.acc.device)
         hidden = self.hidden_for(batch)
         self.model.train()
-        logits = self.model(hidden, batch.next_ids, batch.positions)  # [B,P,L,V+1]
+        out = self.model(hidden, batch.next_ids, batch.positions)  # [B,P,L,V+1] (AR: + features)
         labels, loss_len = symbol_labels(batch.labels, batch.label_len, self.token_to_symbol)
-        lp = compute_losses(logits, labels.clamp(min=0), loss_len, self.kind, self.cfg.num_tokens)
+        lp, logits = draft_losses(out, hidden, batch.positions, labels.clamp(min=0), loss_len, self.kind, self.cfg)
         self.acc.backward(lp.total)
         if self.args.grad_clip > 0 and self.acc.sync_gradients:
             self.acc.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
@@ -354,9 +387,11 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        # greedy-decode sums stay on the device; the host reads them only for a log line
+        sums = batch_sums(logits.detach(), labels, batch.label_len, self.cfg.num_tokens, self.cfg.loss == "ctc")
         for m in (window, totals):
             m.add_loss(lp.parts, lp.num_positions)
-            m.add(logits.detach(), labels, batch.label_len, self.cfg.num_tokens, self.cfg.loss == "ctc")
+            m.add_sums(sums)
         return lp
 
     def run_epoch(self, epoch: int) -> dict:
@@ -368,9 +403,9 @@ class Trainer:
         t_win, seqs_win = t0, 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.args.epochs}", unit="step",
                    disable=not self.acc.is_main_process, dynamic_ncols=True, file=sys.stderr)
-        for seqs in self.epoch_batches(epoch):
-            lp = self.train_step(seqs, epoch, window, totals)
-            seqs_win += len(seqs)
+        for batch in self.epoch_loader(epoch):
+            lp = self.train_step(batch, window, totals)
+            seqs_win += batch.num_sequences
             bar.update(1)
             bar.set_postfix(loss=f"{lp.parts['loss']:.3f}", lr=f"{self.last_lr:.2e}")
             if self.global_step % self.args.log_every == 0:
@@ -461,6 +496,13 @@ class Trainer:
         return records
 
 
+def draft_losses(out, hidden, positions, labels, loss_len, kind: str, config):
+    """Either architecture's training loss -> (LossParts, the frame logits [B,P,L,N+1] for metrics)."""
+    if isinstance(out, tuple):  # ARTrainOutput: frames + features
+        return ar_losses(out, hidden, positions, labels, loss_len, config), out.frames
+    return compute_losses(out, labels, loss_len, kind, config.num_tokens), out
+
+
 def _warmup_cosine(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -491,9 +533,9 @@ def evaluate_draft(draft, base, seqs: list[TrainSequence], kind: str, positions:
             else:
                 hidden = batch.hidden if batch.hidden is not None else \
                     base.forward(batch.input_ids, None, logits_at=slice(0, 0))[0]
-            logits = draft(hidden, batch.next_ids, batch.positions)
+            out = draft(hidden, batch.next_ids, batch.positions)
             labels, loss_len = symbol_labels(batch.labels, batch.label_len, to_sym)
-            lp = compute_losses(logits, labels.clamp(min=0), loss_len, kind, cfg.num_tokens)
+            lp, logits = draft_losses(out, hidden, batch.positions, labels.clamp(min=0), loss_len, kind, cfg)
             metrics.add_loss(lp.parts, lp.num_positions)
             metrics.add(logits, labels, batch.label_len, cfg.num_tokens, cfg.loss == "ctc")
     draft.train(was_training)
@@ -521,7 +563,7 @@ def run_training(args) -> int:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import set_seed
 
-    from ..draft.model import new_draft_for
+    from ..draft import new_ar_draft_for, new_draft_for
     from ..models.base import load_base_model, resolve_device
 
     _check_options(args)
@@ -556,7 +598,8 @@ def run_training(args) -> int:
             if key in overrides and overrides[key] != int(getattr(base.config, key)):
                 raise CTCDrafterError(f"--config {args.config} has {key} {overrides[key]}, but base {base.name} has "
                                       f"{getattr(base.config, key)}; it is a config for another base")
-        draft = new_draft_for(base, seed=args.seed, **overrides)
+        new = new_ar_draft_for if overrides.get("architecture") == "ar" else new_draft_for
+        draft = new(base, seed=args.seed, **overrides)
         # fp32 master weights (fp64 only next to an fp64 base); bf16/fp16 come from autocast
         draft = draft.to(torch.float64 if base_dtype == torch.float64 else torch.float32)
         if kind == "ce":

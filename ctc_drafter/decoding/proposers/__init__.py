@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from ...errors import CTCDrafterError
+from .ar import ARProposer
 from .base import Proposer
 from .ctc import CTCProposer
 from .frame_trees import MEDUSA_63, POLICIES, BeamTree, FrameTreePolicy, MedusaTree, PrefixTree, make_policy
@@ -42,12 +43,19 @@ def make_proposer(name: str, draft=None, generator: str = "beam", cost_ms: Calla
     if name in ("ctc", "hybrid") and draft is None:
         raise CTCDrafterError(f"proposer {name!r} needs a draft model (or use --proposer ngram)")
     if name == "ctc":
-        return CTCProposer(draft, generator)
+        return draft_proposer(draft, generator)
     if name == "ngram":
         return NgramProposer(memory=memory)
-    return UnionProposer([CTCProposer(draft, generator), NgramProposer(memory=memory)], cost_ms=cost_ms, name="hybrid")
+    return UnionProposer([draft_proposer(draft, generator), NgramProposer(memory=memory)], cost_ms=cost_ms,
+                         name="hybrid")
 
 
-__all__ = ["Proposer", "CTCProposer", "NgramProposer", "NgramMemory", "UnionProposer", "FrameTreePolicy",
-           "MedusaTree", "BeamTree", "PrefixTree", "MEDUSA_63", "POLICIES", "PROPOSERS", "make_policy",
-           "make_proposer", "default_budget"]
+def draft_proposer(draft, generator: str = "beam") -> Proposer:
+    """The proposer of a draft's architecture: frames from one state (nar) or levels (ar)."""
+    ar = getattr(draft.config, "architecture", "nar") == "ar"
+    return ARProposer(draft, generator) if ar else CTCProposer(draft, generator)
+
+
+__all__ = ["Proposer", "CTCProposer", "ARProposer", "draft_proposer", "NgramProposer", "NgramMemory", "UnionProposer",
+           "FrameTreePolicy", "MedusaTree", "BeamTree", "PrefixTree", "MEDUSA_63", "POLICIES", "PROPOSERS",
+           "make_policy", "make_proposer", "default_budget"]
