@@ -223,6 +223,19 @@ def test_save_hidden_stores_the_base_states(base, tmp_path):
         torch.testing.assert_close(s.hidden.double(), ref, atol=2e-3, rtol=2e-3)
 
 
+def test_base_mode_reads_targets_and_states_off_generation(base, tmp_path):
+    """Regenerated conversations get no second pass: targets and hidden states come from generating
+    them, and equal one unbatched forward over the finished sequence (float64)."""
+    D.distill(base, [MT_BENCH], tmp_path / "g", opts(limit=3, batch_size=3, save_hidden=True), progress=False)
+    seqs = all_sequences(tmp_path / "g")
+    assert len(seqs) == 3
+    for s in seqs:
+        assert torch.equal(s.targets, reference_argmax(base, s.input_ids.tolist()))
+        with torch.no_grad():
+            ref = base.model.model(s.input_ids[None]).last_hidden_state[0]
+        torch.testing.assert_close(s.hidden.double(), ref, atol=2e-3, rtol=2e-3)
+
+
 def test_max_length_cuts_and_skips(base, tmp_path):
     D.distill(base, [MT_BENCH], tmp_path / "c", opts(limit=2, max_len=64, max_new_tokens=100), progress=False)
     seqs = all_sequences(tmp_path / "c")
