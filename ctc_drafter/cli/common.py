@@ -36,23 +36,17 @@ def add_decoding_args(p) -> None:
                         "most likely prefixes by exact CTC prefix probability")
     p.add_argument("--budget", type=checks.int_in(1, checks.MAX_BUDGET), default=None,
                    help=f"tree node budget incl. root, 1..{checks.MAX_BUDGET} (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
-    # default "packed" until CTCDrafter.from_pretrained takes "auto"; load_drafter's users default to "auto"
-    p.add_argument("--cpu-kernels", default="packed", choices=["auto", "packed", "stock"],
+    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "packed", "stock"],
                    help="linear layers of our loop on a CPU fp32/bf16 base: auto (the fastest per pass size, timed "
                         "once per machine and cached), oneDNN with packed weights, or PyTorch's stock ones (what HF "
                         "generate uses)")
 
 
 def load_drafter(args, draft_model):
-    """CTCDrafter.from_pretrained with --cpu-kernels chosen by models/kernel_choice.py; -> (drafter, KernelReport).
-
-    Until from_pretrained calls apply_cpu_kernels itself, the base loads with stock layers and the
-    kernels are applied here (the draft only reads the LM head's weight, which every kernel keeps).
-    """
+    """CTCDrafter.from_pretrained from the parsed options; -> (drafter, its KernelReport: the CPU kernel choice)."""
     from ..decoding import CTCDrafter
-    from ..models.kernel_choice import apply_cpu_kernels
 
     d = CTCDrafter.from_pretrained(args.base_model, draft_model, device=args.device, dtype=args.dtype,
-                                   generator=args.generator, budget=args.budget, cpu_kernels="stock",
-                                   proposer=args.proposer)
-    return d, apply_cpu_kernels(d.base, args.cpu_kernels)
+                                   generator=args.generator, budget=args.budget, cpu_kernels=args.cpu_kernels,
+                                   proposer=args.proposer, trust_remote_code=args.trust_remote_code)
+    return d, d.kernel_report

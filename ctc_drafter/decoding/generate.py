@@ -19,7 +19,7 @@ import torch
 from ..draft.model import CTCDraftModel
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
-from ..models.cpu_kernels import PackedLinear, pack_linears
+from ..models.cpu_kernels import PackedLinear
 from .proposers import Proposer, default_budget, make_proposer
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
@@ -138,6 +138,7 @@ class CTCDrafter(ChatMixin):
                  budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = "ctc",
                  cost_ms=None):
         self.base = base
+        self.kernel_report = None  # set by from_pretrained: the CPU kernel choice and pass cost model
         self.draft = draft.bind(base.model) if draft is not None else None
         self.draft_trained = draft_trained
         if isinstance(proposer, Proposer):
@@ -165,28 +166,37 @@ class CTCDrafter(ChatMixin):
 
     @property
     def kernels(self) -> str:
-        """'packed' when the base's linear layers run through oneDNN packed weights (models/cpu_kernels.py)."""
+        """The base's CPU linear kernels: 'stock', 'packed', or a plan by pass size such as 'stock<=1,packed'."""
+        if self.kernel_report is not None:
+            return self.kernel_report.label
         return "packed" if any(isinstance(m, PackedLinear) for m in self.base.model.modules()) else "stock"
 
     @classmethod
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
                         dtype="auto", generator: str = "beam", budget: int | None = None,
-                        cpu_kernels: str = "packed", proposer: str | Proposer = "ctc",
+                        cpu_kernels: str = "auto", proposer: str | Proposer = "ctc",
                         trust_remote_code: bool = False) -> "CTCDrafter":
-        """Load base and draft. cpu_kernels='packed' swaps a CPU fp32 base's linear layers for oneDNN
-        packed-weight ones (faster for the few rows a step has); 'stock' keeps PyTorch's."""
+        """Load base and draft.
+
+        cpu_kernels (CPU fp32/bf16 bases): 'auto' gives each pass size the linear kernel measured
+        fastest on this machine (timed at first load, cached; models/kernel_choice.py), 'packed' /
+        'stock' force oneDNN packed weights / PyTorch's own. The same timings are the pass cost model
+        with which the hybrid proposer sizes each step's tree (`kernel_report.cost`).
+        """
         from ..draft import load_draft
         from ..models.base import load_base_model
+        from ..models.kernel_choice import apply_cpu_kernels
 
-        if cpu_kernels not in ("packed", "stock"):
-            raise CTCDrafterError(f"cpu_kernels must be 'packed' or 'stock', got {cpu_kernels!r}")
         base = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        if cpu_kernels == "packed":
-            pack_linears(base.model)
+        kernels = apply_cpu_kernels(base, cpu_kernels)
         if proposer == "ngram":
             draft_model = None  # n-gram lookup needs no draft
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
-        return cls(base, draft, generator=generator, budget=budget, draft_trained=trained, proposer=proposer)
+        cost = kernels.cost.pass_ms if kernels.cost is not None and proposer == "hybrid" else None
+        drafter = cls(base, draft, generator=generator, budget=budget, draft_trained=trained, proposer=proposer,
+                      cost_ms=cost)
+        drafter.kernel_report = kernels
+        return drafter
 
     # ---- the steps -----------------------------------------------------------------------------
 
