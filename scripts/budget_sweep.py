@@ -4,7 +4,7 @@
         [--prompts 6] [--generator beam] [--cpu-kernels packed|stock]
 
 Each proposer x budget starts from a fresh proposer (the n-gram memory fills over its own prompts only).
-Uses the LAST --prompts questions of ../shared/data/arena/question.jsonl (the distillation run that
+Uses the LAST --prompts questions (or every --every-th) of ../shared/data/arena/question.jsonl (the distillation run that
 trained the shipped draft used only the first few hundred), greedy, --max-new-tokens each, and our
 vanilla loop as the reference speed, all in one process on one machine.
 """
@@ -25,14 +25,17 @@ def main():
     ap.add_argument("--draft-model", default="default")
     ap.add_argument("--budgets", default="4,8,12,16,24,32")
     ap.add_argument("--generator", default="beam")
-    ap.add_argument("--proposers", default="ctc")
+    ap.add_argument("--proposers", default="ctc",
+                    help="comma-separated: ctc, ngram, hybrid, and hybrid-sized (the hybrid sizing each step's tree "
+                         "by this machine's measured pass cost, up to the budget)")
+    ap.add_argument("--every", type=int, default=0, help="take every K-th question instead of the last --prompts")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--questions", default=str(ARENA))
     ap.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"])
     a = ap.parse_args()
     qs = [json.loads(line)["turns"][0] for line in Path(a.questions).read_text().split("\n") if line.strip()]
-    qs = qs[-a.prompts:]
+    qs = qs[:: a.every][: a.prompts] if a.every else qs[-a.prompts:]
     d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, cpu_kernels=a.cpu_kernels)
     d.chat("Hi", max_new_tokens=8)  # warm-up
     rows = []
@@ -48,7 +51,8 @@ def main():
     run("vanilla", False)
     for name in a.proposers.split(","):
         for b in [int(x) for x in a.budgets.split(",")]:
-            d.proposer, d.budget = make_proposer(name, d.draft, a.generator), b
+            cost = d.kernel_report.cost.pass_ms if name == "hybrid-sized" else None
+            d.proposer, d.budget = make_proposer(name.replace("-sized", ""), d.draft, a.generator, cost_ms=cost), b
             run(f"{name} {a.generator if name != 'ngram' else ''} budget {b}".replace("  ", " "), True)
     van = rows[0]["tokens_per_s"]
     print(f"\n| method | beta | tokens/s | speedup vs vanilla |\n|---|---|---|---|")
