@@ -112,6 +112,13 @@ def test_ar_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
     assert longest > 1, "no step accepted a draft token: the multi-token path is untested"
 
 
+def test_hybrid_with_the_ar_draft_is_lossless():
+    base = BaseModel(tiny_llama(seed=1), None, "toy")
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])  # repetitive: the n-gram part has matches too
+    drafter = CTCDrafter(base, new_ar_draft_for(base), generator="prefix", budget=12, proposer="hybrid")
+    assert drafter.generate(ids, max_new_tokens=30).tokens == hf_greedy(base.model, ids, 30)
+
+
 def test_ar_without_blank_and_with_a_proposal_vocabulary_is_lossless():
     """EAGLE-style (loss ce: no blank) and a shortlist whose symbols are not token ids."""
     base = BaseModel(tiny_llama(seed=2), None, "toy")
