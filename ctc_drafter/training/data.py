@@ -11,15 +11,19 @@ The label window stops early at the end of the sequence and at the first positio
 is not an assistant token (m[t+j] = 0: the turn ended), so its length varies from 1 to k.
 
 Token arrays are read eagerly (small); stored hidden states are sliced lazily from the memory-mapped
-shard files, so a data folder with --save-hidden need not fit in RAM.
+shard files, so a data folder with --save-hidden need not fit in RAM. During training a DataLoader
+(`batch_loader`) samples positions, reads hidden states and pads the next batches in a worker process
+while the current step computes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -201,26 +205,42 @@ class Batch:
     label_len: torch.Tensor  # [B,P] long: window lengths (0 = padding position)
     num_sequences: int
 
-    def to(self, device) -> "Batch":
-        mv = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+    def _map(self, fn) -> "Batch":
+        mv = lambda x: None if x is None else fn(x)  # noqa: E731
         return Batch(mv(self.input_ids), mv(self.next_ids), mv(self.hidden), mv(self.positions), mv(self.labels),
                      mv(self.label_len), self.num_sequences)
 
+    def to(self, device) -> "Batch":
+        # non_blocking only overlaps the copy when the batch is pinned (the DataLoader pins it on CUDA)
+        return self._map(lambda x: x.to(device, non_blocking=True))
 
-def make_batch(seqs: list[TrainSequence], positions: list[torch.Tensor], k: int,
-               hidden_reader: HiddenReader | None) -> Batch:
-    """Pad sequences and their sampled positions into one batch; labels y[t+1 .. t+len]."""
-    B = len(seqs)
-    T = max(len(s.input_ids) for s in seqs)
-    P = max(1, max(p.numel() for p in positions))
+    def pin_memory(self) -> "Batch":  # the DataLoader's pin_memory thread calls this
+        return self._map(lambda x: x.pin_memory())
+
+
+@dataclass
+class Example:
+    """One sequence of a batch, ready to pad: its sampled positions and (when stored) its hidden states."""
+    seq: TrainSequence
+    positions: torch.Tensor  # [p] long, sorted
+    hidden: torch.Tensor | None  # [T,d] read from the shard, or None
+
+
+def collate(examples: list[Example], k: int) -> Batch:
+    """Pad examples into one batch; labels y[t+1 .. t+len]. Hidden states only when every example has them."""
+    B = len(examples)
+    T = max(len(e.seq.input_ids) for e in examples)
+    P = max(1, max(e.positions.numel() for e in examples))
     ids = torch.zeros(B, T, dtype=torch.long)
     nxt = torch.zeros(B, T, dtype=torch.long)
     pos = torch.zeros(B, P, dtype=torch.long)
     labels = torch.zeros(B, P, k, dtype=torch.long)
     lens = torch.zeros(B, P, dtype=torch.long)
-    use_hidden = hidden_reader is not None and all(s.has_hidden for s in seqs)
     hidden = None
-    for b, (s, p) in enumerate(zip(seqs, positions)):
+    if all(e.hidden is not None for e in examples):
+        hidden = torch.zeros(B, T, examples[0].hidden.shape[-1], dtype=examples[0].hidden.dtype)
+    for b, e in enumerate(examples):
+        s, p = e.seq, e.positions
         n = len(s.input_ids)
         ids[b, :n] = s.input_ids
         nxt[b, :n] = s.targets
@@ -229,11 +249,56 @@ def make_batch(seqs: list[TrainSequence], positions: list[torch.Tensor], k: int,
         # window j of position t is y[t+1+j]; clamp the index, the length masks what is past the end
         idx = (p[:, None] + 1 + torch.arange(k)).clamp(max=n - 1)
         labels[b, : p.numel()] = s.targets[idx]
-        if use_hidden:
-            h = hidden_reader.get(s)
-            if hidden is None:
-                hidden = torch.zeros(B, T, h.shape[-1], dtype=h.dtype)
-            hidden[b, :n] = h
+        if hidden is not None:
+            hidden[b, :n] = e.hidden
     # zero the labels past each window so padding never leaks into a loss or metric
     labels = labels * (torch.arange(k) < lens[..., None])
     return Batch(ids, nxt, hidden, pos, labels, lens, B)
+
+
+def make_batch(seqs: list[TrainSequence], positions: list[torch.Tensor], k: int,
+               hidden_reader: HiddenReader | None) -> Batch:
+    """Pad sequences and their sampled positions into one batch (stored hidden states when all have them)."""
+    use_hidden = hidden_reader is not None and all(s.has_hidden for s in seqs)
+    return collate([Example(s, p, hidden_reader.get(s) if use_hidden else None) for s, p in zip(seqs, positions)], k)
+
+
+class EpochSteps(torch.utils.data.Dataset):
+    """Item i: the examples of step i of an epoch's batch plan (positions sampled, hidden states read).
+
+    Every item depends only on (plan, seed, epoch), never on which worker builds it or when, so a
+    resumed run gets exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, plan: list[list[TrainSequence]], max_positions: int, seed: int, epoch: int):
+        self.plan, self.max_positions, self.seed, self.epoch = plan, max_positions, seed, epoch
+        self.reader = HiddenReader()  # each worker opens its own handles (lazily, after the fork)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> list[Example]:
+        seqs = self.plan[i]
+        use_hidden = all(s.has_hidden for s in seqs)
+        return [Example(s, sample_positions(s, self.max_positions, self.seed, self.epoch),
+                        self.reader.get(s) if use_hidden else None) for s in seqs]
+
+
+def loader_workers(requested: int | None, processes: int) -> int:
+    """DataLoader workers: as asked, or (auto) one when a core is left over after the training processes.
+
+    One is enough: a batch is read and padded in a few ms, against hundreds of ms of compute per step.
+    """
+    if requested is not None and requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores > processes else 0
+
+
+def batch_loader(plan: list[list[TrainSequence]], k: int, max_positions: int, seed: int, epoch: int,
+                 workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The epoch's batches in plan order, built `workers` steps ahead in background processes."""
+    return torch.utils.data.DataLoader(
+        EpochSteps(plan, max_positions, seed, epoch), batch_size=None, shuffle=False,
+        collate_fn=partial(collate, k=k), num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None)

@@ -15,61 +15,100 @@ from __future__ import annotations
 
 import torch
 
-from ..draft.ctc import collapse
+# layout of a sums vector (int64, 4 + 2k): [positions, exact, accept, unused, correct_0..k-1, total_0..k-1]
+
+
+def greedy_frames(logits: torch.Tensor, vocab_size: int, ctc: bool) -> torch.Tensor:
+    """logits [...,L,V+1] -> [...,L] per-frame argmax (ctc: blank = vocab_size included; ce: tokens only)."""
+    return logits.argmax(-1) if ctc else logits[..., :vocab_size].argmax(-1)
+
+
+def collapse_frames(best: torch.Tensor, blank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """best [N,L] frame symbols -> (decodes [N,L] left-aligned, -1 past each length; lengths [N]).
+
+    The CTC collapse on the device: a frame emits when it is not blank and differs from the frame before.
+    """
+    N, L = best.shape
+    emit = best != blank
+    emit[:, 1:] &= best[:, 1:] != best[:, :-1]
+    slot = torch.where(emit, emit.long().cumsum(-1) - 1, L)  # where each emitted symbol lands; the rest: column L
+    out = torch.full((N, L + 1), -1, dtype=best.dtype, device=best.device)
+    out.scatter_(1, slot, best)
+    return out[:, :L], emit.sum(-1)
 
 
 def greedy_decodes(logits: torch.Tensor, vocab_size: int, ctc: bool) -> list[list[int]]:
     """logits [N,L,V+1] -> N greedy token sequences."""
+    best = greedy_frames(logits, vocab_size, ctc)
+    if not ctc:
+        return best.tolist()
+    dec, n = collapse_frames(best, vocab_size)
+    return [row[:m] for row, m in zip(dec.tolist(), n.tolist())]
+
+
+def leading_matches(decode: torch.Tensor, decode_len: torch.Tensor, labels: torch.Tensor,
+                    label_len: torch.Tensor) -> torch.Tensor:
+    """decode [N,L] (lengths [N]), labels [N,k] (lengths [N]) -> [N] leading tokens equal in both."""
+    n = min(decode.shape[1], labels.shape[1])
+    j = torch.arange(n, device=decode.device)
+    same = (decode[:, :n] == labels[:, :n]) & (j < decode_len[:, None]) & (j < label_len[:, None])
+    return same.long().cumprod(-1).sum(-1)
+
+
+@torch.no_grad()
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, vocab_size: int,
+               ctc: bool) -> torch.Tensor:
+    """logits [B,P,L,V+1], labels [B,P,k], label_len [B,P] (0 = padding) -> sums [4+2k] int64, on their device.
+
+    All on the device and without a host sync, so a training step can add it every step and the host
+    reads the sums only when it writes a log line.
+    """
+    # padding positions stay in (length 0 counts nothing): a boolean selection would sync with the host
+    best = greedy_frames(logits, vocab_size, ctc).flatten(0, 1)  # [N,L], N = B*P
+    lab, ln = labels.flatten(0, 1), label_len.flatten().long()  # [N,k], [N]
+    valid = ln > 0
+    N, L = best.shape
+    k = lab.shape[1]
     if ctc:
-        best = logits.argmax(-1).tolist()  # [N,L], blank = vocab_size
-        return [collapse(row, blank=vocab_size) for row in best]
-    return logits[..., :vocab_size].argmax(-1).tolist()
-
-
-def leading_matches(decode: list[int], labels: list[int]) -> int:
-    n = 0
-    for a, b in zip(decode, labels):
-        if a != b:
-            break
-        n += 1
-    return n
+        dec, dec_len = collapse_frames(best, vocab_size)
+    else:  # Medusa-style heads: frame j is token j
+        dec, dec_len = best, torch.full((N,), L, dtype=torch.long, device=best.device)
+    m = leading_matches(dec, dec_len, lab, ln)  # [N]
+    exact = valid & (m == ln) & ((dec_len == ln) if ctc else True)  # ce compares decode[:len] (needs L >= len)
+    j = torch.arange(k, device=best.device)
+    counted = j < ln[:, None]  # [N,k]: label j exists
+    if ctc:  # token j is right when the decode's prefix through j is
+        hit = j < m[:, None]
+    else:  # frame j's argmax is label j, whatever the frames before it
+        hit = torch.zeros_like(counted)
+        nh = min(L, k)
+        hit[:, :nh] = best[:, :nh] == lab[:, :nh]
+    hit &= counted
+    head = torch.stack([valid.sum(), exact.sum(), ((m + 1) * valid).sum(), m.new_zeros(())])
+    return torch.cat([head, hit.sum(0), counted.sum(0)]).long()
 
 
 class DraftMetrics:
-    """Sums over positions; `reduce` adds up several processes' sums, `summary` turns them into rates."""
+    """Sums over positions; `reduce` adds up several processes' sums, `summary` turns them into rates.
+
+    The decode sums stay on the device they were computed on until `summary` or `reduce` reads them.
+    """
 
     def __init__(self, label_len: int):
         self.k = label_len
-        self.sums = torch.zeros(4 + 2 * label_len, dtype=torch.float64)  # see _layout
+        self.sums = torch.zeros(4 + 2 * label_len, dtype=torch.long)  # layout: see the top of this file
         self.loss_sums: dict[str, float] = {}
         self.loss_weight = 0.0
 
-    # layout of self.sums: [positions, exact, accept, unused, correct_0..k-1, total_0..k-1]
-
-    @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, vocab_size: int, ctc: bool):
         """logits [B,P,L,V+1], labels [B,P,k], label_len [B,P] (0 = padding)."""
-        valid = label_len > 0
-        lg, lab, ln = logits[valid], labels[valid].tolist(), label_len[valid].tolist()
-        if not ln:
-            return
-        k = self.k
-        s = torch.zeros_like(self.sums)
-        dec = greedy_decodes(lg.float(), vocab_size, ctc)
-        if not ctc:
-            n_heads = min(lg.shape[1], k)
-            frame_hit = (lg[:, :n_heads, :vocab_size].argmax(-1) == labels[valid][:, :n_heads]).tolist()
-        for i, (d, y, n) in enumerate(zip(dec, lab, ln)):
-            y = y[:n]
-            m = leading_matches(d, y)
-            s[0] += 1
-            s[1] += float((d if ctc else d[:n]) == y)
-            s[2] += m + 1
-            for j in range(n):
-                hit = (m > j) if ctc else (j < len(frame_hit[i]) and frame_hit[i][j])
-                s[4 + j] += float(hit)
-                s[4 + k + j] += 1
-        self.sums += s
+        self.add_sums(batch_sums(logits, labels, label_len, vocab_size, ctc))
+
+    def add_sums(self, sums: torch.Tensor):
+        """Add a `batch_sums` result (no host sync: the running sums move to its device once)."""
+        if self.sums.device != sums.device:
+            self.sums = self.sums.to(sums.device)
+        self.sums += sums
 
     def add_loss(self, parts: dict, weight: float):
         for name, v in parts.items():
@@ -81,8 +120,8 @@ class DraftMetrics:
         if accelerator is None or accelerator.num_processes == 1:
             return self
         names = sorted(self.loss_sums)
-        flat = torch.cat([self.sums, torch.tensor([self.loss_weight] + [self.loss_sums[n] for n in names],
-                                                  dtype=torch.float64)]).to(accelerator.device)
+        losses = torch.tensor([self.loss_weight] + [self.loss_sums[n] for n in names], dtype=torch.float64)
+        flat = torch.cat([self.sums.cpu().double(), losses]).to(accelerator.device)
         flat = accelerator.reduce(flat, reduction="sum").cpu()
         out = DraftMetrics(self.k)
         out.sums = flat[: len(self.sums)]
@@ -91,7 +130,7 @@ class DraftMetrics:
         return out
 
     def summary(self) -> dict:
-        s, k = self.sums, self.k
+        s, k = self.sums.cpu().double(), self.k  # the one host read of the decode sums
         n = float(s[0])
         out = {name: v / self.loss_weight for name, v in self.loss_sums.items()} if self.loss_weight else {}
         if n:
