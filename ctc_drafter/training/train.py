@@ -622,7 +622,8 @@ def run_training(args) -> int:
                                                        "data_summary": summaries, "train_sequences": len(train_seqs),
                                                        "eval_sequences": len(eval_seqs),
                                                        "num_processes": acc.num_processes, "mixed_precision": mixed})
-            print(f"ctc-drafter: training a {kind} draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M "
+            arch = " AR" if draft.config.architecture == "ar" else ""
+            print(f"ctc-drafter: training a {kind}{arch} draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M "
                   f"params) on {len(train_seqs)} sequences ({len(eval_seqs)} held out), {trainer.steps_per_epoch} "
                   f"steps/epoch x {args.epochs} epochs, {acc.num_processes} process(es), {acc.device}, "
                   f"mixed precision {mixed}", file=sys.stderr)
