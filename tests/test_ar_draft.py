@@ -82,6 +82,14 @@ def test_save_load_round_trip_and_old_configs_load_as_nar(tmp_path):
     assert type(load_draft_folder(tmp_path / "nar")) is CTCDraftModel
 
 
+def test_untrained_ar_loads_by_name_for_any_base():
+    from ctc_drafter.draft import load_draft
+
+    base = BaseModel(tiny_llama(seed=1), None, "toy")
+    draft, trained = load_draft("untrained-ar", base, quiet=True)
+    assert isinstance(draft, ARDraftModel) and not trained
+
+
 def test_make_proposer_picks_the_architectures_proposer():
     base, ar = _toy_ar()
     assert type(make_proposer("ctc", ar, "medusa")) is ARProposer

@@ -34,11 +34,12 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
     """Resolve --draft-model for `base` (a BaseModel). Returns (draft bound to base, trained?).
 
     'default': the draft shipped for the embedded default base (an untrained, deterministically
-    initialised one while none ships); 'untrained': a fresh draft (seed 0) for any base; else a folder.
+    initialised one while none ships); 'untrained' / 'untrained-ar': a fresh NAR / AR draft (seed 0) for
+    any base; else a folder (either architecture).
     """
     from ..models.base import DEFAULT_NAME
 
-    if name_or_path in ("default", "untrained"):
+    if name_or_path in ("default", "untrained", "untrained-ar"):
         if name_or_path == "default" and base.name != DEFAULT_NAME:
             raise CTCDrafterError(
                 f"--draft-model default is the draft for {DEFAULT_NAME}; base {base.name} needs a trained draft "
@@ -49,7 +50,7 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
         if not quiet:
             print("ctc-drafter: note: using an UNTRAINED draft (deterministic init, seed 0); expect little or no "
                   "speedup", file=sys.stderr)
-        return new_draft_for(base, seed=0), False
+        return (new_ar_draft_for if name_or_path == "untrained-ar" else new_draft_for)(base, seed=0), False
     draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype)
     draft.bind(base.model)
     if draft.config.base_model and draft.config.base_model != base.name and not quiet:
