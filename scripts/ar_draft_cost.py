@@ -50,8 +50,8 @@ def main():
         for name, draft in (("nar (8 frames)", nar), ("ar (4 levels)", ar)):
             cache = DraftCache()
             s = draft.extend(hidden[:, : a.context - 2], ids[:, 1: a.context - 1], cache)
-            step = lambda: draft.extend(hidden[:, a.context - 2: a.context], ids[:, a.context - 1: a.context + 1],  # noqa: E731
-                                        cache)
+            new_h, new_ids = hidden[:, a.context - 2: a.context], ids[:, a.context - 1: a.context + 1]
+            step = lambda: draft.extend(new_h, new_ids, cache)  # noqa: E731
             for _ in range(a.reps):  # the accepted length must not drift: re-extend from the same point
                 cache.length = a.context - 2
                 times.setdefault((name, "accept 2 tokens (extend)"), []).extend(ms(step, 1))

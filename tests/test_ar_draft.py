@@ -20,7 +20,8 @@ from ctc_drafter.models.base import BaseModel
 from ctc_drafter.training import evaluate_draft, load_sequences
 from ctc_drafter.training.losses import ar_losses
 from test_exactness import hf_greedy
-from test_train import data_dir, one_thread, read_log, small_base, small_model_dir, tiny_data_dir, train_cli  # noqa: F401
+from test_train import (data_dir, one_thread, read_log, small_base, small_model_dir,  # noqa: F401 (fixtures)
+                        tiny_data_dir, train_cli)
 
 
 def _toy_ar(seed=1, draft_seed=0, **overrides):
