@@ -38,3 +38,20 @@ def test_llama2chat_without_a_bos_token_adds_none(smol_tokenizer):
     ids = build_prompt_ids(smol_tokenizer, TURNS, "llama2chat")
     assert smol_tokenizer.bos_token_id not in ids
     assert smol_tokenizer.decode(ids).count("[INST]") == 2
+
+
+def test_a_leading_system_message_replaces_the_default_system_prompt(smol_tokenizer):
+    """Chat clients (the server's callers) send a system message first; every template takes it."""
+    tok = smol_tokenizer
+    sysmsg = [{"role": "system", "content": "You answer in French."}]
+    for template in ("vicuna", "llama2chat"):
+        text = tok.decode(build_prompt_ids(tok, sysmsg + TURNS, template))
+        assert "You answer in French." in text and "A chat between" not in text and LLAMA2_SYSTEM not in text
+        plain = build_prompt_ids(tok, TURNS, template)
+        assert tok.decode(plain) != text
+    chat = tok.decode(build_prompt_ids(tok, sysmsg + TURNS, "auto"))  # SmolLM2's own template
+    assert "You answer in French." in chat
+    ids, mask = encode_conversation(tok, sysmsg + TURNS + [{"role": "assistant", "content": "Onze."}], "auto")
+    assert tok.decode([t for t, m in zip(ids, mask) if m]).count("Onze.") == 1
+    with pytest.raises(Exception, match="message 1 should be from the assistant"):
+        build_prompt_ids(tok, TURNS[:1] + sysmsg + TURNS[2:], "vicuna")  # a system message only first

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from .common import add_decoding_args, add_model_args
+from .common import add_decoding_args, add_model_args, load_drafter
 
 
 def add_parser(sub) -> None:
@@ -59,15 +59,11 @@ def _is_loopback(host: str) -> bool:
 def run(args) -> int:
     import uvicorn
 
-    from ..decoding import CTCDrafter
     from ..serving.app import create_app
 
     _check_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    engine = CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
-                                        device=args.device, dtype=args.dtype, generator=args.generator,
-                                        budget=args.budget, cpu_kernels=args.cpu_kernels,
-                                        proposer=getattr(args, "proposer", "ctc"))  # until common.py has it
+    engine, _ = load_drafter(args, None if args.baseline else args.draft_model)  # lives as long as the server
     settings = _settings(args, engine.base.name)
     if not _is_loopback(args.host) and not settings.api_key:
         print(f"ctc-drafter: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",

@@ -27,10 +27,20 @@ def _resolve(tokenizer, template: str) -> str:
     return template
 
 
+def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
+    """An optional leading system message (chat clients send one) and the turns after it."""
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        return messages[0].get("content"), messages[1:]
+    return None, messages
+
+
 def _check(messages: list[dict]) -> None:
-    if not messages:
+    system, turns = _split_system(messages)
+    if system is not None and not isinstance(system, str):
+        raise CTCDrafterError("the system message has no text")
+    if not turns:
         raise CTCDrafterError("empty conversation")
-    for i, m in enumerate(messages):
+    for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if m.get("role") != want:
             raise CTCDrafterError(f"message {i} should be from the {want}, got {m.get('role')!r}")
@@ -43,11 +53,13 @@ def _render_builtin(kind: str, messages: list[dict], open_assistant: bool, eos: 
     """Segments (text or token ids, is_assistant) for the built-in templates, after the leading BOS.
 
     LLaMA-2-chat starts every user turn after the first with a BOS too, as Meta's reference code and
-    FastChat do (`... {answer} </s><s>[INST] ...`).
+    FastChat do (`... {answer} </s><s>[INST] ...`). A leading system message replaces the default
+    system prompt.
     """
+    system, messages = _split_system(messages)
     segs: list[tuple[str | list[int], bool]] = []
     if kind == "vicuna":
-        segs.append((VICUNA_SYSTEM + " ", False))
+        segs.append(((VICUNA_SYSTEM if system is None else system) + " ", False))
         for m in messages:
             if m["role"] == "user":
                 segs.append((f"USER: {m['content']} ASSISTANT:", False))
@@ -57,7 +69,7 @@ def _render_builtin(kind: str, messages: list[dict], open_assistant: bool, eos: 
     # llama2chat
     for i, m in enumerate(messages):
         if m["role"] == "user":
-            sys_block = f"<<SYS>>\n{LLAMA2_SYSTEM}\n<</SYS>>\n\n" if i == 0 else ""
+            sys_block = f"<<SYS>>\n{LLAMA2_SYSTEM if system is None else system}\n<</SYS>>\n\n" if i == 0 else ""
             if i > 0 and bos_ids:
                 segs.append((bos_ids, False))
             segs.append((f"[INST] {sys_block}{m['content']} [/INST]", False))
@@ -88,7 +100,7 @@ def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
 
 
 def build_prompt_ids(tokenizer, messages: list[dict], template: str = "auto") -> list[int]:
-    """Token ids of `messages` (user, assistant, user, ...) with the assistant's reply opened."""
+    """Token ids of `messages` ([system,] user, assistant, user, ...) with the assistant's reply opened."""
     _check(messages)
     if messages[-1]["role"] != "user":
         raise CTCDrafterError("the last message of a prompt must be the user's")
@@ -116,7 +128,7 @@ def encode_conversation(tokenizer, messages: list[dict], template: str = "auto")
     ids: list[int] = []
     mask: list[bool] = []
     for i, m in enumerate(messages):
-        if m["role"] == "user":
+        if m["role"] != "assistant":
             continue
         prompt = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
         full = _chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
