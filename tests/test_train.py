@@ -412,3 +412,99 @@ def test_draft_vocab_trains_on_the_most_frequent_targets_and_saves_them(small_mo
     # a vocabulary larger than the base's is refused with one line
     capsys.readouterr()
     _one_line_error(capsys, train_cli(small_model_dir, data_dir, tmp_path / "bad", "--draft-vocab", 999), "draft_vocab")
+
+
+# ---- training speed: on-device metrics, the DataLoader ----------------------------------------------
+
+def _reference_sums(logits, labels, label_len, V: int, ctc: bool) -> list[float]:
+    """The metrics position by position in plain Python (the loop the on-device sums replaced)."""
+    from ctc_drafter.draft.ctc import collapse
+
+    k = labels.shape[-1]
+    s = [0.0] * (4 + 2 * k)
+    for lg, lab, n in zip(logits.flatten(0, 1), labels.flatten(0, 1).tolist(), label_len.flatten().tolist()):
+        if n == 0:
+            continue
+        y = lab[:n]
+        frames = lg.argmax(-1).tolist() if ctc else lg[:, :V].argmax(-1).tolist()
+        d = collapse(frames, blank=V) if ctc else frames
+        m = 0
+        while m < min(len(d), n) and d[m] == y[m]:
+            m += 1
+        s[0] += 1
+        s[1] += float((d if ctc else d[:n]) == y)
+        s[2] += m + 1
+        for j in range(n):
+            s[4 + j] += float(m > j) if ctc else float(j < len(frames) and frames[j] == y[j])
+            s[4 + k + j] += 1
+    return s
+
+
+@pytest.mark.parametrize("ctc", [True, False])
+@pytest.mark.parametrize("frames", [2, 5])
+def test_device_metric_sums_equal_the_per_position_reference(ctc, frames):
+    from ctc_drafter.training.metrics import batch_sums
+
+    torch.manual_seed(frames + 10 * ctc)
+    V, k = 4, 3  # a small vocabulary: repeats, blanks and hits all happen often
+    logits = torch.randn(3, 7, frames, V + 1)
+    labels = torch.randint(-1, V, (3, 7, k))  # -1: a token outside the proposal vocabulary (always a miss)
+    lens = torch.randint(0, k + 1, (3, 7))  # 0 = padding position
+    got = batch_sums(logits, labels, lens, V, ctc)
+    assert got.dtype == torch.long
+    assert got.tolist() == _reference_sums(logits, labels, lens, V, ctc)
+    m = DraftMetrics(k)
+    m.add_sums(got)
+    m.add(logits, labels, lens, V, ctc)  # the two entry points add the same sums
+    assert m.sums.tolist() == [2 * x for x in got.tolist()]
+
+
+def test_loader_batches_equal_make_batch_in_plan_order(small_base, tmp_path):
+    from ctc_drafter.training.data import HiddenReader, batch_loader
+
+    d = make_shards(small_base, tmp_path / "h", n_seqs=6, hidden=True)
+    seqs, _ = load_sequences([str(d)], small_base, label_len=3, max_len=100)
+    plan = [[seqs[4], seqs[0]], [seqs[1], seqs[5], seqs[2]], [seqs[3]]]
+    reader = HiddenReader()
+    want = [make_batch(p, [sample_positions(s, 4, 7, 2) for s in p], 3, reader) for p in plan]
+    for workers in (0, 1):
+        got = list(batch_loader(plan, 3, 4, seed=7, epoch=2, workers=workers, pin_memory=False))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.num_sequences == w.num_sequences and g.hidden is not None
+            for name in ("input_ids", "next_ids", "hidden", "positions", "labels", "label_len"):
+                assert torch.equal(getattr(g, name), getattr(w, name)), (workers, name)
+
+
+def test_loader_workers_give_the_same_run(small_model_dir, data_dir, tmp_path):
+    """Reading batches in a worker process changes nothing: same log numbers, same weights."""
+    outs = []
+    for workers in (0, 1):
+        out = tmp_path / f"w{workers}"
+        assert train_cli(small_model_dir, data_dir, out, "--epochs", 2, "--eval-frac", 0.25,
+                         "--loader-workers", workers) == 0
+        outs.append(out)
+    a, b = read_log(outs[0]), read_log(outs[1])
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seq_per_s", "train_s", "s_per_seq")}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert all("acc" in r and r["positions"] > 0 for r in a if r["event"] == "step")
+    wa, wb = load_weights(outs[0]), load_weights(outs[1])
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_auto_precision_is_bf16_autocast_on_a_cpu_with_bf16_units(monkeypatch):
+    import argparse
+
+    import ctc_drafter.training.train as tr
+
+    cpu = torch.device("cpu")
+    auto = argparse.Namespace(dtype="auto")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: True)
+    assert tr._precision(auto, cpu) == (torch.bfloat16, "bf16")
+    assert tr._precision(argparse.Namespace(dtype="float32"), cpu) == (torch.float32, "no")  # asked: kept
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision no` decides
+    assert tr._precision(auto, cpu) == (torch.float32, "no")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 matmuls are slow, keep fp32
+    assert tr._precision(auto, cpu) == (torch.float32, "no")
