@@ -30,10 +30,10 @@ def add_decoding_args(p) -> None:
     p.add_argument("--proposer", default="ctc", choices=["ctc", "ngram", "hybrid"],
                    help="who proposes draft tokens: the CTC draft (default), n-gram lookup in the prompt, the output "
                         "and earlier requests (no draft needed), or both merged by calibrated acceptance")
-    p.add_argument("--generator", "--tree-choices", dest="generator", default="beam",
+    p.add_argument("--generator", "--tree-choices", dest="generator", default=None,
                    choices=["beam", "medusa", "prefix"],
-                   help="the CTC draft's tree policy: prefix beam search (default), the paper's Medusa-63 tree, or the "
-                        "most likely prefixes by exact CTC prefix probability")
+                   help="the CTC draft's tree policy: the most likely prefixes by exact CTC prefix probability (default "
+                        "on CPU), the paper's Medusa-63 tree (default on CUDA), or CTC prefix beam search")
     p.add_argument("--budget", type=checks.int_in(1, checks.MAX_BUDGET), default=None,
                    help=f"tree node budget incl. root, 1..{checks.MAX_BUDGET} (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
     p.add_argument("--cpu-kernels", default="auto", choices=["auto", "packed", "stock"],

@@ -134,7 +134,7 @@ class CTCDrafter(ChatMixin):
     """A frozen base model plus a proposer (the CTC draft, n-gram lookup, or both); `generate` is
     lossless with respect to the base whatever the proposer suggests."""
 
-    def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str = "beam",
+    def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str | None = None,
                  budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = "ctc",
                  cost_ms=None):
         self.base = base
@@ -173,7 +173,7 @@ class CTCDrafter(ChatMixin):
 
     @classmethod
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
-                        dtype="auto", generator: str = "beam", budget: int | None = None,
+                        dtype="auto", generator: str | None = None, budget: int | None = None,
                         cpu_kernels: str = "auto", proposer: str | Proposer = "ctc",
                         trust_remote_code: bool = False) -> "CTCDrafter":
         """Load base and draft.

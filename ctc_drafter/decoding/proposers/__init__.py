@@ -23,19 +23,33 @@ PROPOSERS = ("ctc", "ngram", "hybrid")
 # step's tree itself.
 DEFAULT_BUDGET = {"cpu": 4, "cuda": 64, "mps": 16}
 SIZED_BUDGET = {"cpu": 16, "cuda": 64, "mps": 16}
+# The draft's tree policy when the user names none. `prefix` accepts the most per node (BENCHMARKS.md),
+# but its best-first search is host work that grows with the tree; on CUDA, where trees are 64
+# nodes and a step is a few ms, the static `medusa` tree costs ~0.3 ms of host time whatever the size.
+DEFAULT_GENERATOR = {"cuda": "medusa"}
 
 
-def default_budget(device, proposer: str = "ctc", generator: str = "beam", sized: bool = False) -> int:
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    if proposer == "ctc" and generator == "medusa":
+def _kind(device) -> str:
+    return device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+
+
+def default_generator(device) -> str:
+    return DEFAULT_GENERATOR.get(_kind(device), "prefix")
+
+
+def default_budget(device, proposer: str = "ctc", generator: str | None = None, sized: bool = False) -> int:
+    kind = _kind(device)
+    if proposer == "ctc" and (generator or default_generator(device)) == "medusa":
         return 64  # the paper's static tree is 63 paths: smaller budgets cut it
     return (SIZED_BUDGET if sized else DEFAULT_BUDGET).get(kind, 16)
 
 
-def make_proposer(name: str, draft=None, generator: str = "beam", cost_ms: Callable[[int], float] | None = None,
-                  memory: NgramMemory | None = None) -> Proposer:
-    """'ctc' (the draft with tree policy `generator`), 'ngram' (prompt lookup + memory, no draft needed),
-    or 'hybrid' (both, merged by calibrated acceptance, sized by `cost_ms` when given)."""
+def make_proposer(name: str, draft=None, generator: str | None = None,
+                  cost_ms: Callable[[int], float] | None = None, memory: NgramMemory | None = None) -> Proposer:
+    """'ctc' (the draft with tree policy `generator`; None: the device's default), 'ngram' (prompt lookup +
+    memory, no draft needed), or 'hybrid' (both, merged by calibrated acceptance, sized by `cost_ms` when given)."""
+    if generator is None:
+        generator = default_generator(next(draft.parameters()).device if draft is not None else "cpu")
     if name not in PROPOSERS:
         raise CTCDrafterError(f"unknown proposer {name!r} (use {', '.join(PROPOSERS)})")
     if generator not in POLICIES:
@@ -58,4 +72,4 @@ def draft_proposer(draft, generator: str = "beam") -> Proposer:
 
 __all__ = ["Proposer", "CTCProposer", "ARProposer", "draft_proposer", "NgramProposer", "NgramMemory", "UnionProposer",
            "FrameTreePolicy", "MedusaTree", "BeamTree", "PrefixTree", "MEDUSA_63", "POLICIES", "PROPOSERS",
-           "make_policy", "make_proposer", "default_budget"]
+           "make_policy", "make_proposer", "default_budget", "default_generator"]
