@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from ctc_drafter.draft import SHIPPED_DRAFT, CTCDraftModel
+from ctc_drafter.draft import SHIPPED_DRAFT, load_draft_folder
 
 
 def main():
     src = Path(sys.argv[1])
-    draft = CTCDraftModel.from_pretrained(src)
+    draft = load_draft_folder(src)
     if SHIPPED_DRAFT.exists():
         shutil.rmtree(SHIPPED_DRAFT)
     draft.save_pretrained(SHIPPED_DRAFT, dtype=torch.bfloat16)

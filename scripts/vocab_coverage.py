@@ -16,14 +16,14 @@ from pathlib import Path
 
 
 def main():
-    from ctc_drafter.draft import SHIPPED_DRAFT, CTCDraftModel
+    from ctc_drafter.draft import SHIPPED_DRAFT, load_draft_folder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("answers", nargs="+", help="answer files of `ctc-drafter eval` (with token ids)")
     ap.add_argument("--draft-model", default="default")
     a = ap.parse_args()
     folder = SHIPPED_DRAFT if a.draft_model == "default" else Path(a.draft_model)
-    draft = CTCDraftModel.from_pretrained(folder)
+    draft = load_draft_folder(folder)
     if draft.vocab_ids is None:
         print(f"{folder}: proposes from the whole vocabulary (coverage 100%)")
         return

@@ -11,7 +11,8 @@ def add_model_args(p, draft: bool = True) -> None:
                    help="local HF folder, a .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     if draft:
         p.add_argument("--draft-model", default="default",
-                       help="draft folder (from `train`), 'default' (shipped for the default base) or 'untrained'")
+                       help="draft folder (from `train`), 'default' (shipped for the default base), or 'untrained' / "
+                            "'untrained-ar' (a random NAR / AR draft for any base)")
     p.add_argument("--device", default="auto", type=checks.device, help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, float16, bfloat16")
     p.add_argument("--template", default="auto", choices=TEMPLATES,

@@ -352,8 +352,11 @@ class CTCDraftModel(nn.Module):
 
 
 def new_draft_for(base, seed: int = 0, **overrides) -> CTCDraftModel:
-    """A freshly initialised draft shaped for `base` (a BaseModel)."""
+    """A freshly initialised NAR draft shaped for `base` (a BaseModel); draft/ar_model.py's new_ar_draft_for
+    makes the AR one."""
     cfg = DraftConfig.from_base_config(base.config, base_model=base.name, **overrides)
+    if cfg.architecture != "nar":
+        raise CTCDrafterError(f"new_draft_for builds NAR drafts, not {cfg.architecture!r}; use new_ar_draft_for")
     return CTCDraftModel(cfg).init_weights(seed).to(device=base.device, dtype=base.dtype).bind(base.model)
 
 

@@ -69,7 +69,8 @@ def engine_label(f: AnswerFile) -> str:
         return "HF generate"
     if engine == "hf-prompt-lookup":
         return f"HF prompt lookup (K={m.get('prompt_lookup_tokens')})"
-    packed = ", packed CPU kernels" if m.get("kernels") == "packed" else ""
+    kernels = m.get("kernels")
+    packed = f", {kernels} CPU kernels" if isinstance(kernels, str) and kernels != "stock" else ""
     if not m.get("speculative"):
         return f"ours, vanilla{packed}"
     untrained = ", untrained draft" if m.get("draft_trained") is False else ""
