@@ -368,12 +368,12 @@ def test_cli_regenerate_over_several_files(tiny_model_dir, base, tmp_path, capsy
 @pytest.mark.parametrize("extra, msg", [
     (["--data", "/nonexistent.jsonl"], "data file not found"),
     (["--data", str(MT_BENCH), "--mode", "teacher-forced"], "--mode regenerate"),
-    (["--data", str(GSM8K), "--max-len", "1"], "--max-len must be at least 2"),
+    (["--data", str(GSM8K), "--max-len", "1"], "argument --max-len/--max-length: 1 is out of range: must be >= 2"),
     (["--data", str(GSM8K), "--mode", "sideways"], "invalid choice 'sideways'"),
     (["--data", str(GSM8K), "--gpus", "0;1"], "CUDA is not available"),
     (["--data", str(GSM8K), "--gpus", "0;x"], "--gpus '0;x'"),
     (["--data", str(GSM8K), "--gpus", "0", "--workers", "2"], "not allowed with argument"),
-    (["--data", str(GSM8K), "--workers", "0"], "--workers must be at least 1"),
+    (["--data", str(GSM8K), "--workers", "0"], "argument --workers: 0 is out of range"),
 ])
 def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, extra, msg):
     if "CUDA" in msg and torch.cuda.is_available():

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import checks
 from .common import add_model_args
 
 
@@ -40,18 +41,19 @@ def add_parser(sub) -> None:
                    metavar="{regenerate,teacher-forced}",
                    help="regenerate (default): the base answers every user turn itself, greedy, seeing its own "
                         "earlier answers; teacher-forced: keep the dataset's answers (records without are skipped)")
-    p.add_argument("--max-len", "--max-length", dest="max_len", type=int, default=None,
+    p.add_argument("--max-len", "--max-length", dest="max_len", type=checks.int_in(2), default=None,
                    help="tokens per conversation, longer ones are cut (default: 2048 or the base's limit)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per generated answer")
-    p.add_argument("--temperature", type=float, default=0.0, help="for generated answers; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N records")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=checks.int_in(1), default=512, help="tokens per generated answer")
+    p.add_argument("--temperature", type=checks.temperature, default=0.0, help="for generated answers; 0 = greedy")
+    p.add_argument("--top-p", type=checks.finite_float(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=checks.int_in(0, checks.MAX_SEED), default=0,
+                   help="sampling seed (with --temperature > 0)")
+    p.add_argument("--limit", type=checks.int_in(1), default=None, help="use only the first N records")
+    p.add_argument("--batch-size", type=checks.int_in(1, 1024), default=None,
                    help="prompts decoded together (sorted by length), and sequences per labelling pass of dataset "
                         "answers; changes the data only where float rounding flips a near-tie "
                         "(default: 64 on CUDA, 32 otherwise)")
-    p.add_argument("--shard-size", type=int, default=64,
+    p.add_argument("--shard-size", type=checks.int_in(1, 1 << 20), default=64,
                    help="records per shard: shard i holds records [i*N, (i+1)*N) (default 64)")
     p.add_argument("--save-hidden", action="store_true",
                    help="also store the base's last hidden states (fp16): `train` then skips the base pass, "
@@ -60,7 +62,7 @@ def add_parser(sub) -> None:
     par.add_argument("--gpus", default=None, metavar="GROUPS",
                      help="one worker process per GPU group: '0;1;2;3' (a GPU each) or '0,1;2,3' (a model "
                           "spread over two GPUs each)")
-    par.add_argument("--workers", type=int, default=None, metavar="N",
+    par.add_argument("--workers", type=checks.int_in(1, 256), default=None, metavar="N",
                      help="N worker processes on --device (CPU machines; on GPUs use --gpus)")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
     p.add_argument("--json", action="store_true", help="print the manifest's summary as JSON")
@@ -84,8 +86,6 @@ def _check_parallel_args(args) -> list[list[int]] | None:
 
     if D.launched_distributed() and (args.gpus or args.workers):
         raise CTCDrafterError("--gpus / --workers start their own processes; under accelerate launch leave them out")
-    if args.workers is not None and args.workers < 1:
-        raise CTCDrafterError("--workers must be at least 1")
     if args.gpus is None:
         return None
     groups = D.parse_gpu_groups(args.gpus)
@@ -117,12 +117,13 @@ def run(args) -> int:
     elif D.launched_distributed():
         state = D.distributed_state(cpu=device.type == "cpu")
         base = load_base_model(args.base_model, device=state.device if args.device == "auto" else args.device,
-                               dtype=args.dtype)
+                               dtype=args.dtype, trust_remote_code=args.trust_remote_code)
         m = D.distill_data_parallel(state, base, args.data, out, opts, **common)
         if m is None:  # not the main process: the main one reports
             return 0
     else:
-        base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
+        base = load_base_model(args.base_model, device=args.device, dtype=args.dtype,
+                               trust_remote_code=args.trust_remote_code)
         m = D.distill(base, args.data, out, opts, **common)
     _print_summary(m, out, was_complete, args.json)
     return 0

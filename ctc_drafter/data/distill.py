@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CTCDrafterError
+from ..errors import CTCDrafterError, writing
 from ..models.templates import build_prompt_ids, encode_conversation
 from .batch_generation import LOGIT_ELEMS, Reply, Sampling, argmax_in_chunks, generate_batch
 from .conversations import Conversation, Malformed, iter_records
@@ -549,8 +549,9 @@ def pending_shards(out_dir: Path, plan: Plan) -> list[int]:
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with writing(path, kept="finished shards are kept; rerun the same command to resume"):
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
 
 
 def save_shard(out_dir: Path, i: int, first: int, seqs: list[Sequence], stats: Stats, seconds: float,
