@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..decoding.proposers import DEFAULT_PROPOSER, PROPOSERS
 from ..models.templates import TEMPLATES
 from . import checks
 
@@ -28,9 +29,11 @@ def add_decoding_args(p) -> None:
     p.add_argument("--top-p", type=checks.finite_float(0.0, 1.0, low_open=True), default=1.0)
     p.add_argument("--top-k", type=checks.int_in(0), default=0)
     p.add_argument("--seed", type=checks.int_in(0, checks.MAX_SEED), default=None)
-    p.add_argument("--proposer", default="ctc", choices=["ctc", "ngram", "hybrid"],
-                   help="who proposes draft tokens: the CTC draft (default), n-gram lookup in the prompt, the output "
-                        "and earlier requests (no draft needed), or both merged by calibrated acceptance")
+    p.add_argument("--proposer", default=DEFAULT_PROPOSER, choices=PROPOSERS,
+                   help="who proposes draft tokens: both the CTC draft and n-gram lookup, merged by calibrated "
+                        "acceptance, each step's tree sized by this machine's measured pass cost (hybrid, the "
+                        "default); the CTC draft alone; or n-gram lookup alone in the prompt, the output and earlier "
+                        "requests (no draft needed)")
     p.add_argument("--generator", "--tree-choices", dest="generator", default=None,
                    choices=["beam", "medusa", "prefix"],
                    help="the CTC draft's tree policy: the most likely prefixes by exact CTC prefix probability (default "

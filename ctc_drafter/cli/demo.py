@@ -38,10 +38,17 @@ def _hf_reference(args, d, kernels_label: str):
 
 
 def _timed_runs(engines: dict, prompt: str, kw: dict, repeats: int) -> dict:
-    """Each engine answers `prompt` `repeats` times, interleaved; keeps the run of median wall time."""
+    """Each engine answers `prompt` `repeats` times, interleaved; keeps the run of median wall time.
+
+    The proposer forgets earlier requests before each speculative run: an n-gram memory holding the
+    same prompt's earlier answer would otherwise be copied, and the figure would not be one a new
+    prompt gets.
+    """
     runs = {k: [] for k in engines}
     for _ in range(repeats):
         for k, (engine, extra) in engines.items():
+            if extra.get("speculative") and getattr(engine, "proposer", None) is not None:
+                engine.proposer.forget()
             runs[k].append(engine.chat(prompt, **kw, **extra))
     return {k: sorted(rs, key=lambda r: r.wall_s)[len(rs) // 2] for k, rs in runs.items()}
 

@@ -20,7 +20,7 @@ from ..draft.model import CTCDraftModel
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear
-from .proposers import Proposer, default_budget, make_proposer
+from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, make_proposer
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
 from .verify import accept_greedy, accept_sampling, warp_probs
@@ -174,7 +174,7 @@ class CTCDrafter(ChatMixin):
     @classmethod
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
                         dtype="auto", generator: str | None = None, budget: int | None = None,
-                        cpu_kernels: str = "auto", proposer: str | Proposer = "ctc",
+                        cpu_kernels: str = "auto", proposer: str | Proposer = DEFAULT_PROPOSER,
                         trust_remote_code: bool = False) -> "CTCDrafter":
         """Load base and draft.
 

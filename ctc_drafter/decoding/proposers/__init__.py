@@ -15,6 +15,7 @@ from .ngram import NgramMemory, NgramProposer
 from .union import UnionProposer
 
 PROPOSERS = ("ctc", "ngram", "hybrid")
+DEFAULT_PROPOSER = "hybrid"  # what from_pretrained and the CLI use: it accepts the most (BENCHMARKS.md)
 
 # Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
 # forward costs about the same for 1 or 256 tokens) but not on a CPU, where scripts/budget_sweep.py
@@ -72,4 +73,4 @@ def draft_proposer(draft, generator: str = "beam") -> Proposer:
 
 __all__ = ["Proposer", "CTCProposer", "ARProposer", "draft_proposer", "NgramProposer", "NgramMemory", "UnionProposer",
            "FrameTreePolicy", "MedusaTree", "BeamTree", "PrefixTree", "MEDUSA_63", "POLICIES", "PROPOSERS",
-           "make_policy", "make_proposer", "default_budget", "default_generator"]
+           "make_policy", "make_proposer", "default_budget", "default_generator", "DEFAULT_PROPOSER"]

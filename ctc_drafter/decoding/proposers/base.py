@@ -44,6 +44,10 @@ class Proposer(ABC):
     def finish(self) -> None:
         """The request is over (its text may be remembered for later requests)."""
 
+    def forget(self) -> None:
+        """Drop what earlier requests taught (memories); measurements that repeat a prompt call it, since
+        a remembered answer to the same prompt would inflate what it measures."""
+
     def describe(self) -> dict:
         """Settings that identify this proposer in answer files and --json output."""
         return {"proposer": self.name}

@@ -72,6 +72,10 @@ class NgramMemory:
         self.index = NgramIndex(max_n, keep)
         self.documents = 0
 
+    def clear(self) -> None:
+        self.index = NgramIndex(self.index.max_n, self.index.keep)
+        self.documents = 0
+
     def add(self, tokens: list[int]) -> None:
         if not tokens:
             return
@@ -128,8 +132,11 @@ class NgramProposer(Proposer):
                 return conts, n
         return [], 0
 
+    def forget(self):
+        self.memory.clear()
+
     def describe(self):
-        return {"proposer": self.name, "max_n": self.max_n, "memory_documents": self.memory.documents}
+        return {"proposer": self.name, "max_n": self.max_n}
 
 
 def continuation_scores(conts: list[list[int]], n: int) -> dict[tuple[int, ...], float]:

@@ -54,6 +54,10 @@ class UnionProposer(Proposer):
         for p in self.parts:
             p.finish()
 
+    def forget(self):
+        for p in self.parts:
+            p.forget()
+
     def describe(self):
         d = {"proposer": self.name}
         for p in self.parts:
