@@ -283,7 +283,7 @@ def test_report_names_the_engines(hf_runs, capsys):
     spec, hf, lookup = (hf_runs / f"mt_bench-{k}.jsonl" for k in ("spec", "hf", "hf-prompt-lookup"))
     assert main(["report", str(spec), "--baseline", str(hf), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["engines"]["baseline"] == "HF generate" and r["engines"]["spec"].startswith("ours, speculative (ctc beam")
+    assert r["engines"]["baseline"] == "HF generate" and r["engines"]["spec"].startswith("ours, speculative (hybrid beam")
     assert r["n_questions"] == 2 and r["agreement"] == 1.0 and r["agreement_by"] == "token ids"
     assert r["gamma"] > 0 and r["beta_baseline"] == 1.0
     assert "compared on the 2 questions both files answer (1 only in the speculative file" in r["notes"][0]

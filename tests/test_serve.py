@@ -113,7 +113,9 @@ def complete(c, stream: bool, prompt: str, **kw):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return CTCDrafter.from_pretrained(str(tiny_model_dir), "untrained", device="cpu")
+    # The CTC draft alone: with the hybrid's n-gram memory the *step counts* of a repeated request depend on
+    # the requests before it (the text never does), and these tests compare step counts with `generate`'s.
+    return CTCDrafter.from_pretrained(str(tiny_model_dir), "untrained", device="cpu", proposer="ctc")
 
 
 @pytest.fixture(scope="module")
@@ -312,9 +314,17 @@ def test_load_loses_no_request(engine):
         for t in threads:
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "load test did not finish"
-        served = get_metric(s, "ctc_drafter_requests_total", endpoint="/v1/chat/completions", outcome="ok")
-        refused = get_metric(s, "ctc_drafter_requests_total", endpoint="/v1/chat/completions", outcome="rejected")
-        depth = get_metric(s, "ctc_drafter_queue_depth")
+        # A request is counted when the server has finished it, which can be a moment after its client
+        # has read the last byte: wait (bounded) for the counters to settle.
+        deadline = time.monotonic() + 10
+        while True:
+            served = get_metric(s, "ctc_drafter_requests_total", endpoint="/v1/chat/completions", outcome="ok")
+            refused = get_metric(s, "ctc_drafter_requests_total", endpoint="/v1/chat/completions",
+                                 outcome="rejected")
+            depth = get_metric(s, "ctc_drafter_queue_depth")
+            if served + refused >= len(outcomes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     assert len(outcomes) == clients * per_client
     assert set(outcomes) <= {"ok", "429"}, sorted(set(outcomes))
     assert outcomes.count("ok") >= 1
@@ -419,4 +429,5 @@ def test_default_model_served_replies_equal_generate():
         for stream in (False, True):
             text, _, carrier = chat(c, stream, model="smol", messages=messages, max_tokens=32)
             assert text == engine.decode(res.tokens) and "Paris" in text
-            assert carrier.model_extra["speculation"]["steps"] == res.steps
+            # the default (hybrid) proposer remembers earlier requests, so a repeat may take fewer steps
+            assert 1 <= carrier.model_extra["speculation"]["steps"] <= res.new_tokens
