@@ -7,8 +7,6 @@ import torch
 
 from ctc_drafter.models.base import BaseModel
 
-SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def tiny_llama(vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, max_pos=512):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -20,12 +20,12 @@ from ctc_drafter.errors import CTCDrafterError
 from ctc_drafter.models.base import load_base_model
 from ctc_drafter.models.templates import build_prompt_ids
 
-from conftest import SHARED_DATA
 
-GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
-MT_BENCH = SHARED_DATA / "mt_bench" / "question.jsonl"
-SHAREGPT = SHARED_DATA / "sharegpt_format_sample.json"
-ARENA = SHARED_DATA / "arena" / "question.jsonl"
+DATA = Path(__file__).resolve().parent / "data"  # small excerpts of the shared data sets: the suite needs no ../shared
+GSM8K = DATA / "gsm8k_train_head8.jsonl"
+MT_BENCH = DATA / "mt_bench_question.jsonl"
+SHAREGPT = DATA / "sharegpt_sample_head12.json"
+ARENA = DATA / "arena_question_head6.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +111,9 @@ def test_every_record_format_becomes_a_conversation(tmp_path):
 
 def test_shared_data_files_read():
     sg = list(iter_conversations([SHAREGPT]))
-    assert len(sg) == 500 and all(c.users and len(c.replies) == len(c.users) for c in sg)
+    assert len(sg) == 12 and all(c.users and len(c.replies) == len(c.users) for c in sg)
     mt = list(iter_conversations([MT_BENCH]))
-    assert len(mt) == 80 and all(len(c.users) == 2 and c.replies is None for c in mt)
+    assert len(mt) == 16 and all(len(c.users) == 2 and c.replies is None for c in mt)
 
 
 @pytest.mark.parametrize("text, msg", [
