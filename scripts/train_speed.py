@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,11 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+    from ctc_drafter.models.kernel_choice import cpu_identity  # one home for "which CPU is this"
+
+    return cpu_identity()["cpu"]
 
 
 def build_data(args, folder: Path) -> Path:
