@@ -30,15 +30,15 @@ def methods(a) -> list[tuple[str, list[str]]]:
     budget = ["--budget", str(a.budget)] if a.budget else []
     out = [("hf-generate", ["--engine", "hf"]),
            ("vanilla", ["--baseline"]),
-           ("ctc-beam", ["--draft-model", a.ctc_draft, "--generator", "beam"] + budget),
-           ("ctc-medusa", ["--draft-model", a.ctc_draft, "--generator", "medusa"]
+           ("ctc-beam", ["--draft-model", a.ctc_draft, "--proposer", "ctc", "--generator", "beam"] + budget),
+           ("ctc-medusa", ["--draft-model", a.ctc_draft, "--proposer", "ctc", "--generator", "medusa"]
             + (["--budget", str(a.medusa_budget)] if a.medusa_budget else [])),
-           ("ctc-prefix", ["--draft-model", a.ctc_draft, "--generator", "prefix"] + budget),
+           ("ctc-prefix", ["--draft-model", a.ctc_draft, "--proposer", "ctc", "--generator", "prefix"] + budget),
            ("ngram", ["--proposer", "ngram"] + budget),
            ("hybrid", ["--draft-model", a.ctc_draft, "--proposer", "hybrid", "--generator", "prefix"] + budget),
            ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
     if a.ce_draft:
-        out.insert(5, ("ce-beam", ["--draft-model", a.ce_draft, "--generator", "beam"] + budget))
+        out.insert(5, ("ce-beam", ["--draft-model", a.ce_draft, "--proposer", "ctc", "--generator", "beam"] + budget))
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
