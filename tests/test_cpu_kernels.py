@@ -40,10 +40,16 @@ def test_greedy_with_packed_layers_equals_stock_hf_generate(generator, budget):
     stock = tiny_llama(dtype=torch.float32, seed=1)
     base = BaseModel(copy.deepcopy(stock), None, "toy")
     pack_linears(base.model)
+    assert_swapped_kernels_lossless(base, stock, generator, budget, kernels="packed")
+
+
+def assert_swapped_kernels_lossless(base, stock, generator, budget, kernels=None):
+    """Greedy speculative == our vanilla == HF `generate` on the untouched `stock` copy, 3 random drafts,
+    with multi-token acceptance exercised (shared by the kernel-choice tests)."""
     longest = 1
     for trial in range(3):
         drafter = CTCDrafter(base, new_draft_for(base, seed=trial), generator=generator, budget=budget)
-        assert drafter.kernels == "packed"
+        assert kernels is None or drafter.kernels == kernels
         ids = torch.randint(0, 64, (1, 5 + trial), generator=torch.Generator().manual_seed(trial))
         spec = drafter.generate(ids, max_new_tokens=30)
         van = drafter.generate(ids, max_new_tokens=30, speculative=False)

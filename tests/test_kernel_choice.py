@@ -10,12 +10,12 @@ from torch import nn
 
 from conftest import tiny_llama
 from ctc_drafter.decoding import CTCDrafter
-from ctc_drafter.draft import new_draft_for
 from ctc_drafter.errors import CTCDrafterError
 from ctc_drafter.models import cpu_kernels, kernel_choice
 from ctc_drafter.models.base import BaseModel
 from ctc_drafter.models.cpu_kernels import DispatchLinear, PackedLinear, kernel_label, packed_linear_available
 from ctc_drafter.models.kernel_choice import REPS, SIZES, apply_cpu_kernels, choose_table
+from test_cpu_kernels import assert_swapped_kernels_lossless
 
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN")
 
@@ -210,16 +210,7 @@ def test_greedy_with_a_mixed_plan_equals_stock_hf_generate(tmp_path, generator, 
     base = BaseModel(copy.deepcopy(stock), None, "toy")
     r = apply_cpu_kernels(base, "auto", measure=FakeMeasure(STOCK_FOR_ONE_ROW), cache_file=tmp_path / "k.json")
     assert r.label == "stock<=1,packed"
-    longest = 1
-    for trial in range(3):
-        drafter = CTCDrafter(base, new_draft_for(base, seed=trial), generator=generator, budget=budget)
-        ids = torch.randint(0, 64, (1, 5 + trial), generator=torch.Generator().manual_seed(trial))
-        spec = drafter.generate(ids, max_new_tokens=30)
-        van = drafter.generate(ids, max_new_tokens=30, speculative=False)
-        hf = stock.generate(ids, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(ids))
-        assert spec.tokens == van.tokens == hf[0, ids.shape[1]:].tolist()
-        longest = max(longest, max(spec.accept_lengths))
-    assert longest > 1
+    assert_swapped_kernels_lossless(base, stock, generator, budget)
 
 
 def test_generate_json_reports_the_kernel_choice_and_the_second_run_reads_the_cache(capsys, tiny_model_dir, tmp_path,
