@@ -101,16 +101,10 @@ def test_bf16_vanilla_loop_equals_hf_generate(kernels):
         assert van == hf
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "bf16 on CPU: a tree pass's attention rounds differently from a 1-token step's. SDPA rounds a query "
-    "row's bf16 output differently when the key length differs, even if the extra keys are masked out "
-    "(same q,K,V and mask: 1 row == k rows bit for bit; 1 row over past+i keys != 1 row over past+n keys "
-    "with the rest masked, 165/200 random trials); a tree pass gives every node past+n keys, a vanilla/HF "
-    "step past+i. On these toys one greedy argmax flips in 1 of 6 seeds (seed 2, token 24). The linear "
-    "layers are exact (row-invariant in bf16 up to 16 rows, packed == stock). Eager attention is exact on "
-    "these toys but not on SmolLM2-135M; attention computed per node as HF's own 1-row call over the past "
-    "and the node's ancestors is exact there (BENCHMARKS.md, 'CPU kernels chosen by measurement')."))
 @pytest.mark.parametrize("generator,budget", [("beam", 12), ("medusa", 64), ("prefix", 24)])
 def test_bf16_speculative_equals_hf_generate(generator, budget):
+    """Lossless in bf16: masked SDPA over past+n keys rounds a node's attention differently from a 1-token
+    step over past+i keys (seed 2 flips a greedy token at 24 that way), so tree passes attend node by node
+    (models/tree_attention.py). Without that, this test fails."""
     for spec, van, hf in bf16_greedy_trials("sdpa", "packed", generator, budget):
         assert spec == van == hf

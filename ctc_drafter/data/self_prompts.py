@@ -195,7 +195,7 @@ def make_prompts(base, out: Path, opts: PromptOptions, progress: bool = True) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     out.touch()
     rejected_path(out).touch()
-    settings = opts.sampling_settings()
+    settings = {**opts.sampling_settings(), "dtype": str(base.dtype).removeprefix("torch.")}  # bf16 samples differ
     done = read_progress(out, settings)
     header, closing = user_header(base.tokenizer)
     index, kept_seeds = NearDuplicateIndex(opts.dedup_threshold), []

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from ..errors import CTCDrafterError
 from .attention import AttentionLayout, attention_layout, ensure_mask_attention, layer_masks
+from .tree_attention import exact_tree_pass, use_exact_tree_attention
 
 DEFAULT_BASE = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,6 +125,11 @@ class BaseModel:
 
     def __post_init__(self):
         ensure_mask_attention(self.model)
+        # bf16/fp16 on the CPU: a tree pass attends node by node as a 1-token step does, so speculation
+        # rounds exactly like the base's own decoding (models/tree_attention.py; costs ~1 ms per node on
+        # SmolLM2). fp32 keeps one masked call (its rounding flips no measured token); CUDA too.
+        half = self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cpu"
+        self.exact_tree = half and use_exact_tree_attention(self.model)
 
     @cached_property
     def attention_layout(self) -> AttentionLayout:
@@ -139,19 +146,22 @@ class BaseModel:
         backbone returns the last hidden states, which a causal-LM output does not carry.
         A 4D tree mask is adapted to the base's layers (sliding windows) by models/attention.py.
         """
-        if attention_mask is not None and attention_mask.dim() == 4:
+        tree = attention_mask is not None and attention_mask.dim() == 4
+        if tree:
             attention_mask = layer_masks(attention_mask, position_ids, self.attention_layout)
+        exact = tree and self.exact_tree
         captured = []
         hook = self.model.base_model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
         try:
-            out = self.model(
-                input_ids=input_ids,
-                **{_cache_kwarg(self.model): past_key_values},
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                use_cache=past_key_values is not None,
-                logits_to_keep=_logits_to_keep(logits_at, input_ids.shape[1], input_ids.device),
-            )
+            with exact_tree_pass() if exact else nullcontext():
+                out = self.model(
+                    input_ids=input_ids,
+                    **{_cache_kwarg(self.model): past_key_values},
+                    position_ids=position_ids,
+                    attention_mask=attention_mask,
+                    use_cache=past_key_values is not None,
+                    logits_to_keep=_logits_to_keep(logits_at, input_ids.shape[1], input_ids.device),
+                )
         finally:
             hook.remove()
         return captured[-1], out.logits
