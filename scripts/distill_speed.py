@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
-    from ctc_drafter.models.kernel_choice import cpu_identity  # one home for "which CPU is this"
+    from ctc_drafter.models.cpu_info import cpu_identity  # one home for "which CPU is this"
 
     return cpu_identity()["cpu"]
 

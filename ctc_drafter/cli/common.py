@@ -7,7 +7,9 @@ from ..models.templates import TEMPLATES
 from . import checks
 
 
-def add_model_args(p, draft: bool = True) -> None:
+def add_model_args(p, draft: bool = True, batched: bool = False) -> None:
+    """Base (and draft) model options; `batched`: a data-generation command, whose auto dtype is bf16 on
+    CPUs with native bf16 units (models/base.py resolve_dtype)."""
     p.add_argument("--base-model", default="default",
                    help="local HF folder, a .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     if draft:
@@ -15,11 +17,20 @@ def add_model_args(p, draft: bool = True) -> None:
                        help="draft folder (from `train`), 'default' (shipped for the default base), or 'untrained' / "
                             "'untrained-ar' (a random NAR / AR draft for any base)")
     p.add_argument("--device", default="auto", type=checks.device, help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, float16, bfloat16")
+    auto = "bf16 on CPUs with AMX/AVX512-BF16, else fp32" if batched else "fp32"
+    p.add_argument("--dtype", default="auto",
+                   help=f"auto (bf16/fp16 on GPU; on CPU {auto}), float32, float16, bfloat16")
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="chat format: the tokenizer's template (auto) or built-in vicuna / llama2chat")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a base folder that ships its own Python code (auto_map) to run it")
+
+
+def resolve_batched_dtype(args, device) -> str:
+    """The concrete dtype name a data-generation command runs in (its --dtype auto rule)."""
+    from ..models.base import resolve_dtype
+
+    return str(resolve_dtype(args.dtype, device, batched=True)).removeprefix("torch.")
 
 
 def add_decoding_args(p) -> None:

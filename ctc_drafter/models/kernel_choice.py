@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ import torch
 
 from ..errors import CTCDrafterError
 from .base import BaseModel, cache_dir
+from .cpu_info import cpu_identity
 from .cpu_kernels import (PACKED, STOCK, DispatchLinear, KernelPlan, PackedLinear, dispatch_linears, pack_linears,
                           packable, plan_label, settle_linears)
 from .pass_cost import PassCostModel
@@ -108,24 +108,6 @@ class KernelReport:
 
 
 # ---- fingerprint and cache ---------------------------------------------------------------------
-
-def cpu_identity() -> dict:
-    """CPU model name and feature flags (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
-    name, flags = None, []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and name is None:
-                    name = value.strip()
-                elif key in ("flags", "Features") and not flags:  # x86 / ARM spelling
-                    flags = sorted(value.split())
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
-    return {"cpu": name, "flags": flags}
-
 
 def fingerprint(base: BaseModel, sizes: tuple[int, ...] = SIZES) -> dict:
     """Everything a measured decision depends on: change any of it and the kernels are timed again."""

@@ -38,6 +38,7 @@ from ..cli import checks
 from ..data.shards import check_shard_plan, plan_shards, read_manifest
 from ..draft.config import ARCHITECTURES
 from ..errors import CTCDrafterError, fault_reason, writing
+from ..models.cpu_info import cpu_has_bf16
 from .data import (Batch, HiddenReader, TrainSequence, batch_loader, data_fingerprint, load_sequences,
                    loader_workers, make_batch, most_frequent_targets, split_eval)
 from .losses import AR_LOSS_WEIGHTS, LOSSES, ar_losses, compute_losses, symbol_labels
@@ -186,13 +187,6 @@ def _ar_loss_weights(args, over: dict) -> str:
     over["extra"] = {**(over.get("extra") or {}), "ar_loss_weights": {**AR_LOSS_WEIGHTS, **weights}}
     over["loss"] = "ce" if over["extra"]["ar_loss_weights"]["ctc"] == 0 else "ctc"
     return over["loss"]
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix units (AMX or AVX512-BF16): where bf16 autocast speeds training up on a CPU."""
-    from ..models.kernel_choice import cpu_identity
-
-    return bool({"amx_bf16", "avx512_bf16"} & set(cpu_identity()["flags"]))
 
 
 def _precision(args, device: torch.device) -> tuple[torch.dtype, str]:
