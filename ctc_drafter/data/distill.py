@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CTCDrafterError, writing
+from ..errors import CTCDrafterError, write_json_atomic, writing
 from ..models.templates import build_prompt_ids, encode_conversation
 from .batch_generation import LOGIT_ELEMS, Reply, Sampling, argmax_in_chunks, generate_batch
 from .conversations import Conversation, Malformed, iter_records
@@ -547,13 +547,6 @@ def pending_shards(out_dir: Path, plan: Plan) -> list[int]:
     return [i for i in range(plan.num_shards) if not shard_done(out_dir, plan, i)]
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path, kept="finished shards are kept; rerun the same command to resume"):
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-
-
 def save_shard(out_dir: Path, i: int, first: int, seqs: list[Sequence], stats: Stats, seconds: float,
                worker: int = 0) -> dict:
     """Shard i's tensors, then its counts (the order makes the .json the 'finished' mark)."""
@@ -566,7 +559,8 @@ def save_shard(out_dir: Path, i: int, first: int, seqs: list[Sequence], stats: S
     result = {"index": i, "file": name if seqs else None, "first": first, "records": stats.records,
               "sequences": len(seqs), "tokens": stats.tokens, "assistant_tokens": stats.assistant_tokens,
               "seconds": round(seconds, 2), "worker": worker, "stats": stats.to_dict()}
-    _write_json(out_dir / result_name(i), result)
+    with writing(out_dir / result_name(i), kept="finished shards are kept; rerun the same command to resume"):
+        write_json_atomic(out_dir / result_name(i), result, indent=1)
     return result
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CTCDrafterError, writing
+from ..errors import CTCDrafterError, read_json_object, write_json_atomic, writing
 
 MANIFEST = "manifest.json"
 
@@ -83,11 +83,9 @@ def read_shard(path: Path) -> list[Sequence]:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    directory = Path(directory)
-    tmp = directory / (MANIFEST + ".tmp")
-    with writing(directory / MANIFEST, kept="finished shards are kept; rerun the same command to resume"):
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, directory / MANIFEST)
+    path = Path(directory) / MANIFEST
+    with writing(path, kept="finished shards are kept; rerun the same command to resume"):
+        write_json_atomic(path, manifest)
 
 
 # Manifest fields a reader relies on, and their JSON types (absent is allowed: hand-made folders).
@@ -99,16 +97,7 @@ def read_manifest(directory: Path) -> dict:
     p = Path(directory) / MANIFEST
     if not p.is_file():
         raise CTCDrafterError(f"{directory} is not a distilled data folder (no {MANIFEST}); run `ctc-drafter distill`")
-    try:
-        m = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CTCDrafterError(f"{p} is unreadable: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise CTCDrafterError(f"{p} is corrupt: not UTF-8 text (byte {e.start})") from e
-    except (ValueError, RecursionError) as e:  # bad JSON, absurd nesting
-        raise CTCDrafterError(f"{p} is corrupt: {str(e).splitlines()[0]}") from e
-    if not isinstance(m, dict):
-        raise CTCDrafterError(f"{p} is corrupt: a JSON object was expected, found a {type(m).__name__}")
+    m = read_json_object(p, "manifest")
     for key, kind in _MANIFEST_TYPES.items():
         if key in m and (not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool))):
             raise CTCDrafterError(f"{p} is corrupt: '{key}' must be a JSON {kind.__name__}, got {json.dumps(m[key])}")

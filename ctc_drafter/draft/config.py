@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..errors import CTCDrafterError
+from ..errors import CTCDrafterError, read_json_object
 
 
 # Upper bounds far past any real model; a config beyond them is corrupt and would allocate absurdly.
@@ -135,18 +135,7 @@ class DraftConfig:
     @classmethod
     def load(cls, directory: Path) -> "DraftConfig":
         p = Path(directory) / "config.json"
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise CTCDrafterError(f"draft model not found: {p} is missing") from e
-        except OSError as e:
-            raise CTCDrafterError(f"draft config {p} is unreadable: {e.strerror or e}") from e
-        except UnicodeDecodeError as e:
-            raise CTCDrafterError(f"draft config {p} is not UTF-8 text (byte {e.start})") from e
-        except (ValueError, RecursionError) as e:  # bad JSON, numbers too long to parse, absurd nesting
-            raise CTCDrafterError(f"draft config {p} is not valid JSON: {str(e).splitlines()[0]}") from e
-        if not isinstance(d, dict):
-            raise CTCDrafterError(f"draft config {p} must hold a JSON object, not a {type(d).__name__}")
+        d = read_json_object(p, "draft config")
         if d.pop("model_type", None) != "ctc_draft":
             raise CTCDrafterError(f"{directory} is not a ctc-drafter draft (config.json has no model_type ctc_draft)")
         names = {f.name for f in fields(cls)}

@@ -37,7 +37,7 @@ import torch
 from ..cli import checks
 from ..data.shards import check_shard_plan, plan_shards, read_manifest
 from ..draft.config import ARCHITECTURES
-from ..errors import CTCDrafterError, fault_reason, writing
+from ..errors import CTCDrafterError, fault_reason, read_json_object, write_json_atomic, writing
 from ..models.cpu_info import cpu_has_bf16
 from .data import (Batch, HiddenReader, TrainSequence, batch_loader, data_fingerprint, load_sequences,
                    loader_workers, make_batch, most_frequent_targets, split_eval)
@@ -137,19 +137,7 @@ def _config_overrides(args) -> tuple[dict, str]:
 
     over: dict = {}
     if args.config:
-        p = Path(args.config).expanduser()
-        try:
-            over = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise CTCDrafterError(f"--config file not found: {args.config}") from e
-        except OSError as e:
-            raise CTCDrafterError(f"--config {args.config} is unreadable: {e.strerror or e}") from e
-        except UnicodeDecodeError as e:
-            raise CTCDrafterError(f"--config {args.config} is not UTF-8 text (byte {e.start})") from e
-        except (ValueError, RecursionError) as e:  # bad JSON, absurd nesting
-            raise CTCDrafterError(f"--config {args.config} is not valid JSON: {str(e).splitlines()[0]}") from e
-        if not isinstance(over, dict):
-            raise CTCDrafterError(f"--config {args.config} must hold a JSON object of DraftConfig fields")
+        over = read_json_object(Path(args.config).expanduser(), "--config")
         over.pop("model_type", None)
         names = {f.name for f in fields(DraftConfig)}
         unknown = sorted(set(over) - names)
@@ -219,12 +207,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def export_draft(config, state_dict: dict, directory: Path) -> None:
@@ -461,7 +443,7 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _write_json(tmp / TRAINER_STATE, self.trainer_state(epoch))
+            write_json_atomic(tmp / TRAINER_STATE, self.trainer_state(epoch))
             _replace_dir(tmp, out / f"state_{epoch}")
         acc.wait_for_everyone()
 
@@ -623,7 +605,7 @@ def run_training(args) -> int:
             if args.recover is None:
                 clear_run(out)  # --overwrite: no stale epochs, states or log lines of the earlier run
             with writing(out / "train_args.json"):
-                _write_json(out / "train_args.json", {**vars(args), "func": None, "loss_kind": kind,
+                write_json_atomic(out / "train_args.json", {**vars(args), "func": None, "loss_kind": kind,
                                                        "data_summary": summaries, "train_sequences": len(train_seqs),
                                                        "eval_sequences": len(eval_seqs),
                                                        "num_processes": acc.num_processes, "mixed_precision": mixed})
