@@ -7,21 +7,38 @@ after the last accepted node, so every step emits at least one token.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
+from transformers.generation.logits_process import (LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+
+@lru_cache(maxsize=8)
+def sampling_warpers(temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[LogitsProcessor, ...]:
+    """transformers' own warpers, chosen and ordered as `generate(do_sample=True, num_beams=1)` does
+    (GenerationMixin._get_logits_processor): temperature unless 1.0, then top-k unless 0, then top-p
+    unless 1.0, each keeping at least one token. Sampling from their output is sampling as HF does."""
+    warpers = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))  # it refuses ints
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=int(top_k)))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=float(top_p)))
+    return tuple(warpers)  # cached: immutable
 
 
 def warp_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> sampling distribution [..., V] (float32): temperature, then top-k, then top-p."""
-    x = logits.float() / temperature
-    if top_k and top_k < x.shape[-1]:
-        kth = x.topk(top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p < 1.0:
-        srt, idx = x.sort(dim=-1, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        x = x.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    return x.softmax(-1)
+    """logits [..., V] -> sampling distribution [..., V] (float32), as HF `generate` samples.
+
+    HF warps float32 scores [batch, V] (top-p scatters along dim 1), so rows are flattened to [n, V]
+    and every row is warped in one call.
+    """
+    rows = logits.float().reshape(-1, logits.shape[-1])  # [n, V]
+    for warp in sampling_warpers(temperature, top_k, top_p):
+        rows = warp(None, rows)  # these warpers do not read input_ids
+    return rows.softmax(-1).reshape(logits.shape)
 
 
 def accept_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
