@@ -14,6 +14,7 @@ import torch
 
 from ctc_drafter.cli.main import main
 from ctc_drafter.data import distill as D
+from ctc_drafter.data import distill_folder, labelling, worker_pool
 from ctc_drafter.data.conversations import iter_conversations
 from ctc_drafter.data.shards import check_manifest_matches, read_manifest, read_shard
 from ctc_drafter.errors import CTCDrafterError
@@ -150,7 +151,7 @@ def test_malformed_records_are_counted_and_skipped(base, tmp_path):
 
 
 def test_label_batch_equals_unbatched_forward(base, monkeypatch):
-    monkeypatch.setattr(D, "LOGIT_ELEMS", 3 * base.config.vocab_size)  # LM head in chunks of 3 rows
+    monkeypatch.setattr(labelling, "LOGIT_ELEMS", 3 * base.config.vocab_size)  # LM head in chunks of 3 rows
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, base.config.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 1)]
     out = D.label_batch(base, seqs, save_hidden=True)
@@ -253,7 +254,7 @@ def test_interrupted_run_resumes_to_the_same_data(base, tmp_path, monkeypatch):
     assert [s["first"] for s in full["shards"]] == [0, 2, 4]  # shard i = records [2i, 2i+2)
 
     written = []
-    real_write = D.write_shard
+    real_write = distill_folder.write_shard
 
     def write_then_crash(path, seqs):
         written.append(path.name)
@@ -261,7 +262,7 @@ def test_interrupted_run_resumes_to_the_same_data(base, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_write(path, seqs)
 
-    monkeypatch.setattr(D, "write_shard", write_then_crash)
+    monkeypatch.setattr(distill_folder, "write_shard", write_then_crash)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         D.distill(base, [SHAREGPT], cut, o, progress=False)
@@ -272,7 +273,7 @@ def test_interrupted_run_resumes_to_the_same_data(base, tmp_path, monkeypatch):
     first_shard = (cut / "shard_00000.safetensors").stat().st_mtime_ns
 
     written.clear()
-    monkeypatch.setattr(D, "write_shard", lambda path, seqs: (written.append(path.name), real_write(path, seqs)))
+    monkeypatch.setattr(distill_folder, "write_shard", lambda path, seqs: (written.append(path.name), real_write(path, seqs)))
     resumed = D.distill(base, [SHAREGPT], cut, o, progress=False)
     assert written == ["shard_00001.safetensors", "shard_00002.safetensors"]  # only the unfinished ones
     assert (cut / "shard_00000.safetensors").stat().st_mtime_ns == first_shard
@@ -437,7 +438,7 @@ def test_a_failing_worker_stops_the_run_with_one_line():
             q.put(m)
         procs = [SimpleNamespace(exitcode=c) for c in exitcodes]
         seen = []
-        D._follow_workers(procs, q, lambda r, t: seen.append((r, t)))
+        worker_pool.follow_workers(procs, q, lambda r, t: seen.append((r, t)))
         return seen
 
     assert follow([("progress", 0, 2, 40), ("done", 0), ("progress", 1, 1, 9), ("done", 1)], [0, 0]) == [(2, 40), (1, 9)]
