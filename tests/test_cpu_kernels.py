@@ -108,3 +108,18 @@ def test_bf16_speculative_equals_hf_generate(generator, budget):
     (models/tree_attention.py). Without that, this test fails."""
     for spec, van, hf in bf16_greedy_trials("sdpa", "packed", generator, budget):
         assert spec == van == hf
+
+
+def test_dtype_auto_on_cpu_is_bf16_only_with_native_bf16_units(monkeypatch):
+    """auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there, and exact against its own bf16
+    baseline), fp32 where bf16 is emulated; an explicit choice always stands."""
+    import ctc_drafter.models.cpu_info as cpu_info
+    from ctc_drafter.models.base import resolve_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("float32", cpu) == torch.float32
+    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: False)
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype(None, cpu) == torch.float32

@@ -474,16 +474,3 @@ def test_accelerate_launch_makes_the_same_shards(tiny_model_dir, single_process_
     assert made_by(out) == [0, 1, 0]  # process r made shards r, r+2, ...
 
 
-def test_data_generation_dtype_auto_is_bf16_only_on_cpus_with_bf16_units(monkeypatch):
-    """distill / make-prompts run batched passes: bf16 where the CPU has AMX/AVX512-BF16 (faster, and its
-    labels are the fp32 base's own at ~99 % of positions), fp32 elsewhere; decoding keeps fp32 on CPU."""
-    import ctc_drafter.models.cpu_info as cpu_info
-    from ctc_drafter.models.base import resolve_dtype
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)
-    assert resolve_dtype("auto", cpu, batched=True) == torch.bfloat16
-    assert resolve_dtype("auto", cpu) == torch.float32  # one-row decoding: bf16 is no faster
-    assert resolve_dtype("float32", cpu, batched=True) == torch.float32  # an explicit choice stands
-    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: False)
-    assert resolve_dtype("auto", cpu, batched=True) == torch.float32

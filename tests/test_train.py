@@ -495,16 +495,17 @@ def test_loader_workers_give_the_same_run(small_model_dir, data_dir, tmp_path):
 def test_auto_precision_is_bf16_autocast_on_a_cpu_with_bf16_units(monkeypatch):
     import argparse
 
+    import ctc_drafter.models.cpu_info as cpu_info
     import ctc_drafter.training.train as tr
 
     cpu = torch.device("cpu")
     auto = argparse.Namespace(dtype="auto")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)
     assert tr._precision(auto, cpu) == (torch.bfloat16, "bf16")
     assert tr._precision(argparse.Namespace(dtype="float32"), cpu) == (torch.float32, "no")  # asked: kept
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision no` decides
     assert tr._precision(auto, cpu) == (torch.float32, "no")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
-    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 matmuls are slow, keep fp32
+    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 matmuls are slow, keep fp32
     assert tr._precision(auto, cpu) == (torch.float32, "no")

@@ -141,3 +141,16 @@ def check_max_new_tokens(max_new_tokens: int, base) -> None:
     if max_new_tokens > base.max_length:
         raise CTCDrafterError(f"--max-new-tokens {max_new_tokens} is more than the base's context "
                               f"({base.max_length} tokens, prompt included)")
+
+
+def threads(text: str):
+    """--threads: 'auto' or a positive thread count."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
+    return n

@@ -7,9 +7,7 @@ from ..models.templates import TEMPLATES
 from . import checks
 
 
-def add_model_args(p, draft: bool = True, batched: bool = False) -> None:
-    """Base (and draft) model options; `batched`: a data-generation command, whose auto dtype is bf16 on
-    CPUs with native bf16 units (models/base.py resolve_dtype)."""
+def add_model_args(p, draft: bool = True) -> None:
     p.add_argument("--base-model", default="default",
                    help="local HF folder, a .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     if draft:
@@ -17,20 +15,13 @@ def add_model_args(p, draft: bool = True, batched: bool = False) -> None:
                        help="draft folder (from `train`), 'default' (shipped for the default base), or 'untrained' / "
                             "'untrained-ar' (a random NAR / AR draft for any base)")
     p.add_argument("--device", default="auto", type=checks.device, help="auto, cpu, cuda, cuda:N, mps")
-    auto = "bf16 on CPUs with AMX/AVX512-BF16, else fp32" if batched else "fp32"
     p.add_argument("--dtype", default="auto",
-                   help=f"auto (bf16/fp16 on GPU; on CPU {auto}), float32, float16, bfloat16")
+                   help="auto (bf16/fp16 on GPU; on CPU bf16 with AMX/AVX512-BF16, else fp32), float32, float16, "
+                        "bfloat16")
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="chat format: the tokenizer's template (auto) or built-in vicuna / llama2chat")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a base folder that ships its own Python code (auto_map) to run it")
-
-
-def resolve_batched_dtype(args, device) -> str:
-    """The concrete dtype name a data-generation command runs in (its --dtype auto rule)."""
-    from ..models.base import resolve_dtype
-
-    return str(resolve_dtype(args.dtype, device, batched=True)).removeprefix("torch.")
 
 
 def add_decoding_args(p) -> None:
@@ -55,6 +46,9 @@ def add_decoding_args(p) -> None:
                    help="linear layers of our loop on a CPU fp32/bf16 base: auto (the fastest per pass size, timed "
                         "once per machine and cached), oneDNN with packed weights, or PyTorch's stock ones (what HF "
                         "generate uses)")
+    p.add_argument("--threads", type=checks.threads, default="auto",
+                   help="torch threads on a CPU: auto (1 or all cores, whichever the kernel timing found faster; "
+                        "OMP_NUM_THREADS fixes it) or a number")
 
 
 def load_drafter(args, draft_model):
@@ -63,5 +57,6 @@ def load_drafter(args, draft_model):
 
     d = CTCDrafter.from_pretrained(args.base_model, draft_model, device=args.device, dtype=args.dtype,
                                    generator=args.generator, budget=args.budget, cpu_kernels=args.cpu_kernels,
-                                   proposer=args.proposer, trust_remote_code=args.trust_remote_code)
+                                   proposer=args.proposer, trust_remote_code=args.trust_remote_code,
+                                   cpu_threads=args.threads)
     return d, d.kernel_report

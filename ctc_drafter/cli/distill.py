@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import checks
-from .common import add_model_args, resolve_batched_dtype
+from .common import add_model_args
 
 
 def _mode(text: str) -> str:
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
                         "or {prompt, response}; malformed records are counted and skipped")
     p.add_argument("--out", default=None,
                    help="folder for the shards and manifest.json (default: data/<base model name>)")
-    add_model_args(p, draft=False, batched=True)
+    add_model_args(p, draft=False)
     p.add_argument("--mode", "--responses", dest="mode", type=_mode, default="regenerate",
                    metavar="{regenerate,teacher-forced}",
                    help="regenerate (default): the base answers every user turn itself, greedy, seeing its own "
@@ -103,9 +103,8 @@ def run(args) -> int:
     # data, and whether --out can take this run (the base's identity comes from its config alone).
     groups = _check_parallel_args(args)
     plan = D.read_plan(args.data, D.DistillOptions(mode=args.mode, limit=args.limit, shard_size=args.shard_size))
-    device = resolve_device("cuda" if groups else args.device)
-    args.dtype = resolve_batched_dtype(args, device)
     spec = D.BaseSpec(args.base_model, "cuda" if groups else args.device, args.dtype)
+    device = resolve_device(spec.device)
     signature, dtype, max_len = D.describe_base(spec, device)
     opts = _options(args, max_len, device.type == "cuda")
     opts.validate()

@@ -102,7 +102,8 @@ def _load_engine(args):
         return CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
                                           device=args.device, dtype=args.dtype, generator=args.generator,
                                           budget=args.budget, cpu_kernels=args.cpu_kernels,
-                                          proposer=args.proposer, trust_remote_code=args.trust_remote_code)
+                                          proposer=args.proposer, trust_remote_code=args.trust_remote_code,
+                                          cpu_threads=args.threads)
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 

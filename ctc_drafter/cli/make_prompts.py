@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from . import checks
-from .common import add_model_args, resolve_batched_dtype
+from .common import add_model_args
 
 
 def add_parser(sub) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
                     "to a question file that `ctc-drafter distill --data` reads. Rerunning continues: seeds already "
                     "in the file (or in FILE.rejected.jsonl) are skipped; a larger --count extends the file.")
     p.add_argument("--out", required=True, metavar="FILE", help="question file (JSON Lines) to append to")
-    add_model_args(p, draft=False, batched=True)
+    add_model_args(p, draft=False)
     p.add_argument("--count", type=checks.int_in(1), default=1000, help="seeds to sample (default 1000)")
     p.add_argument("--seed-start", type=checks.int_in(0, checks.MAX_SEED), default=0,
                    help="first seed: seeds --seed-start .. --seed-start + --count - 1")
@@ -51,10 +51,7 @@ def run(args) -> int:
                          max_words=args.max_words, min_ascii=args.min_ascii, min_english=args.min_english,
                          dedup_threshold=args.dedup_threshold)
     opts.validate()  # before the (slow) model load
-    from ..models.base import resolve_device
-
-    base = load_base_model(args.base_model, device=args.device,
-                           dtype=resolve_batched_dtype(args, resolve_device(args.device)))
+    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
     summary = make_prompts(base, Path(args.out), opts, progress=not args.json)
     if args.json:
         print(json.dumps(summary))

@@ -175,20 +175,22 @@ class CTCDrafter(ChatMixin):
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
                         dtype="auto", generator: str | None = None, budget: int | None = None,
                         cpu_kernels: str = "auto", proposer: str | Proposer = DEFAULT_PROPOSER,
-                        trust_remote_code: bool = False) -> "CTCDrafter":
+                        trust_remote_code: bool = False, cpu_threads: int | str = "auto") -> "CTCDrafter":
         """Load base and draft.
 
         cpu_kernels (CPU fp32/bf16 bases): 'auto' gives each pass size the linear kernel measured
         fastest on this machine (timed at first load, cached; models/kernel_choice.py), 'packed' /
         'stock' force oneDNN packed weights / PyTorch's own. The same timings are the pass cost model
-        with which the hybrid proposer sizes each step's tree (`kernel_report.cost`).
+        with which the hybrid proposer sizes each step's tree (`kernel_report.cost`). cpu_threads: torch's
+        thread count, 'auto' = 1 or all cores, whichever the same timing found faster (unless
+        OMP_NUM_THREADS fixes it), or a number.
         """
         from ..draft import load_draft
         from ..models.base import load_base_model
         from ..models.kernel_choice import apply_cpu_kernels
 
         base = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        kernels = apply_cpu_kernels(base, cpu_kernels)
+        kernels = apply_cpu_kernels(base, cpu_kernels, threads=cpu_threads)
         if proposer == "ngram":
             draft_model = None  # n-gram lookup needs no draft
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)

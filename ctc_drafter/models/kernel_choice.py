@@ -12,6 +12,12 @@ fingerprint of the CPU (model name, flags, torch threads), the library versions,
 and dtype and this procedure; a later load with the same fingerprint reads the decision at once.
 Timings cut short by BUDGET_S or too noisy (a busy machine) choose for this load only.
 
+The thread count is chosen the same way: unless it was fixed (an int, OMP_NUM_THREADS), the passes
+are timed with 1 thread and with all of torch's threads, and the count whose best kernels make the
+cheaper vanilla step plus CHOICE_TREE-node pass wins (fewer threads on a tie). On the 2-core Xeon two
+threads help an idle machine but collapse when another process holds a core (BENCHMARKS.md), so
+a measurement taken under load is not cached.
+
 The same timings of the chosen plan make the pass cost model (models/pass_cost.py) that proposers
 use to size trees.
 
@@ -52,7 +58,8 @@ REPS = 3  # timed passes per (kernel, size), after one warm-up
 BUDGET_S = 15.0  # stop timing after the repetition that passes this (a busy machine), and do not cache
 NOISE_LIMIT = 1.25  # median over cells of slowest/fastest rep above this: too noisy to cache
 TIE = 0.03  # a kernel within 3% of the fastest keeps the previous size class's kernel (no flapping on noise)
-SCHEMA = 3  # bump when the procedure changes: old cache entries then no longer match
+CHOICE_TREE = 16  # the tree size the thread count is judged on, with the 1-row pass (CPU hybrid's cap)
+SCHEMA = 4  # bump when the procedure changes: old cache entries then no longer match
 
 Timings = dict[str, dict[int, float]]  # kernel -> rows -> ms of one whole base pass (fastest repetition)
 Samples = dict[str, dict[int, list[float]]]  # kernel -> rows -> ms of each timed pass
@@ -71,6 +78,8 @@ class KernelReport:
     measure_s: float = 0.0  # seconds spent timing at this load (0 on a cache hit)
     cost: PassCostModel | None = None  # pass cost of the chosen plan; None off CPU
     note: str = ""  # why nothing was chosen, when so
+    threads: int | None = None  # torch threads set for this process (None: left alone)
+    threads_ms: dict[int, float] = field(default_factory=dict)  # candidate -> 1-row + CHOICE_TREE-row ms
 
     @property
     def label(self) -> str:
@@ -86,6 +95,7 @@ class KernelReport:
             "timings_ms": {k: {str(n): round(ms, 2) for n, ms in t.items()} for k, t in self.timings_ms.items()},
             "cache_hit": self.cache_hit, "cache_file": self.cache_file, "measure_s": round(self.measure_s, 2),
             "pass_cost": self.cost.to_dict() if self.cost else None, "note": self.note,
+            "threads": self.threads, "threads_ms": {str(t): round(ms, 2) for t, ms in self.threads_ms.items()},
         }
 
     def describe(self) -> str:
@@ -100,6 +110,10 @@ class KernelReport:
             classes.append(f"{k} for {lo}-{n} rows" if n > lo else f"{k} for {n} row{'s' if n > 1 else ''}")
             lo = n + 1
         lines = [f"CPU kernels: {', '.join(classes)} (and larger) [{self.mode}; {src}]"]
+        if self.threads_ms:
+            lines.append(f"  threads {self.threads} (1-row + {CHOICE_TREE}-row pass: "
+                         + ", ".join(f"{t} thread{'s' if t > 1 else ''} {ms:.1f} ms" for t, ms in self.threads_ms.items())
+                         + ")")
         sizes = sorted({n for t in self.timings_ms.values() for n in t})
         lines.append("  base pass ms, rows " + " ".join(f"{n:>6}" for n in sizes))
         for k, t in self.timings_ms.items():
@@ -109,15 +123,16 @@ class KernelReport:
 
 # ---- fingerprint and cache ---------------------------------------------------------------------
 
-def fingerprint(base: BaseModel, sizes: tuple[int, ...] = SIZES) -> dict:
-    """Everything a measured decision depends on: change any of it and the kernels are timed again."""
+def fingerprint(base: BaseModel, sizes: tuple[int, ...] = SIZES, threads: tuple[int, ...] | None = None) -> dict:
+    """Everything a measured decision depends on: change any of it and the kernels are timed again.
+    threads: the candidate thread counts (default: torch's current count alone)."""
     import transformers
 
     c = base.config
     shape = {k: int(getattr(c, k, 0) or 0)
              for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "vocab_size")}
-    return {"schema": SCHEMA, **cpu_identity(), "threads": torch.get_num_threads(),
+    return {"schema": SCHEMA, **cpu_identity(), "threads": list(threads or (torch.get_num_threads(),)),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "model": base.name, "dtype": str(base.dtype).replace("torch.", ""), "shape": shape,
             "sizes": list(sizes), "past": PAST, "kernels": list(KERNELS)}
@@ -135,7 +150,9 @@ def read_cached(path: Path, fp: dict) -> dict | None:
         record = json.loads(path.read_text())
         if record.get("fingerprint") != fp:
             return None
-        record["timings_ms"] = {k: {int(n): float(ms) for n, ms in t.items()} for k, t in record["timings_ms"].items()}
+        record["timings_by_threads"] = {
+            int(th): {k: {int(n): float(ms) for n, ms in t.items()} for k, t in timings.items()}
+            for th, timings in record["timings_by_threads"].items()}
         return record
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # missing or unreadable: measure again
@@ -260,23 +277,56 @@ def _install(model, table: list[tuple[int, str]], plan: KernelPlan | None) -> No
         dispatch_linears(model, KernelPlan(table))
 
 
-def apply_cpu_kernels(base: BaseModel, mode: str = "auto", *, measure: Measure | None = None,
-                      cache_file: str | Path | None = None) -> KernelReport:
-    """Give a CPU fp32/bf16 base the linear kernels `mode` asks for and return what was chosen.
+_initial_threads: list[int] = []  # torch's count before this module first changed it
+
+
+def thread_candidates(threads: int | str = "auto") -> tuple[int, ...]:
+    """Thread counts to time: the one asked for, the one OMP_NUM_THREADS fixed, or 1 and torch's count
+    (as it was before an earlier choice in this process changed it, so a second load finds the cache)."""
+    if not _initial_threads:
+        _initial_threads.append(torch.get_num_threads())
+    if threads != "auto":
+        if not isinstance(threads, int) or threads < 1:
+            raise CTCDrafterError(f"threads must be 'auto' or a positive integer, got {threads!r}")
+        return (threads,)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return (_initial_threads[0],)
+    return tuple(sorted({1, _initial_threads[0]}))
+
+
+def choose_threads(by_threads: dict[int, Timings]) -> tuple[int, dict[int, float]]:
+    """(thread count, its score per candidate): the cheaper vanilla step plus CHOICE_TREE-node pass,
+    each with its fastest kernel; within TIE the fewer threads (they leave cores to other work)."""
+    def best(t: Timings, n: int) -> float:
+        sizes = sorted({m for k in t.values() for m in k})
+        m = min(sizes, key=lambda s: abs(s - n))
+        return min(k[m] for k in t.values() if m in k)
+
+    score = {th: best(t, 1) + best(t, CHOICE_TREE) for th, t in sorted(by_threads.items())}
+    low = min(score.values())
+    return next(th for th, ms in score.items() if ms <= low * (1 + TIE)), score
+
+
+def apply_cpu_kernels(base: BaseModel, mode: str = "auto", *, threads: int | str = "auto",
+                      measure: Measure | None = None, cache_file: str | Path | None = None) -> KernelReport:
+    """Give a CPU fp32/bf16 base the linear kernels `mode` asks for, set torch's thread count, and return
+    what was chosen.
 
     auto: the fastest kernel per pass size, measured on this machine at first load (a few seconds
-    for SmolLM2-135M; BENCHMARKS.md) and cached; stock / packed: force one (the timings, measured or
-    cached alike, still give the cost model). Other devices and dtypes are left as they are.
+    for SmolLM2-135M per thread count; BENCHMARKS.md) and cached; stock / packed: force one (the
+    timings, measured or cached alike, still give the cost model). threads: "auto" (timed, see the
+    module's docstring) or a fixed count. Other devices and dtypes are left as they are.
     measure / cache_file replace the timing procedure and the cache location (tests).
     """
     if mode not in MODES:
         raise CTCDrafterError(f"cpu kernels must be one of {', '.join(MODES)}, got {mode!r}")
+    candidates = thread_candidates(threads)
     model = base.model
     if any(isinstance(m, (PackedLinear, DispatchLinear)) for m in model.modules()):
         raise CTCDrafterError("this base's linear layers were already swapped; apply CPU kernels once per load")
     if not packable(model):
         return KernelReport(mode, [(1, STOCK)], note="not a CPU float32/bfloat16 model with oneDNN: stock layers")
-    fp = fingerprint(base)
+    fp = fingerprint(base, threads=candidates)
     path = Path(cache_file) if cache_file is not None else cache_file_for(fp)
     record = read_cached(path, fp)
     plan, measure_s, note = None, 0.0, ""
@@ -284,16 +334,24 @@ def apply_cpu_kernels(base: BaseModel, mode: str = "auto", *, measure: Measure |
         plan = KernelPlan()
         dispatch_linears(model, plan)
         t0 = time.perf_counter()
-        samples = (measure or measure_passes)(base, plan, SIZES)
+        by_threads, notes = {}, []
+        for th in candidates:
+            torch.set_num_threads(th)
+            samples = (measure or measure_passes)(base, plan, SIZES)
+            by_threads[th] = fastest(samples)
+            notes.append(unreliable(samples))
         measure_s = time.perf_counter() - t0
-        record = {"fingerprint": fp, "timings_ms": fastest(samples), "measure_s": round(measure_s, 3),
+        record = {"fingerprint": fp, "timings_by_threads": by_threads, "measure_s": round(measure_s, 3),
                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        note = unreliable(samples)
-        log.info("timed the CPU kernels in %.1f s: %s %s", measure_s, record["timings_ms"], note)
+        note = next((n for n in notes if n), "")
+        log.info("timed the CPU kernels in %.1f s: %s %s", measure_s, by_threads, note)
         if not note and not write_cached(path, record):
             note = "could not write the cache"
-    timings = record["timings_ms"]
+    chosen, scores = choose_threads(record["timings_by_threads"])
+    torch.set_num_threads(chosen)
+    timings = record["timings_by_threads"][chosen]
     table = choose_table(timings) if mode == "auto" else [(max(SIZES), mode)]
     _install(model, table, plan)
     return KernelReport(mode, table, timings, cache_hit=plan is None, cache_file=None if note else str(path),
-                        measure_s=measure_s, cost=_cost_of(table, timings), note=note)
+                        measure_s=measure_s, cost=_cost_of(table, timings), note=note, threads=chosen,
+                        threads_ms=scores if len(scores) > 1 else {})
