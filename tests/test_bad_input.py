@@ -374,7 +374,7 @@ def test_lock_is_held_across_processes(tmp_path, capsys, tiny_model_dir):
 
 
 def test_train_out_disk_full_keeps_finished_epochs(tmp_path, capsys, tiny_model_dir, monkeypatch):
-    from ctc_drafter.training import train as T
+    from ctc_drafter.training import trainer as T  # Trainer.save_epoch publishes the draft
 
     d = _distilled(tmp_path, tiny_model_dir, {"complete": True})
     out = tmp_path / "ckpt"

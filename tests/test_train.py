@@ -203,7 +203,7 @@ def test_training_lowers_the_loss(small_model_dir, small_base, data_dir, tmp_pat
 
 
 def test_interrupt_then_recover_equals_uninterrupted_run(small_model_dir, data_dir, tmp_path, monkeypatch):
-    import ctc_drafter.training.train as tr
+    import ctc_drafter.training.evaluate as tr  # the step's loss: draft_losses
 
     common = ("--epochs", 2, "--lr", 1e-3, "--eval-frac", 0, "--loss", "ctc+ce")
     straight = tmp_path / "straight"
@@ -332,7 +332,7 @@ def test_loss_parts_sum_for_ctc_plus_ce():
 def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, monkeypatch):
     import types
 
-    from ctc_drafter.training.train import RunLog
+    from ctc_drafter.training.run_log import RunLog
 
     seen = []
 
@@ -496,16 +496,16 @@ def test_auto_precision_is_bf16_autocast_on_a_cpu_with_bf16_units(monkeypatch):
     import argparse
 
     import ctc_drafter.models.cpu_info as cpu_info
-    import ctc_drafter.training.train as tr
+    import ctc_drafter.training.options as tr
 
     cpu = torch.device("cpu")
     auto = argparse.Namespace(dtype="auto")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)
-    assert tr._precision(auto, cpu) == (torch.bfloat16, "bf16")
-    assert tr._precision(argparse.Namespace(dtype="float32"), cpu) == (torch.float32, "no")  # asked: kept
+    assert tr.precision(auto, cpu) == (torch.bfloat16, "bf16")
+    assert tr.precision(argparse.Namespace(dtype="float32"), cpu) == (torch.float32, "no")  # asked: kept
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision no` decides
-    assert tr._precision(auto, cpu) == (torch.float32, "no")
+    assert tr.precision(auto, cpu) == (torch.float32, "no")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 matmuls are slow, keep fp32
-    assert tr._precision(auto, cpu) == (torch.float32, "no")
+    assert tr.precision(auto, cpu) == (torch.float32, "no")
