@@ -1,0 +1,204 @@
+"""Learning curves: held-out beta of the draft against the number of trained positions (issue 12).
+
+    python scripts/learning_curve.py --data DISTILL_1 [--data DISTILL_2 ...] --out runs/curve \
+        [--sizes 16000,32000,64000,128000,256000] [--losses ctc,ce] [--epochs 4] [--budgets 4,16,64] \
+        [--prompts 10] [--max-new-tokens 128] [--steps subset,train,measure,report] [-- more train options]
+
+Steps (each resumes: finished pieces are skipped, so rerun the same command after a stop):
+  subset   for each size, folders holding the first shards of every --data folder (symlinks and a cut
+           manifest), the same share of each, at least `size` trained (assistant) positions in all;
+  train    `ctc-drafter train` per (loss, size) with the same options (--epochs, and what follows `--`);
+  measure  real speculative decoding with each draft alone (`--proposer ctc`, the CPU default `prefix`
+           policy) at each node budget on held-out prompts: the LAST --prompts questions of the arena file,
+           which no distillation run here uses; greedy; beta = new tokens / base passes;
+  report   curve.md (table, commands) and curve.png in --out.
+Data folders still being written count their finished shards only. Never point --prompts at MT-bench or
+GSM8K test: they are the measurement, not the tuning set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARENA = ROOT.parent / "shared" / "data" / "arena" / "question.jsonl"
+
+
+def shard_entries(folder: Path) -> tuple[dict, list[dict]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest, [s for s in manifest.get("shards", []) if (folder / s["file"]).is_file()]
+
+
+def make_subsets(a) -> dict[int, list[Path]]:
+    """size -> subset folders (one per --data folder), the same fraction of each folder's finished shards:
+    whole shards as symlinks, the last one cut to the sequences needed (a real shard file)."""
+    from ctc_drafter.data.shards import read_shard, write_shard
+
+    sources = [(Path(d).resolve(), *shard_entries(Path(d))) for d in a.data]
+    total = sum(s.get("assistant_tokens", 0) for _, _, shards in sources for s in shards)
+    out = {}
+    for size in a.sizes:
+        if size > total:
+            print(f"size {size}: only {total} positions distilled so far; skipped", flush=True)
+            continue
+        folders = []
+        for src, manifest, shards in sources:
+            want, got, keep = size * sum(s.get("assistant_tokens", 0) for s in shards) / total, 0, []
+            folder = Path(a.out) / "data" / str(size) / src.name
+            folders.append(folder)
+            if (folder / "manifest.json").is_file():
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            for s in shards:
+                if got >= want:
+                    break
+                if got + s.get("assistant_tokens", 0) <= want:
+                    link = folder / s["file"]
+                    if not link.exists():
+                        link.symlink_to(src / s["file"])
+                    keep.append(s)
+                    got += s.get("assistant_tokens", 0)
+                    continue
+                seqs, part = read_shard(src / s["file"]), []
+                for q in seqs:  # the prefix of this shard's sequences that reaches the size
+                    if got >= want:
+                        break
+                    part.append(q)
+                    got += int(q.loss_mask.sum())
+                write_shard(folder / s["file"], part)
+                keep.append({**s, "sequences": len(part), "records": None, "cut": True,
+                             "assistant_tokens": sum(int(q.loss_mask.sum()) for q in part)})
+            cut = {**manifest, "shards": keep, "complete": True, "subset_of": str(src)}
+            tmp = folder / "manifest.json.tmp"
+            tmp.write_text(json.dumps(cut, indent=1))
+            os.replace(tmp, folder / "manifest.json")
+        out[size] = folders
+    return out
+
+
+def ckpt_dir(a, loss: str, size: int) -> Path:
+    return Path(a.out) / "ckpt" / f"{loss}-{size}"
+
+
+def train_one(a, loss: str, size: int, folders: list[Path]) -> None:
+    out = ckpt_dir(a, loss, size)
+    if (out / "config.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "ctc_drafter", "train", "--base-model", a.base_model, "--out", str(out),
+           "--loss", loss, "--epochs", str(a.epochs), "--seed", "0", *a.train_args]
+    for f in folders:
+        cmd += ["--data", str(f)]
+    states = sorted(out.glob("state_*"), key=lambda p: int(p.name.split("_")[1])) if out.is_dir() else []
+    if states:
+        cmd += ["--recover", states[-1].name.split("_")[1]]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def held_out_prompts(a) -> list[str]:
+    lines = [json.loads(x) for x in Path(a.questions).read_text().split("\n") if x.strip()]  # not splitlines: U+2028 in text
+    return [q["turns"][0] for q in lines[-a.prompts:]]
+
+
+def measure_one(a, loss: str, size: int, prompts: list[str]) -> dict:
+    path = Path(a.out) / "beta" / f"{loss}-{size}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from ctc_drafter.decoding import CTCDrafter
+
+    row = {"loss": loss, "size": size, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "beta": {}}
+    for budget in a.budgets:
+        d = CTCDrafter.from_pretrained(a.base_model, str(ckpt_dir(a, loss, size)), dtype=a.dtype, proposer="ctc",
+                                       generator="prefix", budget=budget)
+        tokens = steps = 0
+        for p in prompts:
+            r = d.chat(p, max_new_tokens=a.max_new_tokens)
+            tokens, steps = tokens + r.new_tokens, steps + r.steps
+        row["beta"][str(budget)] = round(tokens / steps, 4)
+        row["dtype"] = str(d.base.dtype).removeprefix("torch.")
+        print(f"{loss} {size}: budget {budget} beta {tokens / steps:.3f}", flush=True)
+    ckpt = ckpt_dir(a, loss, size)
+    args = json.loads((ckpt / "train_args.json").read_text()) if (ckpt / "train_args.json").is_file() else {}
+    row["positions"] = sum(d.get("positions", 0) for d in args.get("data_summary", []))  # all, held-out share incl.
+    log = [json.loads(x) for x in (ckpt / "log.jsonl").read_text().splitlines() if x.strip()] \
+        if (ckpt / "log.jsonl").is_file() else []
+    row["last_log"] = log[-1] if log else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def report(a, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ctc_drafter.models.cpu_info import cpu_identity
+
+    lines = [f"Held-out beta (accepted tokens per base pass, the draft alone, `prefix` policy) on the last "
+             f"{a.prompts} arena prompts, greedy, {a.max_new_tokens} new tokens; CPU: {cpu_identity()['cpu']}; "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             "| loss | subset size | positions in the subset | " + " | ".join(f"beta @ {b} nodes" for b in a.budgets) + " |",
+             "|---|---|---|" + "---|" * len(a.budgets)]
+    for r in sorted(rows, key=lambda r: (r["loss"], r["size"])):
+        lines.append(f"| {r['loss']} | {r['size']} | {r.get('positions', '-')} | " + " | ".join(f"{r['beta'][str(b)]:.3f}" for b in a.budgets) + " |")
+    lines += ["", "Command:", "", "```", " ".join(["python scripts/learning_curve.py", *sys.argv[1:]]), "```", ""]
+    Path(a.out, "curve.md").write_text("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for loss in a.losses:
+        mine = sorted((r for r in rows if r["loss"] == loss), key=lambda r: r["size"])
+        for b, style in zip(a.budgets, ["-", "--", ":", "-."]):
+            if mine:
+                ax.plot([r["positions"] for r in mine], [r["beta"][str(b)] for r in mine], style, marker="o",
+                        label=f"{loss}, {b} nodes")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable positions in the data (5 % held out by train)")
+    ax.set_ylabel("held-out beta (tokens per base pass)")
+    ax.set_title("draft learning curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(a.out, "curve.png"), dpi=110)
+    print("\n".join(lines), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", action="append", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--base-model", default="default")
+    ap.add_argument("--sizes", default="16000,32000,64000,128000,256000")
+    ap.add_argument("--losses", default="ctc,ce")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--budgets", default="4,16,64")
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--questions", default=str(ARENA))
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--steps", default="subset,train,measure,report")
+    ap.add_argument("train_args", nargs="*", help="more `ctc-drafter train` options, after --")
+    a = ap.parse_args()
+    a.sizes = [int(x) for x in a.sizes.split(",")]
+    a.budgets = [int(x) for x in a.budgets.split(",")]
+    a.losses = a.losses.split(",")
+    steps = set(a.steps.split(","))
+    subsets = make_subsets(a)
+    rows = []
+    for size, folders in subsets.items():
+        for loss in a.losses:
+            if "train" in steps:
+                train_one(a, loss, size, folders)
+            if "measure" in steps and (ckpt_dir(a, loss, size) / "config.json").is_file():
+                rows.append(measure_one(a, loss, size, held_out_prompts(a)))
+    if "report" in steps and rows:
+        report(a, rows)
+
+
+if __name__ == "__main__":
+    main()
