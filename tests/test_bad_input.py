@@ -321,7 +321,7 @@ def test_eval_disk_full_mid_run_keeps_the_answers(tmp_path, capsys, tiny_model_d
 
 
 def test_eval_read_only_folder_when_tidying(tmp_path, capsys, tiny_model_dir, monkeypatch):
-    from ctc_drafter.evaluation import eval as E
+    from ctc_drafter.evaluation import answer_files as E  # reorganize_answer_file tidies
 
     monkeypatch.setattr(E.tempfile, "mkstemp", _fail_on_call(1, errno.EROFS))
     line = one_line_error(capsys, _eval(tiny_model_dir, tmp_path), "Read-only file system", mid_run=True)

@@ -16,7 +16,8 @@ import transformers
 SPLIT_EXACT = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
 
 from ctc_drafter.cli.main import main
-from ctc_drafter.evaluation.eval import answer_question, reorganize_answer_file
+from ctc_drafter.evaluation.answer_files import reorganize_answer_file
+from ctc_drafter.evaluation.eval import answer_question
 from ctc_drafter.evaluation.questions import GSM8K_INSTRUCTION, Question, load_questions
 
 DATA = Path(__file__).parent / "data"

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from ctc_drafter.cli.main import main
-from ctc_drafter.evaluation.eval import ANSWER_FORMAT
+from ctc_drafter.evaluation.answer_files import ANSWER_FORMAT
 from ctc_drafter.evaluation.questions import extract_final_number
-from ctc_drafter.evaluation.report import build_report, format_report
+from ctc_drafter.evaluation.report import build_report
+from ctc_drafter.evaluation.report_render import format_report
 
 
 def record(qid, turns, new_tokens, wall, idxs=None, tokens=None, accept=None, category=None, bench="mt_bench",

@@ -56,7 +56,8 @@ def tokenizer_loader(name: str | None, trust_remote_code: bool = False):
 
 
 def run(args) -> int:
-    from ..evaluation.report import build_report, format_report, plot_format, plot_report
+    from ..evaluation.report import build_report
+    from ..evaluation.report_render import format_report, plot_format, plot_report
 
     if args.tokenizer and args.base_model and args.tokenizer != args.base_model:
         raise CTCDrafterError("give --tokenizer or --base-model, not both")
