@@ -45,7 +45,7 @@ class ARDraftModel(CTCDraftModel):
 
     def _layers(self, x, positions, cache: DraftCache | None, start: int, mask):
         """x [B,n,d] at `positions` [B,n]; with a cache, keys/values go to rows start..start+n-1."""
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self._rope(x, positions)
         for i, layer in enumerate(self.layers):
             k, v = layer.kv(x, cos, sin)
             if cache is not None:

@@ -16,7 +16,10 @@ CTC aligns the L frames to x_{t+2} .. x_{t+k+1}. The base's embedding and LM hea
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
+import inspect
 import math
 from pathlib import Path
 
@@ -34,16 +37,43 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+def apply_rope(x, cos, sin):
+    """x [B,n,T,hd]; cos, sin [B,1,T,r], r <= hd. Rotates the first r dimensions of each head and keeps
+    the rest, as partial-rotary bases (Phi, GPT-NeoX) do; r == hd for most bases."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, keep = x[..., :r], x[..., r:]
+    return torch.cat([rot * cos + rotate_half(rot) * sin, keep], dim=-1)
 
-    def forward(self, positions, dtype):  # positions [B,T] -> cos, sin [B,1,T,hd]
-        f = positions.float()[..., None] * self.inv_freq.to(positions.device)
-        emb = torch.cat((f, f), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+def base_rotary(lm, cfg: DraftConfig) -> nn.Module:
+    """The base architecture's own rotary embedding class, built from the base's config for the draft's
+    head size, so the draft encodes positions exactly as its base (rope scaling such as Llama-3.1's
+    `llama3`, yarn or dynamic NTK included). Its forward(x, positions [B,T]) -> cos, sin [B,T,r].
+
+    The class is the one the base's decoder holds as `rotary_emb` (as every HF rope decoder does); a
+    fresh instance, so the base's own (dynamic) state is never shared. A base without rope (absolute
+    positions, ALiBi) has none to share: the draft then uses plain rope with its config's rope_theta.
+    """
+    decoder = lm.get_decoder()
+    base_rope = getattr(decoder, "rotary_emb", None)
+    if isinstance(base_rope, nn.Module):
+        config = copy.deepcopy(decoder.config)
+        config.head_dim = cfg.head_dim  # the base's head size unless a draft config overrode it
+        rotary = type(base_rope)(config)
+    else:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        config = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                             head_dim=cfg.head_dim, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+        rotary = LlamaRotaryEmbedding(config)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # per-layer-type rope (e.g. Gemma 3)
+        # the draft's layers attend to everything: the base's full-attention rope when it has one
+        kind = "full_attention" if "full_attention" in rotary.layer_types else config.layer_types[-1]
+        rotary.forward = functools.partial(rotary.forward, layer_type=kind)
+    return rotary.to(lm.get_input_embeddings().weight.device)
 
 
 class Attention(nn.Module):
@@ -63,12 +93,12 @@ class Attention(nn.Module):
     def kv(self, x, cos, sin):
         k = self._heads(self.k_proj(x), self.nkv)
         v = self._heads(self.v_proj(x), self.nkv)
-        return k * cos + rotate_half(k) * sin, v
+        return apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, k, v, mask):
         """x [B,Tq,d] queries; k, v [B,nkv,Tk,hd] every key (rotary applied); mask [B,1,Tq,Tk] bool."""
         q = self._heads(self.q_proj(x), self.nh)
-        q = q * cos + rotate_half(q) * sin
+        q = apply_rope(q, cos, sin)
         rep = self.nh // self.nkv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -109,7 +139,7 @@ class CTCDraftModel(nn.Module):
         self.frame_layer = DecoderLayer(config)
         self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.blank_head = nn.Linear(d, 1, bias=True)
-        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.rotary = None  # the base's rotary embedding (base_rotary), built by `bind`
         if config.draft_vocab:
             # token id of each proposal symbol; set by `set_vocab` before training, saved with the weights
             self.register_buffer("vocab_ids", torch.arange(config.draft_vocab), persistent=True)
@@ -153,6 +183,7 @@ class CTCDraftModel(nn.Module):
                 f"draft was made for vocabulary size {self.config.vocab_size} ({self.config.base_model or 'unknown base'}), "
                 f"base has {c.vocab_size}")
         self._base = (lm.get_input_embeddings(), lm.get_output_embeddings())
+        self.rotary = base_rotary(lm, self.config)  # float32 frequencies, as the base's
         self._bf16_head = None
         return self
 
@@ -231,6 +262,13 @@ class CTCDraftModel(nn.Module):
 
     # ---- shared pieces -------------------------------------------------------------------------
 
+    def _rope(self, x, positions):
+        """x [B,T,...] (its dtype and device), positions [B,T] -> cos, sin [B,1,T,r] (broadcast over heads)."""
+        if self.rotary is None:
+            raise RuntimeError("draft is not bound to a base model; call draft.bind(base)")
+        cos, sin = self.rotary(x, positions)
+        return cos[:, None], sin[:, None]
+
     def _embed(self, ids):
         if self._base is None:
             raise RuntimeError("draft is not bound to a base model; call draft.bind(base)")
@@ -279,7 +317,7 @@ class CTCDraftModel(nn.Module):
 
     def _context_layers(self, x, positions, cache: DraftCache | None, causal_mask):
         """Context layers over new positions; with a cache their keys/values are written into it."""
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self._rope(x, positions)
         for i, layer in enumerate(self.layers):
             k, v = layer.kv(x, cos, sin)
             if cache is not None:
@@ -314,7 +352,7 @@ class CTCDraftModel(nn.Module):
         L, t = self.config.num_frames, cache.length - 1
         f = s_last[:, None, :] + self.frame_embed.to(s_last.dtype)[None]
         positions = torch.arange(t + 1, t + 1 + L, device=s_last.device).expand(B, L)
-        cos, sin = self.rotary(positions, f.dtype)
+        cos, sin = self._rope(f, positions)
         k, v = self.frame_layer.kv(f, cos, sin)
         k_all, v_all = cache.frame.write(cache.length, k, v)  # scratch past the context: not kept
         f = self.frame_layer(f, cos, sin, k_all, v_all, None)  # frames see all context and each other
@@ -339,7 +377,7 @@ class CTCDraftModel(nn.Module):
         s_sel = torch.gather(s, 1, positions_sel[..., None].expand(B, P, d))  # [B,P,d]
         f = (s_sel[:, :, None, :] + self.frame_embed.to(s.dtype)[None, None]).reshape(B, P * L, d)
         fpos = (positions_sel[:, :, None] + 1 + torch.arange(L, device=dev)).reshape(B, P * L)
-        cos, sin = self.rotary(fpos, f.dtype)
+        cos, sin = self._rope(f, fpos)
         fk, fv = self.frame_layer.kv(f, cos, sin)
         k_all, v_all = torch.cat([ck, fk], 2), torch.cat([cv, fv], 2)
         owner = positions_sel[:, :, None].expand(B, P, L).reshape(B, P * L)  # which t each frame belongs to
