@@ -2,13 +2,15 @@
 
     python scripts/benchmark.py --bench mt_bench --question-file ../shared/data/mt_bench/question.jsonl \
         --ctc-draft ctc_drafter/assets/default_draft --ce-draft runs/ce --out runs/bench/mt_bench \
-        [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8 | --spread 10]
+        [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8 | --spread 10] \
+        [--dtypes float32,bfloat16] [--cpu-kernels auto|packed|stock] [--threads auto|N]
 
 Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with each tree policy, the
 n-gram proposer, the hybrid (CTC + n-gram), the CE (Medusa-style) ablation, our vanilla loop, HF
 `generate` greedy and HF prompt-lookup decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
 with HF `generate` greedy: speedup (gamma), beta, the accepted-length histogram, token-exact agreement
-and, for GSM8K, accuracy.
+and, for GSM8K, accuracy. With several --dtypes every method runs in each (named `<method>@<dtype>`)
+and is compared with HF `generate` in the same dtype.
 
 The questions go in windows of --chunk: every method answers a window before the next window starts,
 and the summary is rewritten after each. A full bench takes hours on a CPU, so a run stopped at any
@@ -26,7 +28,7 @@ import sys
 from pathlib import Path
 
 
-def methods(a) -> list[tuple[str, list[str]]]:
+def base_methods(a) -> list[tuple[str, list[str]]]:
     budget = ["--budget", str(a.budget)] if a.budget else []
     out = [("hf-generate", ["--engine", "hf"]),
            ("vanilla", ["--baseline"]),
@@ -40,6 +42,30 @@ def methods(a) -> list[tuple[str, list[str]]]:
     if a.ce_draft:
         out.insert(5, ("ce-beam", ["--draft-model", a.ce_draft, "--proposer", "ctc", "--generator", "beam"] + budget))
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
+
+
+def dtypes(a) -> list[str]:
+    return (getattr(a, "dtypes", None) or "auto").split(",")
+
+
+def method_name(name: str, dtype: str, a) -> str:
+    return name if len(dtypes(a)) == 1 else f"{name}@{dtype}"
+
+
+def methods(a) -> list[tuple[str, list[str]]]:
+    """Every method in every dtype; ours also with the kernel and thread choice given (HF runs stock)."""
+    ours = ["--cpu-kernels", a.cpu_kernels, "--threads", str(a.threads)] if hasattr(a, "cpu_kernels") else []
+    out = []
+    for dtype in dtypes(a):
+        for name, extra in base_methods(a):
+            mine = [] if name.startswith("hf-") else ours
+            out.append((method_name(name, dtype, a), extra + mine + ["--dtype", dtype]))
+    return out
+
+
+def baseline_of(name: str) -> str:
+    """The HF generate method a method is compared with: the one in its dtype."""
+    return "hf-generate" + (name[name.index("@"):] if "@" in name else "")
 
 
 def windows(a) -> list[tuple[int, int, int]]:
@@ -93,6 +119,12 @@ def main():
                     help="questions per window; every method answers a window before the next (0: no windows)")
     ap.add_argument("--spread", type=int, default=0,
                     help="windows of every K-th question instead (10 on MT-bench: one per category per window)")
+    ap.add_argument("--dtypes", default="auto",
+                    help="comma-separated base dtypes; every method runs in each, against HF generate in the same one")
+    ap.add_argument("--cpu-kernels", default="auto", choices=["auto", "packed", "stock"],
+                    help="our loop's CPU kernels (give one explicitly for a bench spread over sessions: auto may "
+                         "time differently on a busy machine, and eval refuses to resume with other kernels)")
+    ap.add_argument("--threads", default="auto", help="our loop's torch threads: auto or N")
     ap.add_argument("--no-run", action="store_true", help="only tabulate existing answer files")
     a = ap.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
@@ -112,17 +144,18 @@ def summarize(a, files: dict[str, Path]) -> None:
     from ctc_drafter.evaluation.report import build_report
 
     files = common_questions({n: f for n, f in files.items() if f.exists()}, Path(a.out) / "common")
-    if "hf-generate" not in files:
-        print("no HF generate answers yet: nothing to compare", flush=True)
-        return
-    base = files["hf-generate"]
     rows = {}
     for name, f in files.items():
-        r = build_report(str(f), str(base), question_file=a.question_file,
-                         gsm8k_file=a.question_file if a.bench == "gsm8k" else None)
-        rows[name] = r
+        base = files.get(baseline_of(name))
+        if base is None:
+            print(f"{name}: no {baseline_of(name)} answers yet to compare with", flush=True)
+            continue
+        rows[name] = build_report(str(f), str(base), question_file=a.question_file,
+                                  gsm8k_file=a.question_file if a.bench == "gsm8k" else None)
+    if not rows:
+        return
     Path(a.out, "summary.json").write_text(json.dumps(rows, indent=1, default=str))
-    lines = [f"| method | tokens/s | speedup vs HF generate | beta | node budget | token-identical to HF | accuracy |",
+    lines = [f"| method | tokens/s | speedup vs HF generate (same dtype) | beta | node budget | token-identical to HF | accuracy |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         meta = r["meta"]["spec"] or {}

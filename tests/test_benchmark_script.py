@@ -61,3 +61,19 @@ def test_summary_counts_only_questions_every_method_answered(tmp_path):
     for name, path in out.items():
         ids = sorted(json.loads(l)["question_id"] for l in path.read_text().splitlines())
         assert ids == [1, 2], name
+
+
+def test_every_method_runs_in_every_dtype_against_hf_in_the_same_dtype():
+    bm = _load()
+    a = types.SimpleNamespace(budget=None, medusa_budget=None, ctc_draft="d", ce_draft=None, only=None,
+                              dtypes="float32,bfloat16", cpu_kernels="packed", threads="1")
+    got = dict(bm.methods(a))
+    names = [n for n, _ in bm.base_methods(a)]
+    assert set(got) == {f"{n}@{d}" for n in names for d in ("float32", "bfloat16")}
+    for name, extra in got.items():
+        dtype = name.split("@")[1]
+        assert extra[extra.index("--dtype") + 1] == dtype
+        assert ("--cpu-kernels" in extra) == (not name.startswith("hf-"))  # HF runs its own stock layers
+        assert bm.baseline_of(name) == f"hf-generate@{dtype}"
+    a.dtypes = "auto"
+    assert "hybrid" in dict(bm.methods(a)) and bm.baseline_of("hybrid") == "hf-generate"
