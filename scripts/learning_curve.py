@@ -1,13 +1,15 @@
 """Learning curves: held-out beta of the draft against the number of trained positions (issue 12).
 
     python scripts/learning_curve.py --data DISTILL_1 [--data DISTILL_2 ...] --out runs/curve \
-        [--sizes 16000,32000,64000,128000,256000] [--losses ctc,ce] [--epochs 4] [--budgets 4,16,64] \
+        [--sizes 16000,32000,64000,128000,256000] [--variants ctc,ce] [--epochs 4] [--budgets 4,16,64] \
         [--prompts 10] [--max-new-tokens 128] [--steps subset,train,measure,report] [-- more train options]
 
 Steps (each resumes: finished pieces are skipped, so rerun the same command after a stop):
   subset   for each size, folders holding the first shards of every --data folder (symlinks and a cut
            manifest), the same share of each, at least `size` trained (assistant) positions in all;
-  train    `ctc-drafter train` per (loss, size) with the same options (--epochs, and what follows `--`);
+  train    `ctc-drafter train` per (variant, size) with the same options (--epochs, and what follows `--`);
+           variants: ctc (the NAR CTC draft), ce (its CE ablation), ar-ctc (the reference code's autoregressive
+           head: feature regression + token CE + the CTC term), ar (the same without the CTC term, EAGLE-style);
   measure  real speculative decoding with each draft alone (`--proposer ctc`, the CPU default `prefix`
            policy) at each node budget on held-out prompts: the LAST --prompts questions of the arena file,
            which no distillation run here uses; greedy; beta = new tokens / base passes;
@@ -82,6 +84,10 @@ def make_subsets(a) -> dict[int, list[Path]]:
     return out
 
 
+VARIANTS = {"ctc": ["--loss", "ctc"], "ce": ["--loss", "ce"], "ar-ctc": ["--arch", "ar"],
+            "ar": ["--arch", "ar", "--ctc-weight", "0"]}
+
+
 def ckpt_dir(a, loss: str, size: int) -> Path:
     return Path(a.out) / "ckpt" / f"{loss}-{size}"
 
@@ -91,7 +97,7 @@ def train_one(a, loss: str, size: int, folders: list[Path]) -> None:
     if (out / "config.json").is_file():
         return
     cmd = [sys.executable, "-m", "ctc_drafter", "train", "--base-model", a.base_model, "--out", str(out),
-           "--loss", loss, "--epochs", str(a.epochs), "--seed", "0", *a.train_args]
+           *VARIANTS[loss], "--epochs", str(a.epochs), "--seed", "0", *a.train_args]
     for f in folders:
         cmd += ["--data", str(f)]
     states = sorted(out.glob("state_*"), key=lambda p: int(p.name.split("_")[1])) if out.is_dir() else []
@@ -145,7 +151,7 @@ def report(a, rows: list[dict]) -> None:
     lines = [f"Held-out beta (accepted tokens per base pass, the draft alone, `prefix` policy) on the last "
              f"{a.prompts} arena prompts, greedy, {a.max_new_tokens} new tokens; CPU: {cpu_identity()['cpu']}; "
              f"{time.strftime('%Y-%m-%d')}.", "",
-             "| loss | subset size | positions in the subset | " + " | ".join(f"beta @ {b} nodes" for b in a.budgets) + " |",
+             "| variant | subset size | positions in the subset | " + " | ".join(f"beta @ {b} nodes" for b in a.budgets) + " |",
              "|---|---|---|" + "---|" * len(a.budgets)]
     for r in sorted(rows, key=lambda r: (r["loss"], r["size"])):
         lines.append(f"| {r['loss']} | {r['size']} | {r.get('positions', '-')} | " + " | ".join(f"{r['beta'][str(b)]:.3f}" for b in a.budgets) + " |")
@@ -174,7 +180,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--base-model", default="default")
     ap.add_argument("--sizes", default="16000,32000,64000,128000,256000")
-    ap.add_argument("--losses", default="ctc,ce")
+    ap.add_argument("--variants", "--losses", dest="losses", default="ctc,ce", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--budgets", default="4,16,64")
     ap.add_argument("--prompts", type=int, default=10)
@@ -187,6 +193,8 @@ def main():
     a.sizes = [int(x) for x in a.sizes.split(",")]
     a.budgets = [int(x) for x in a.budgets.split(",")]
     a.losses = a.losses.split(",")
+    if set(a.losses) - set(VARIANTS):
+        ap.error(f"--variants: unknown {sorted(set(a.losses) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     steps = set(a.steps.split(","))
     subsets = make_subsets(a)
     rows = []
