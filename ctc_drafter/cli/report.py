@@ -37,18 +37,13 @@ def tokenizer_loader(name: str | None, trust_remote_code: bool = False):
     def load():
         from transformers import AutoTokenizer
 
-        from ..models.base import DEFAULT_BASE, _quiet_transformers, default_model_dir
+        from ..models.base import locate_model, quiet_transformers
 
-        _quiet_transformers()
-        if name == DEFAULT_BASE:
-            return AutoTokenizer.from_pretrained(default_model_dir())
-        p = Path(name).expanduser()
-        if not p.exists():
-            raise CTCDrafterError(f"tokenizer not found: {name} (give a model folder, a .gguf file or 'default')")
+        quiet_transformers()
+        path, gguf, _ = locate_model(name, "tokenizer")
         try:
-            if p.is_file():
-                return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=trust_remote_code)
-            return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+            return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}),
+                                                 trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001 - any loader failure is a bad path for the user
             raise CTCDrafterError(f"cannot load a tokenizer from {name}: {str(e).strip().splitlines()[0]}") from e
 

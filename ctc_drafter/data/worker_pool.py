@@ -61,17 +61,9 @@ def describe_base(spec: BaseSpec, device: torch.device) -> tuple[dict, str, int]
     before loading the weights (which worker processes load themselves)."""
     from transformers import AutoConfig
 
-    from ..models.base import DEFAULT_BASE, DEFAULT_NAME, _model_name, default_model_dir, resolve_dtype
+    from ..models.base import locate_model, resolve_dtype
 
-    if spec.name_or_path == DEFAULT_BASE:
-        path, gguf, name = default_model_dir(), None, DEFAULT_NAME
-    else:
-        p = Path(spec.name_or_path).expanduser()
-        if not p.exists():
-            raise CTCDrafterError(f"base model not found: {spec.name_or_path} (give a local folder, a .gguf file "
-                                  f"or 'default')")
-        path, gguf = (p.parent, p.name) if p.is_file() else (p, None)
-        name = _model_name(p, gguf)
+    path, gguf, name = locate_model(spec.name_or_path)
     try:
         cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad model path for the user

@@ -207,7 +207,8 @@ def _default_gguf_dir() -> Path:
     return d
 
 
-def _quiet_transformers():
+def quiet_transformers():
+    """transformers' own warnings and progress bars off: ctc-drafter reports what matters in one line."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -256,24 +257,12 @@ def load_base_model(name_or_path: str, device: str | torch.device | None = "auto
     """Load a base model by 'default', a local HF folder, or a .gguf file; eval mode, no grad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if name_or_path == DEFAULT_BASE:
-        path, gguf_name, name = default_model_dir(), None, DEFAULT_NAME
-    else:
-        p = Path(name_or_path).expanduser()
-        if not p.exists():
-            raise CTCDrafterError(f"base model not found: {name_or_path} (give a local folder, a .gguf file or 'default')")
-        if p.is_file():
-            if p.suffix != ".gguf":
-                raise CTCDrafterError(f"base model {name_or_path} is a file but not a .gguf; give the model folder")
-            path, gguf_name = p.parent, p.name
-        else:
-            if not (p / "config.json").is_file():
-                raise CTCDrafterError(f"{name_or_path} has no config.json; is it a Hugging Face model folder?")
-            path, gguf_name = p, None
-        name = _model_name(p, gguf_name)
+    path, gguf_name, name = locate_model(name_or_path)
+    if name_or_path != DEFAULT_BASE and gguf_name is None and not (path / "config.json").is_file():
+        raise CTCDrafterError(f"{name_or_path} has no config.json; is it a Hugging Face model folder?")
     try:
         kw = {"gguf_file": gguf_name} if gguf_name else {}
         # Custom modelling code runs only when asked: otherwise transformers would prompt on stdout.
@@ -288,6 +277,21 @@ def load_base_model(name_or_path: str, device: str | torch.device | None = "auto
     model.to(dev).eval()
     model.requires_grad_(False)
     return BaseModel(model=model, tokenizer=tok, name=name)
+
+
+def locate_model(name_or_path: str, what: str = "base model") -> tuple[Path, str | None, str]:
+    """Where transformers loads a model (or its tokenizer) from: 'default' (the embedded model, converted
+    on first use), a local folder, or a .gguf file -> (folder, gguf file name or None, stable name)."""
+    if name_or_path == DEFAULT_BASE:
+        return default_model_dir(), None, DEFAULT_NAME
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        raise CTCDrafterError(f"{what} not found: {name_or_path} (give a local folder, a .gguf file or 'default')")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise CTCDrafterError(f"{what} {name_or_path} is a file but not a .gguf; give the model folder")
+        return p.parent, p.name, _model_name(p, p.name)
+    return p, None, _model_name(p, None)
 
 
 def _model_name(p: Path, gguf_name: str | None) -> str:
