@@ -55,7 +55,7 @@ if str(REPO) not in sys.path:
 
 from ctc_drafter.decoding import CTCDrafter  # noqa: E402
 from ctc_drafter.decoding.proposers import CTCProposer, Proposer  # noqa: E402
-from ctc_drafter.decoding.generate import _Picker  # noqa: E402
+from ctc_drafter.decoding.generate import TokenPicker  # noqa: E402
 from ctc_drafter.decoding.kv_cache import compact_kv, new_kv_cache  # noqa: E402
 from ctc_drafter.decoding.tree import TokenTree  # noqa: E402
 from ctc_drafter.draft import CTCDraftModel, DraftConfig, new_draft_for  # noqa: E402
@@ -428,7 +428,7 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     res["draft_build_s"] = round(time.perf_counter() - t1, 2)
     res["draft_params"] = sum(p.numel() for p in draft.parameters())
     drafter = CTCDrafter(base, draft, generator="beam", budget=64)
-    picker = _Picker(0.0, 0, 1.0, seed=0)
+    picker = TokenPicker(0.0, 0, 1.0, seed=0)
     cache = new_kv_cache(base)
     hidden, logits = drafter.prefill(prompt, cache)
     root = picker.pick(logits[0])

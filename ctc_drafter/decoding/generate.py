@@ -70,7 +70,7 @@ class GenerationResult:
         }
 
 
-class _Picker:
+class TokenPicker:
     """Chooses one token from logits: argmax, or a sample from the warped distribution."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float, seed: int | None):
@@ -213,7 +213,7 @@ class CTCDrafter(ChatMixin):
         _, logits = self.base.forward(ids, cache)
         return logits[0, -1]
 
-    def speculative_step(self, context: list[int], cache, picker: _Picker, max_depth: int):
+    def speculative_step(self, context: list[int], cache, picker: TokenPicker, max_depth: int):
         """Propose a tree under the newest token, verify it in one base pass, accept.
 
         context: prompt + tokens so far (the root, the base's newest token, is last).
@@ -264,7 +264,7 @@ class CTCDrafter(ChatMixin):
         if speculative and self.proposer is None:
             raise CTCDrafterError("speculative decoding needs a draft model (or proposer='ngram')")
         prompt = self._check_prompt(input_ids)
-        picker = _Picker(temperature, top_k, top_p, seed)
+        picker = TokenPicker(temperature, top_k, top_p, seed)
         eos = self.base.eos_token_ids
         if streamer is not None:
             streamer.put(prompt.cpu())
