@@ -9,7 +9,9 @@ Steps (each resumes: finished pieces are skipped, so rerun the same command afte
            manifest), the same share of each, at least `size` trained (assistant) positions in all;
   train    `ctc-drafter train` per (variant, size) with the same options (--epochs, and what follows `--`);
            variants: ctc (the NAR CTC draft), ce (its CE ablation), ar-ctc (the reference code's autoregressive
-           head: feature regression + token CE + the CTC term), ar (the same without the CTC term, EAGLE-style);
+           head: feature regression + token CE + the CTC term), ar (the same without the CTC term, EAGLE-style),
+           and any defined with --variant NAME="train options" (capacity: e.g. ctc-2layers="--loss ctc
+           --config '{\"num_context_layers\": 2}'", ctc-L12="--loss ctc --frames 12");
   measure  real speculative decoding with each draft alone (`--proposer ctc`, the CPU default `prefix`
            policy) at each node budget on held-out prompts: the LAST --prompts questions of the arena file,
            which no distillation run here uses; greedy; beta = new tokens / base passes;
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -187,12 +190,19 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--questions", default=str(ARENA))
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--variant", action="append", default=[], metavar='NAME="TRAIN OPTIONS"',
+                    help="define a variant (then list it in --variants)")
     ap.add_argument("--steps", default="subset,train,measure,report")
     ap.add_argument("train_args", nargs="*", help="more `ctc-drafter train` options, after --")
     a = ap.parse_args()
     a.sizes = [int(x) for x in a.sizes.split(",")]
     a.budgets = [int(x) for x in a.budgets.split(",")]
     a.losses = a.losses.split(",")
+    for spec in a.variant:
+        name, sep, opts = spec.partition("=")
+        if not sep or not name:
+            ap.error(f'--variant: expected NAME="train options", got {spec!r}')
+        VARIANTS[name] = shlex.split(opts)
     if set(a.losses) - set(VARIANTS):
         ap.error(f"--variants: unknown {sorted(set(a.losses) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     steps = set(a.steps.split(","))
