@@ -509,3 +509,19 @@ def test_auto_precision_is_bf16_autocast_on_a_cpu_with_bf16_units(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 matmuls are slow, keep fp32
     assert tr.precision(auto, cpu) == (torch.float32, "no")
+
+
+def test_train_options_are_defined_once_for_the_cli_and_the_api():
+    """The command line is made from TrainOptions: its defaults are the API's, and every field is an option."""
+    from dataclasses import fields
+
+    from ctc_drafter.cli.main import build_parser
+    from ctc_drafter.training.options import TrainOptions
+
+    args = build_parser().parse_args(["train", "--data", "d1", "--data", "d2", "--out", "ckpt"])
+    assert TrainOptions.from_args(args) == TrainOptions(data=["d1", "d2"], out="ckpt")
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--ctc-weight", "0", "--bs", "8",
+                                      "--allow-incomplete"])
+    opts = TrainOptions.from_args(args)
+    assert (opts.ctc_weight, opts.bs, opts.allow_incomplete, opts.epochs) == (0.0, 8, True, 2)
+    assert {f.name for f in fields(TrainOptions)} <= set(vars(args))

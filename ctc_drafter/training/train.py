@@ -11,7 +11,7 @@ Output folder (--out CKPT):
     state_N/                         accelerate state after epoch N (model, optimizer, scheduler, RNG)
                                      + trainer_state.json (epoch, step, data plan): `--recover N`
     log.jsonl                        one line per logging step and per epoch
-    train_args.json                  the options of the run
+    train_args.json                  the run's TrainOptions, with a summary of its data
 Every folder is written under a temporary name and renamed when complete, and state_N is written
 last, so an interrupted run never loses a finished epoch.
 
@@ -21,14 +21,16 @@ visits the training sequences in an order fixed by (seed, epoch), and each seque
 uninterrupted run would have.
 
 This module is the command (`run_training`); the pieces live in files named after what they hold:
-options.py (arguments, checks, draft config, precision), trainer.py (the loop), evaluate.py (loss and
+options.py (TrainOptions, checks, draft config, precision), trainer.py (the loop), evaluate.py (loss and
 held-out metrics), checkpoints.py (the output folder), run_log.py (log.jsonl).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,10 +39,10 @@ from ..errors import CTCDrafterError, fault_reason, write_json_atomic, writing
 from .checkpoints import TRAINER_STATE, clear_run, existing_states
 from .data import data_fingerprint, load_sequences, most_frequent_targets, split_eval
 from .evaluate import evaluate_draft
-from .options import add_train_args, check_options, config_overrides, precision
+from .options import TrainOptions, add_train_args, check_options, config_overrides, precision
 from .trainer import Trainer
 
-__all__ = ["add_train_args", "evaluate_draft", "run_training"]
+__all__ = ["TrainOptions", "add_train_args", "evaluate_draft", "run_training"]
 
 
 def _raise_if_output_fault(e: Exception, out: Path) -> None:
@@ -56,8 +58,10 @@ def _raise_if_output_fault(e: Exception, out: Path) -> None:
                           f"{kept}") from e
 
 
-def run_training(args) -> int:
-    """The whole command: check inputs, load, (resume,) train, save. Returns an exit code."""
+def run_training(opts: TrainOptions | argparse.Namespace) -> int:
+    """The whole command: check inputs, load, (resume,) train, save. Returns an exit code.
+
+    `opts`: a TrainOptions (the Python API), or the parsed `ctc-drafter train` command line."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import set_seed
@@ -65,24 +69,26 @@ def run_training(args) -> int:
     from ..draft import new_ar_draft_for, new_draft_for
     from ..models.base import load_base_model, resolve_device
 
-    check_options(args)
+    if not isinstance(opts, TrainOptions):
+        opts = TrainOptions.from_args(opts)
+    check_options(opts)
     # under autocast RMSNorm sees bf16 activations with fp32 weights and says so on every run: expected
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-    out = Path(args.out).expanduser()
+    out = Path(opts.out).expanduser()
     if out.exists() and not out.is_dir():
-        raise CTCDrafterError(f"--out {args.out} exists and is not a folder")
-    if args.recover is not None:
+        raise CTCDrafterError(f"--out {opts.out} exists and is not a folder")
+    if opts.recover is not None:
         have = existing_states(out) if out.is_dir() else []
-        if args.recover not in have or not (out / f"state_{args.recover}" / TRAINER_STATE).is_file():
+        if opts.recover not in have or not (out / f"state_{opts.recover}" / TRAINER_STATE).is_file():
             found = ", ".join(f"state_{n}" for n in have) or "none"
-            raise CTCDrafterError(f"cannot recover: {out / f'state_{args.recover}'} does not exist (found: {found})")
-    elif out.is_dir() and existing_states(out) and not args.overwrite:
+            raise CTCDrafterError(f"cannot recover: {out / f'state_{opts.recover}'} does not exist (found: {found})")
+    elif out.is_dir() and existing_states(out) and not opts.overwrite:
         raise CTCDrafterError(f"{out} already holds a training run (state_{existing_states(out)[-1]}); "
                               "resume it with --recover N, or pass --overwrite or another --out")
-    overrides, kind = config_overrides(args)
+    overrides, kind = config_overrides(opts)
 
-    device = resolve_device(args.device)
-    base_dtype, mixed = precision(args, device)
+    device = resolve_device(opts.device)
+    base_dtype, mixed = precision(opts, device)
     if PartialState._shared_state and not torch.distributed.is_initialized():
         # a single-process state left by earlier in-process work (another command, a test) may have
         # another device or precision; this command sets its own
@@ -90,47 +96,47 @@ def run_training(args) -> int:
     fresh_state = not PartialState._shared_state  # we own accelerate's global state: reset it when done
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, step_scheduler_with_optimizer=False)
     try:
-        set_seed(args.seed)
-        base = load_base_model(args.base_model, device=acc.device, dtype=base_dtype,
-                               trust_remote_code=args.trust_remote_code)
+        set_seed(opts.seed)
+        base = load_base_model(opts.base_model, device=acc.device, dtype=base_dtype,
+                               trust_remote_code=opts.trust_remote_code)
         for key in ("hidden_size", "vocab_size"):  # a config.json of a draft for another base
             if key in overrides and overrides[key] != int(getattr(base.config, key)):
-                raise CTCDrafterError(f"--config {args.config} has {key} {overrides[key]}, but base {base.name} has "
+                raise CTCDrafterError(f"--config {opts.config} has {key} {overrides[key]}, but base {base.name} has "
                                       f"{getattr(base.config, key)}; it is a config for another base")
         new = new_ar_draft_for if overrides.get("architecture") == "ar" else new_draft_for
-        draft = new(base, seed=args.seed, **overrides)
+        draft = new(base, seed=opts.seed, **overrides)
         # fp32 master weights (fp64 only next to an fp64 base); bf16/fp16 come from autocast
         draft = draft.to(torch.float64 if base_dtype == torch.float64 else torch.float32)
         if kind == "ce":
             draft.blank_head.requires_grad_(False)  # unused without a blank; DDP must not wait for its grad
-        max_len = min(args.max_len, base.max_length)
-        seqs, summaries = load_sequences(args.data, base, draft.config.label_len, max_len, args.allow_incomplete)
-        train_seqs, eval_seqs = split_eval(seqs, args.eval_frac, args.seed)
+        max_len = min(opts.max_len, base.max_length)
+        seqs, summaries = load_sequences(opts.data, base, draft.config.label_len, max_len, opts.allow_incomplete)
+        train_seqs, eval_seqs = split_eval(seqs, opts.eval_frac, opts.seed)
         if draft.config.draft_vocab:  # from the training split only; --recover restores the saved list
             draft.set_vocab(most_frequent_targets(train_seqs, draft.config.draft_vocab))
-        trainer = Trainer(args, acc, base, draft, kind, train_seqs, eval_seqs, data_fingerprint(seqs), out)
+        trainer = Trainer(opts, acc, base, draft, kind, train_seqs, eval_seqs, data_fingerprint(seqs), out)
         if acc.is_main_process:
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise CTCDrafterError(f"cannot create --out {args.out}: {e.strerror}") from e
-            if args.recover is None:
+                raise CTCDrafterError(f"cannot create --out {opts.out}: {e.strerror}") from e
+            if opts.recover is None:
                 clear_run(out)  # --overwrite: no stale epochs, states or log lines of the earlier run
             with writing(out / "train_args.json"):
-                write_json_atomic(out / "train_args.json", {**vars(args), "func": None, "loss_kind": kind,
+                write_json_atomic(out / "train_args.json", {**asdict(opts), "loss_kind": kind,
                                                        "data_summary": summaries, "train_sequences": len(train_seqs),
                                                        "eval_sequences": len(eval_seqs),
                                                        "num_processes": acc.num_processes, "mixed_precision": mixed})
             arch = " AR" if draft.config.architecture == "ar" else ""
             print(f"ctc-drafter: training a {kind}{arch} draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M "
                   f"params) on {len(train_seqs)} sequences ({len(eval_seqs)} held out), {trainer.steps_per_epoch} "
-                  f"steps/epoch x {args.epochs} epochs, {acc.num_processes} process(es), {acc.device}, "
+                  f"steps/epoch x {opts.epochs} epochs, {acc.num_processes} process(es), {acc.device}, "
                   f"mixed precision {mixed}", file=sys.stderr)
         acc.wait_for_everyone()
-        if args.recover is not None:
-            trainer.resume(args.recover)
-            if trainer.start_epoch > args.epochs and acc.is_main_process:
-                print(f"ctc-drafter: state_{args.recover} already has all {args.epochs} epochs; nothing to train",
+        if opts.recover is not None:
+            trainer.resume(opts.recover)
+            if trainer.start_epoch > opts.epochs and acc.is_main_process:
+                print(f"ctc-drafter: state_{opts.recover} already has all {opts.epochs} epochs; nothing to train",
                       file=sys.stderr)
         try:
             records = trainer.fit()

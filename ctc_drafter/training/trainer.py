@@ -18,6 +18,7 @@ from .data import Batch, HiddenReader, TrainSequence, batch_loader, loader_worke
 from .evaluate import draft_losses, evaluate_draft
 from .losses import symbol_labels
 from .metrics import DraftMetrics, batch_sums
+from .options import TrainOptions
 from .run_log import LOG, RunLog, truncate_log
 
 
@@ -36,28 +37,28 @@ def _warmup_cosine(warmup: int, total: int):
 
 
 class Trainer:
-    def __init__(self, args, accelerator, base, draft, kind: str, train_seqs: list[TrainSequence],
+    def __init__(self, opts: TrainOptions, accelerator, base, draft, kind: str, train_seqs: list[TrainSequence],
                  eval_seqs: list[TrainSequence], fingerprint: str, out: Path):
-        self.args, self.acc, self.base, self.kind = args, accelerator, base, kind
+        self.opts, self.acc, self.base, self.kind = opts, accelerator, base, kind
         self.cfg = draft.config
         self.train_seqs, self.eval_seqs = train_seqs, eval_seqs
         self.fingerprint, self.out = fingerprint, out
         self.reader = HiddenReader()
         W = accelerator.num_processes
-        self.steps_per_epoch = math.ceil(len(train_seqs) / (args.bs * W))
-        self.total_steps = self.steps_per_epoch * args.epochs
-        warmup = int(args.warmup * self.total_steps) if args.warmup < 1 else int(args.warmup)
+        self.steps_per_epoch = math.ceil(len(train_seqs) / (opts.bs * W))
+        self.total_steps = self.steps_per_epoch * opts.epochs
+        warmup = int(opts.warmup * self.total_steps) if opts.warmup < 1 else int(opts.warmup)
         ds = getattr(accelerator.state, "deepspeed_plugin", None)
         if ds is not None and ds.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             # DeepSpeed reads the micro batch from a prepared DataLoader; this loop batches by itself
-            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = args.bs
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = opts.bs
         params = [p for p in draft.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, self.total_steps))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(draft, optimizer, scheduler)
         self.global_step = 0
         self.start_epoch = 1
-        self.last_lr = args.lr
+        self.last_lr = opts.lr
         self.log = RunLog(out, accelerator.is_main_process)
 
     @property
@@ -69,9 +70,9 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> list[list[TrainSequence]]:
         """This process's batches for `epoch` (every process gets the same number)."""
-        bs, W, r = self.args.bs, self.acc.num_processes, self.acc.process_index
+        bs, W, r = self.opts.bs, self.acc.num_processes, self.acc.process_index
         n = len(self.train_seqs)
-        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g).tolist()
         need = self.steps_per_epoch * bs * W
         order = (perm * math.ceil(need / n))[:need]  # wrap around so the last global batch is full
@@ -81,8 +82,8 @@ class Trainer:
 
     def epoch_loader(self, epoch: int):
         """This process's batches for `epoch`, read and padded ahead of the step by DataLoader workers."""
-        workers = loader_workers(getattr(self.args, "loader_workers", None), self.acc.num_processes)
-        return batch_loader(self.epoch_batches(epoch), self.cfg.label_len, self.args.positions, self.args.seed,
+        workers = loader_workers(self.opts.loader_workers, self.acc.num_processes)
+        return batch_loader(self.epoch_batches(epoch), self.cfg.label_len, self.opts.positions, self.opts.seed,
                             epoch, workers, pin_memory=self.acc.device.type == "cuda")
 
     def hidden_for(self, batch) -> torch.Tensor:
@@ -102,8 +103,8 @@ class Trainer:
         labels, loss_len = symbol_labels(batch.labels, batch.label_len, self.token_to_symbol)
         lp, logits = draft_losses(out, hidden, batch.positions, labels.clamp(min=0), loss_len, self.kind, self.cfg)
         self.acc.backward(lp.total)
-        if self.args.grad_clip > 0 and self.acc.sync_gradients:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        if self.opts.grad_clip > 0 and self.acc.sync_gradients:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.opts.grad_clip)
         self.optimizer.step()
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
@@ -123,14 +124,14 @@ class Trainer:
         totals, window = DraftMetrics(k), DraftMetrics(k)
         t0 = time.perf_counter()
         t_win, seqs_win = t0, 0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.args.epochs}", unit="step",
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.opts.epochs}", unit="step",
                    disable=not self.acc.is_main_process, dynamic_ncols=True, file=sys.stderr)
         for batch in self.epoch_loader(epoch):
             lp = self.train_step(batch, window, totals)
             seqs_win += batch.num_sequences
             bar.update(1)
             bar.set_postfix(loss=f"{lp.parts['loss']:.3f}", lr=f"{self.last_lr:.2e}")
-            if self.global_step % self.args.log_every == 0:
+            if self.global_step % self.opts.log_every == 0:
                 summary = window.reduce(self.acc).summary()
                 now = time.perf_counter()
                 self.log.write({"event": "step", "epoch": epoch, "step": self.global_step,
@@ -153,7 +154,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         mine = self.eval_seqs[self.acc.process_index:: self.acc.num_processes]
         with self.acc.autocast():
-            m = evaluate_draft(model, self.base, mine, self.kind, positions=max(self.args.positions, 64),
+            m = evaluate_draft(model, self.base, mine, self.kind, positions=max(self.opts.positions, 64),
                                hidden_fn=self.hidden_for, reader=self.reader)
         return m.reduce(self.acc).summary()
 
@@ -161,8 +162,8 @@ class Trainer:
 
     def trainer_state(self, epoch: int) -> dict:
         return {"epoch": epoch, "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
-                "epochs": self.args.epochs, "bs": self.args.bs, "num_processes": self.acc.num_processes,
-                "positions": self.args.positions, "seed": self.args.seed, "loss": self.kind,
+                "epochs": self.opts.epochs, "bs": self.opts.bs, "num_processes": self.acc.num_processes,
+                "positions": self.opts.positions, "seed": self.opts.seed, "loss": self.kind,
                 "data_fingerprint": self.fingerprint, "draft_config": self.cfg.to_dict()}
 
     def save_epoch(self, epoch: int) -> None:
@@ -207,7 +208,7 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         records = []
-        for epoch in range(self.start_epoch, self.args.epochs + 1):
+        for epoch in range(self.start_epoch, self.opts.epochs + 1):
             records.append(self.run_epoch(epoch))
             self.save_epoch(epoch)
         self.log.close()
