@@ -18,9 +18,12 @@ import torch
 # layout of a sums vector (int64, 4 + 2k): [positions, exact, accept, unused, correct_0..k-1, total_0..k-1]
 
 
-def greedy_frames(logits: torch.Tensor, vocab_size: int, ctc: bool) -> torch.Tensor:
-    """logits [...,L,V+1] -> [...,L] per-frame argmax (ctc: blank = vocab_size included; ce: tokens only)."""
-    return logits.argmax(-1) if ctc else logits[..., :vocab_size].argmax(-1)
+def greedy_frames(logits: torch.Tensor, num_tokens: int, ctc: bool) -> torch.Tensor:
+    """logits [...,L,N+1] -> [...,L] per-frame argmax (ctc: blank = num_tokens included; ce: tokens only).
+
+    num_tokens: the token symbols a frame scores (DraftConfig.num_tokens; the proposal vocabulary when
+    the draft has one), the blank coming after them."""
+    return logits.argmax(-1) if ctc else logits[..., :num_tokens].argmax(-1)
 
 
 def collapse_frames(best: torch.Tensor, blank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,40 +40,41 @@ def collapse_frames(best: torch.Tensor, blank: int) -> tuple[torch.Tensor, torch
     return out[:, :L], emit.sum(-1)
 
 
-def greedy_decodes(logits: torch.Tensor, vocab_size: int, ctc: bool) -> list[list[int]]:
-    """logits [N,L,V+1] -> N greedy token sequences."""
-    best = greedy_frames(logits, vocab_size, ctc)
+def greedy_decodes(logits: torch.Tensor, num_tokens: int, ctc: bool) -> list[list[int]]:
+    """logits [N,L,num_tokens+1] -> N greedy symbol sequences."""
+    best = greedy_frames(logits, num_tokens, ctc)
     if not ctc:
         return best.tolist()
-    dec, n = collapse_frames(best, vocab_size)
+    dec, n = collapse_frames(best, num_tokens)
     return [row[:m] for row, m in zip(dec.tolist(), n.tolist())]
 
 
 def leading_matches(decode: torch.Tensor, decode_len: torch.Tensor, labels: torch.Tensor,
-                    label_len: torch.Tensor) -> torch.Tensor:
-    """decode [N,L] (lengths [N]), labels [N,k] (lengths [N]) -> [N] leading tokens equal in both."""
+                    window_len: torch.Tensor) -> torch.Tensor:
+    """decode [N,L] (lengths [N]), labels [N,k] (lengths window_len [N]) -> [N] leading tokens equal in both."""
     n = min(decode.shape[1], labels.shape[1])
     j = torch.arange(n, device=decode.device)
-    same = (decode[:, :n] == labels[:, :n]) & (j < decode_len[:, None]) & (j < label_len[:, None])
+    same = (decode[:, :n] == labels[:, :n]) & (j < decode_len[:, None]) & (j < window_len[:, None])
     return same.long().cumprod(-1).sum(-1)
 
 
 @torch.no_grad()
-def batch_sums(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, vocab_size: int,
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor, window_len: torch.Tensor, num_tokens: int,
                ctc: bool) -> torch.Tensor:
-    """logits [B,P,L,V+1], labels [B,P,k], label_len [B,P] (0 = padding) -> sums [4+2k] int64, on their device.
+    """logits [B,P,L,N+1], labels [B,P,k], window_len [B,P] (labels per position; 0 = padding) -> sums
+    [4+2k] int64, on their device.
 
     All on the device and without a host sync, so a training step can add it every step and the host
     reads the sums only when it writes a log line.
     """
     # padding positions stay in (length 0 counts nothing): a boolean selection would sync with the host
-    best = greedy_frames(logits, vocab_size, ctc).flatten(0, 1)  # [N,L], N = B*P
-    lab, ln = labels.flatten(0, 1), label_len.flatten().long()  # [N,k], [N]
+    best = greedy_frames(logits, num_tokens, ctc).flatten(0, 1)  # [N,L], N = B*P
+    lab, ln = labels.flatten(0, 1), window_len.flatten().long()  # [N,k], [N]
     valid = ln > 0
     N, L = best.shape
     k = lab.shape[1]
     if ctc:
-        dec, dec_len = collapse_frames(best, vocab_size)
+        dec, dec_len = collapse_frames(best, num_tokens)
     else:  # Medusa-style heads: frame j is token j
         dec, dec_len = best, torch.full((N,), L, dtype=torch.long, device=best.device)
     m = leading_matches(dec, dec_len, lab, ln)  # [N]
@@ -94,15 +98,15 @@ class DraftMetrics:
     The decode sums stay on the device they were computed on until `summary` or `reduce` reads them.
     """
 
-    def __init__(self, label_len: int):
-        self.k = label_len
-        self.sums = torch.zeros(4 + 2 * label_len, dtype=torch.long)  # layout: see the top of this file
+    def __init__(self, k: int):
+        self.k = k  # the label window's length (DraftConfig.label_len)
+        self.sums = torch.zeros(4 + 2 * k, dtype=torch.long)  # layout: see the top of this file
         self.loss_sums: dict[str, float] = {}
         self.loss_weight = 0.0
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, label_len: torch.Tensor, vocab_size: int, ctc: bool):
-        """logits [B,P,L,V+1], labels [B,P,k], label_len [B,P] (0 = padding)."""
-        self.add_sums(batch_sums(logits, labels, label_len, vocab_size, ctc))
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, window_len: torch.Tensor, num_tokens: int, ctc: bool):
+        """logits [B,P,L,N+1], labels [B,P,k], window_len [B,P] (0 = padding)."""
+        self.add_sums(batch_sums(logits, labels, window_len, num_tokens, ctc))
 
     def add_sums(self, sums: torch.Tensor):
         """Add a `batch_sums` result (no host sync: the running sums move to its device once)."""
