@@ -66,7 +66,9 @@ def exact_tree_sdpa(module, query, key, value, attention_mask, **kwargs):
 
     plans = _PLANS.get()
     n = query.shape[2]
-    if plans is None or n == 1 or query.shape[0] != 1 or attention_mask is None or attention_mask.dim() != 4:
+    # A 1-node tree too: a masked 1-row call packs GQA heads differently from the vanilla step's unmasked one
+    # (it changed SmolLM2's layer-3 keys in bf16), so every tree row goes through the plan.
+    if plans is None or query.shape[0] != 1 or attention_mask is None or attention_mask.dim() != 4:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     plan = plans.get(id(attention_mask))
     if plan is None:
