@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -20,6 +21,25 @@ COMMANDS = ["generate", "demo", "make-prompts", "distill", "train", "eval", "rep
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, with the same prefix as every other user error
         self.exit(2, f"ctc-drafter: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _OneLineStderr(logging.Handler):
+    """Library log records as `ctc-drafter: warning: ...` lines on the stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"ctc-drafter: {record.levelname.lower()}: {self.format(record)}\n")
+        except Exception:  # noqa: BLE001 - logging must never take the command down
+            self.handleError(record)
+
+
+def install_log_handler() -> None:
+    """The CLI shows the library's info and warnings (an API user decides with `logging` instead);
+    `serve` configures logging itself (--log-level)."""
+    lib = logging.getLogger("ctc_drafter")
+    if not any(isinstance(h, _OneLineStderr) for h in lib.handlers):
+        lib.addHandler(_OneLineStderr(logging.INFO))
+    lib.setLevel(logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +57,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's one-line error: an exit code like any other
         return e.code if isinstance(e.code, int) else 2
+    if args.command != "serve":
+        install_log_handler()
     try:
         check_command(args)
         return int(args.func(args) or 0)

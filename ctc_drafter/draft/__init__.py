@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sys
+import logging
+
 from pathlib import Path
 
 from ..errors import CTCDrafterError
@@ -10,6 +11,8 @@ from .config import DraftConfig
 from .ctc import collapse, prefix_beam_search
 from .ar_model import ARDraftModel, new_ar_draft_for
 from .model import CTCDraftModel, DraftCache, new_draft_for
+
+log = logging.getLogger(__name__)
 
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "assets" / "default_draft"
 
@@ -48,12 +51,10 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
             draft = load_draft_folder(SHIPPED_DRAFT, device=base.device, dtype=base.dtype)
             return draft.bind(base.model), True
         if not quiet:
-            print("ctc-drafter: note: using an UNTRAINED draft (deterministic init, seed 0); expect little or no "
-                  "speedup", file=sys.stderr)
+            log.warning("using an UNTRAINED draft (deterministic init, seed 0); expect little or no speedup")
         return (new_ar_draft_for if name_or_path == "untrained-ar" else new_draft_for)(base, seed=0), False
     draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype)
     draft.bind(base.model)
     if draft.config.base_model and draft.config.base_model != base.name and not quiet:
-        print(f"ctc-drafter: warning: draft was trained for {draft.config.base_model}, base is {base.name}",
-              file=sys.stderr)
+        log.warning("draft was trained for %s, base is %s", draft.config.base_model, base.name)
     return draft, True

@@ -7,6 +7,8 @@ locked for the run and tidied (sorted, one answer per question) at its end.
 
 from __future__ import annotations
 
+import logging
+
 import json
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ from ..errors import CTCDrafterError, fault_reason
 from .answer_files import (ANSWER_FORMAT, add_turn, answer_file_lock, answer_record, append_answer, check_answer_file,
                            check_resumable, new_choice, read_answers, reorganize_answer_file)
 from .questions import Question
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ANSWER_FORMAT", "answer_file_lock", "answer_question", "read_answers", "reorganize_answer_file",
            "run_eval", "warm_up"]
@@ -82,8 +86,7 @@ def _answer_missing(drafter, questions: list[Question], path: Path, model_id: st
     summary = {"answered": 0, "skipped": len(questions) - len(todo), "new_tokens": 0, "wall_s": 0.0, "steps": 0,
                "answer_file": str(path)}
     if summary["skipped"]:
-        print(f"ctc-drafter: {summary['skipped']} question(s) already answered in {path}; answering the other "
-              f"{len(todo)}", file=sys.stderr)
+        log.info("%d question(s) already answered in %s; answering the other %d", summary["skipped"], path, len(todo))
     if todo:
         warm_up(drafter, todo[0], speculative, gen_kwargs, template)
     bar = tqdm(todo, desc=f"eval {model_id}", unit="q", disable=not progress, file=sys.stderr)

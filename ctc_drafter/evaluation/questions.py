@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CTCDrafterError
+
+log = logging.getLogger(__name__)
 
 BENCHES = ("mt_bench", "gsm8k")
 
@@ -62,11 +64,11 @@ def read_jsonl(path: str | Path, what: str = "file") -> tuple[list[tuple[int, di
             obj, why = None, "is not a JSON object"
         if not isinstance(obj, dict):
             bad += 1
-            print(f"ctc-drafter: warning: {path}:{n} {why}; skipped", file=sys.stderr)
+            log.warning("%s:%d %s; skipped", path, n, why)
             continue
         rows.append((n, obj))
     if bad:
-        print(f"ctc-drafter: warning: skipped {bad} bad line(s) in {path}", file=sys.stderr)
+        log.warning("skipped %d bad line(s) in %s", bad, path)
     return rows, bad
 
 

@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
+import logging
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +23,8 @@ import torch
 from ..errors import CTCDrafterError
 from .attention import AttentionLayout, attention_layout, ensure_mask_attention, layer_masks
 from .tree_attention import exact_tree_pass, use_exact_tree_attention
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -219,7 +221,7 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
     """Dequantise a GGUF into a plain fp32 safetensors folder, written atomically."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"ctc-drafter: converting {gguf_name} once (about 30 s); cached in {out_dir}", file=sys.stderr)
+    log.info("converting %s once (about 30 s); cached in %s", gguf_name, out_dir)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained (it carries a quantization config); copy the

@@ -344,7 +344,7 @@ def apply_cpu_kernels(base: BaseModel, mode: str = "auto", *, threads: int | str
         record = {"fingerprint": fp, "timings_by_threads": by_threads, "measure_s": round(measure_s, 3),
                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         note = next((n for n in notes if n), "")
-        log.info("timed the CPU kernels in %.1f s: %s %s", measure_s, by_threads, note)
+        log.debug("timed the CPU kernels in %.1f s: %s %s", measure_s, by_threads, note)
         if not note and not write_cached(path, record):
             note = "could not write the cache"
     chosen, scores = choose_threads(record["timings_by_threads"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
+import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,8 @@ import torch
 
 from ..data.shards import check_manifest_matches, check_shard_plan, plan_shards, read_manifest
 from ..errors import CTCDrafterError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,7 +108,7 @@ def load_sequences(data_dirs: list[str], base, label_len: int, max_len: int,
         plan = plan_shards(directory, manifest)
         warning = check_shard_plan(plan, name, allow_incomplete)
         if warning:
-            print(f"ctc-drafter: warning: {warning}", file=sys.stderr)
+            log.warning("%s", warning)
         shards = plan.files
         n_seq = n_pos = 0
         for shard in shards:

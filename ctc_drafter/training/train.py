@@ -27,8 +27,9 @@ held-out metrics), checkpoints.py (the output folder), run_log.py (log.jsonl).
 
 from __future__ import annotations
 
+import logging
+
 import argparse
-import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,8 @@ from .data import data_fingerprint, load_sequences, most_frequent_targets, split
 from .evaluate import evaluate_draft
 from .options import TrainOptions, add_train_args, check_options, config_overrides, precision
 from .trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainOptions", "add_train_args", "evaluate_draft", "run_training"]
 
@@ -128,16 +131,15 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
                                                        "eval_sequences": len(eval_seqs),
                                                        "num_processes": acc.num_processes, "mixed_precision": mixed})
             arch = " AR" if draft.config.architecture == "ar" else ""
-            print(f"ctc-drafter: training a {kind}{arch} draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M "
-                  f"params) on {len(train_seqs)} sequences ({len(eval_seqs)} held out), {trainer.steps_per_epoch} "
-                  f"steps/epoch x {opts.epochs} epochs, {acc.num_processes} process(es), {acc.device}, "
-                  f"mixed precision {mixed}", file=sys.stderr)
+            log.info(f"training a {kind}{arch} draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M "
+                     f"params) on {len(train_seqs)} sequences ({len(eval_seqs)} held out), {trainer.steps_per_epoch} "
+                     f"steps/epoch x {opts.epochs} epochs, {acc.num_processes} process(es), {acc.device}, "
+                     f"mixed precision {mixed}")
         acc.wait_for_everyone()
         if opts.recover is not None:
             trainer.resume(opts.recover)
             if trainer.start_epoch > opts.epochs and acc.is_main_process:
-                print(f"ctc-drafter: state_{opts.recover} already has all {opts.epochs} epochs; nothing to train",
-                      file=sys.stderr)
+                log.info("state_%s already has all %d epochs; nothing to train", opts.recover, opts.epochs)
         try:
             records = trainer.fit()
         except Exception as e:  # noqa: BLE001 - only file-system faults are converted
@@ -145,8 +147,7 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
             raise
         if acc.is_main_process and records:
             last = records[-1]
-            print(f"ctc-drafter: done; draft in {out} (epoch {last['epoch']}), est. accept length "
-                  f"{last['est_accept_len']}", file=sys.stderr)
+            log.info("done; draft in %s (epoch %s), est. accept length %s", out, last["epoch"], last["est_accept_len"])
     finally:
         if fresh_state and acc.num_processes == 1:
             AcceleratorState._reset_state(reset_partial_state=True)

@@ -4,6 +4,8 @@ evaluation, and saving / resuming epochs through accelerate."""
 
 from __future__ import annotations
 
+import logging
+
 import math
 import shutil
 import sys
@@ -20,6 +22,8 @@ from .losses import symbol_labels
 from .metrics import DraftMetrics, batch_sums
 from .options import TrainOptions
 from .run_log import LOG, RunLog, truncate_log
+
+log = logging.getLogger(__name__)
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -196,8 +200,8 @@ class Trainer:
         changed = [k for k in ("steps_per_epoch", "epochs", "bs", "num_processes", "positions", "seed", "loss",
                                "data_fingerprint") if saved.get(k) != self.trainer_state(n).get(k)]
         if changed and self.acc.is_main_process:
-            print(f"ctc-drafter: warning: resuming with different {', '.join(changed)} than state_{n}; "
-                  "the result will differ from an uninterrupted run", file=sys.stderr)
+            log.warning("resuming with different %s than state_%d; the result will differ from an uninterrupted run",
+                        ", ".join(changed), n)
         state_dict = self.acc.get_state_dict(self.model)  # a collective under FSDP / DeepSpeed
         if self.acc.is_main_process:
             truncate_log(self.out / LOG, n)
