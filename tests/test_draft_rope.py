@@ -1,4 +1,4 @@
-"""The draft encodes positions with its base's own rotary embedding class (draft/model.py base_rotary).
+"""The draft encodes positions with its base's own rotary embedding class (draft/rotary.py base_rotary).
 
 For a plain-rope base (the shipped default draft on SmolLM2) the draft's frames are bit-identical to
 what the draft's former hand-written rope gave, kept below as a five-line reference formula; for a
