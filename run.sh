@@ -23,6 +23,7 @@ cmd=${1:-demo}
 shift || true
 case "$cmd" in
   # Tests use tiny models: one thread each avoids oversubscription (2 threads made them up to 80x slower here).
-  test) OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec .venv/bin/python -m pytest -q "$@" ;;
+  # --durations: the slowest tests (real-model ones are marked `slow`: `-m "not slow"` skips them locally).
+  test) OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec .venv/bin/python -m pytest -q --durations=10 "$@" ;;
   *) exec .venv/bin/ctc-drafter "$cmd" "$@" ;;
 esac
