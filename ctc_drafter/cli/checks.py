@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import CTCDrafterError
 
-from ..decoding.generate import MAX_BUDGET, MIN_TEMPERATURE  # noqa: F401 - the decoder's limits, one home
+from ..decoding.generate import MAX_BUDGET  # noqa: F401 - the decoder's limits, one home
+from ..decoding.verify import MIN_TEMPERATURE  # noqa: F401
 
 MAX_SEED = 2**62  # torch generators take 64-bit seeds; eval adds 1000 * choice + turn to the seed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..decoding.verify import check_sampling
 from ..errors import CTCDrafterError
 
 MODES = ("regenerate", "teacher-forced")
@@ -39,8 +40,7 @@ class DistillOptions:
             raise CTCDrafterError("--max-len must be at least 2")
         if self.limit is not None and self.limit < 1:
             raise CTCDrafterError("--limit must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise CTCDrafterError("--temperature must be >= 0 and --top-p in (0, 1]")
+        check_sampling(self.temperature, 0, self.top_p)
 
     def content_key(self) -> dict:
         """The options that decide what the shards hold: a resumed run must agree on all of them."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..decoding.verify import check_sampling
 from ..errors import CTCDrafterError
 from .batch_generation import Sampling, generate_batch
 from .near_duplicates import NearDuplicateIndex
@@ -51,8 +52,7 @@ class PromptOptions:
             raise CTCDrafterError("--count must be at least 1 and --seed-start at least 0")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise CTCDrafterError("--max-new-tokens and --batch-size must be at least 1")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise CTCDrafterError("make-prompts samples: --temperature must be > 0 and --top-p in (0, 1]")
+        check_sampling(self.temperature, 0, self.top_p, greedy=False)  # make-prompts always samples
         if not 0 < self.dedup_threshold <= 1 or not 0 <= self.min_ascii <= 1 or not 0 <= self.min_english <= 1:
             raise CTCDrafterError("--dedup-threshold must be in (0, 1], --min-ascii and --min-english in [0, 1]")
         if self.min_words > self.max_words:

@@ -10,7 +10,6 @@ Shapes are for batch 1, the setting of the paper and of interactive use.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,11 +22,10 @@ from ..models.cpu_kernels import PackedLinear
 from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, make_proposer
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
-from .verify import accept_greedy, accept_sampling, warp_probs
+from .verify import accept_greedy, accept_sampling, check_sampling, warp_probs
 
 
 MAX_BUDGET = 512  # tree nodes per pass: the mask is nodes x (past + nodes); Medusa's tree has 64
-MIN_TEMPERATURE = 1e-4  # logits / T must stay finite in float32 (1e-300 rounds to 0 there: inf / nan)
 
 
 @dataclass
@@ -74,13 +72,7 @@ class TokenPicker:
     """Chooses one token from logits: argmax, or a sample from the warped distribution."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float, seed: int | None):
-        if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
-            raise CTCDrafterError(f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE:g}, "
-                                  f"got {temperature}")
-        if not 0 < top_p <= 1:  # also refuses nan
-            raise CTCDrafterError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise CTCDrafterError(f"top_k must be >= 0, got {top_k}")
+        check_sampling(temperature, top_k, top_p)
         self.greedy = temperature == 0
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())

@@ -7,11 +7,30 @@ after the last accepted node, so every step emits at least one token.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
 from transformers.generation.logits_process import (LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
+
+
+MIN_TEMPERATURE = 1e-4  # logits / T must stay finite in float32 (1e-300 rounds to 0 there: inf / nan)
+
+
+def check_sampling(temperature: float, top_k: int = 0, top_p: float = 1.0, greedy: bool = True) -> None:
+    """The one check of sampling settings (decoding, HF baseline, distillation, make-prompts): temperature
+    0 (greedy, where allowed) or finite >= MIN_TEMPERATURE, top_p in (0, 1], top_k >= 0. Raises
+    CTCDrafterError naming the bad value."""
+    from ..errors import CTCDrafterError
+
+    if not ((greedy and temperature == 0) or MIN_TEMPERATURE <= temperature < math.inf):  # also refuses nan
+        allowed = "0 (greedy) or " if greedy else ""
+        raise CTCDrafterError(f"temperature must be {allowed}a finite value >= {MIN_TEMPERATURE:g}, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise CTCDrafterError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise CTCDrafterError(f"top_k must be >= 0, got {top_k}")
 
 
 @lru_cache(maxsize=8)

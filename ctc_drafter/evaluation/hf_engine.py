@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..decoding.generate import ChatMixin, GenerationResult, truncate_new_tokens
+from ..decoding.verify import check_sampling
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 
@@ -79,8 +80,7 @@ class HFEngine(ChatMixin):
 
         if max_new_tokens < 1:
             raise CTCDrafterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise CTCDrafterError(f"bad sampling settings: temperature {temperature}, top_p {top_p}, top_k {top_k}")
+        check_sampling(temperature, top_k, top_p)
         base, model = self.base, self.base.model
         prompt = torch.tensor([list(input_ids)], dtype=torch.long, device=base.device)  # [1,T]
         if prompt.shape[1] == 0:
