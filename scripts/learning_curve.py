@@ -95,9 +95,24 @@ def ckpt_dir(a, loss: str, size: int) -> Path:
     return Path(a.out) / "ckpt" / f"{loss}-{size}"
 
 
+def trained(a, loss: str, size: int) -> bool:
+    """The run logged its last epoch (an interrupted run's folder holds the previous epoch's draft too)."""
+    log = ckpt_dir(a, loss, size) / "log.jsonl"
+    if not log.is_file():
+        return False
+    for line in log.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("event") == "epoch" and r.get("epoch") == a.epochs:
+            return True
+    return False
+
+
 def train_one(a, loss: str, size: int, folders: list[Path]) -> None:
     out = ckpt_dir(a, loss, size)
-    if (out / "config.json").is_file():
+    if trained(a, loss, size):
         return
     cmd = [sys.executable, "-m", "ctc_drafter", "train", "--base-model", a.base_model, "--out", str(out),
            *VARIANTS[loss], "--epochs", str(a.epochs), "--seed", "0", *a.train_args]
@@ -212,7 +227,7 @@ def main():
         for loss in a.losses:
             if "train" in steps:
                 train_one(a, loss, size, folders)
-            if "measure" in steps and (ckpt_dir(a, loss, size) / "config.json").is_file():
+            if "measure" in steps and trained(a, loss, size):
                 rows.append(measure_one(a, loss, size, held_out_prompts(a)))
     if "report" in steps and rows:
         report(a, rows)
