@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ctc_drafter.data.batch_generation import generate_batch
-from ctc_drafter.data.distill import _pad_id
+from ctc_drafter.data.labelling import pad_id
 from ctc_drafter.models.base import load_base_model
 from ctc_drafter.models.templates import build_prompt_ids
 
@@ -34,7 +34,7 @@ def main() -> None:
     base = load_base_model(a.base_model, device="cpu")
     turns = [json.loads(line)["turns"][0] for line in open(a.data) if line.strip()][: a.prompts]
     prompts = sorted((build_prompt_ids(base.tokenizer, [{"role": "user", "content": t}]) for t in turns), key=len)
-    pad, eos = _pad_id(base), base.eos_token_ids
+    pad, eos = pad_id(base), base.eos_token_ids
     batched = []
     for i in range(0, len(prompts), a.batch_size):
         chunk = prompts[i : i + a.batch_size]

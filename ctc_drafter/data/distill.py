@@ -41,14 +41,13 @@ from ..errors import CTCDrafterError
 from .distill_folder import dtype_name, finalize, new_manifest, pending_shards, prepare_out_dir, run_shards, shard_done
 from .distill_options import MODE_ALIASES, MODES, DistillOptions, Stats
 from .distill_plan import Plan, read_plan, records_in
-from .labelling import label_batch, pad_id, require_tokenizer
+from .labelling import label_batch, require_tokenizer
 from .worker_pool import BaseSpec, check_gpu_groups, describe_base, parse_gpu_groups, run_workers, visible_devices
 
 __all__ = ["MODES", "MODE_ALIASES", "DistillOptions", "Stats", "Plan", "read_plan", "BaseSpec", "describe_base",
            "parse_gpu_groups", "check_gpu_groups", "new_manifest", "prepare_out_dir", "pending_shards", "label_batch",
            "distill", "distill_data_parallel", "distill_with_workers", "launched_distributed", "distributed_state"]
 
-_pad_id = pad_id  # the name scripts/batch_agreement.py imports
 
 
 # --------------------------------------------------------------------------- one process
