@@ -6,7 +6,9 @@ import types
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ctc_drafter.models.tree_attention import exact_tree_pass, exact_tree_sdpa
+from ctc_drafter.models.tree_attention import exact_tree_pass, exact_tree_sdpa, register
+
+register()  # binds transformers' SDPA function, as loading a bf16 CPU base does
 
 GQA = types.SimpleNamespace(num_key_value_groups=3, is_causal=True)  # SmolLM2's 9 query / 3 KV heads
 

@@ -3,7 +3,7 @@
 A tree pass hands every node the past plus all n tree keys, with the ones it must not see masked. In
 exact arithmetic that is the 1-token step's attention; in bf16 it is not: the CPU's SDPA kernel rounds a
 query row differently when the key length differs, even if the extra keys are masked out (measured:
-165 of 200 random trials differ; BENCHMARKS.md, "bf16 exactness"), and a flipped near-tie changes the
+165 of 200 random trials differ; BENCHMARKS.md, "bf16 on CPU"), and a flipped near-tie changes the
 greedy output. So in a tree pass each node's attention is computed as the vanilla step computes it: one
 query row, no mask, over exactly the keys it may see (the past and its ancestors, windowed for sliding
 layers). Nodes that see equally many keys go in one batched call (each batch row is computed alone, so
@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 
 EXACT_TREE_SDPA = "ctc_drafter_exact_tree_sdpa"
+
+_sdpa = None  # transformers' sdpa_attention_forward, bound by register() (not imported per attention call)
 
 # During a tree pass: {id(mask): plan}, so each distinct mask (full / sliding) is read once per pass.
 _PLANS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ctc_drafter_tree_plans", default=None)
@@ -62,8 +64,7 @@ def _plan(mask: torch.Tensor) -> list[tuple[torch.Tensor | int, torch.Tensor | i
 
 def exact_tree_sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers attention function: query [1,H,n,d], key/value [1,kvH,L,d] -> ([1,n,H,d], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    sdpa_attention_forward = _sdpa
     plans = _PLANS.get()
     n = query.shape[2]
     # A 1-node tree too: a masked 1-row call packs GQA heads differently from the vanilla step's unmasked one
@@ -91,9 +92,12 @@ def exact_tree_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 def register() -> None:
     """Make EXACT_TREE_SDPA known to transformers (attention function, and SDPA's mask builder)."""
+    global _sdpa
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    _sdpa = sdpa_attention_forward
     AttentionInterface.register(EXACT_TREE_SDPA, exact_tree_sdpa)
     AttentionMaskInterface.register(EXACT_TREE_SDPA, sdpa_mask)
 
