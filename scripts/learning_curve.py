@@ -130,23 +130,41 @@ def held_out_prompts(a) -> list[str]:
     return [q["turns"][0] for q in lines[-a.prompts:]]
 
 
-def measure_one(a, loss: str, size: int, prompts: list[str]) -> dict:
-    path = Path(a.out) / "beta" / f"{loss}-{size}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+def held_out_beta(a, draft: str, prompts: list[str]) -> tuple[dict, str]:
+    """{budget: beta} of `draft` alone (`prefix` policy) on the prompts, and the base dtype it ran in."""
     from ctc_drafter.decoding import CTCDrafter
 
-    row = {"loss": loss, "size": size, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "beta": {}}
+    beta = {}
     for budget in a.budgets:
-        d = CTCDrafter.from_pretrained(a.base_model, str(ckpt_dir(a, loss, size)), dtype=a.dtype, proposer="ctc",
-                                       generator="prefix", budget=budget)
+        d = CTCDrafter.from_pretrained(a.base_model, draft, dtype=a.dtype, proposer="ctc", generator="prefix",
+                                       budget=budget)
         tokens = steps = 0
         for p in prompts:
             r = d.chat(p, max_new_tokens=a.max_new_tokens)
             tokens, steps = tokens + r.new_tokens, steps + r.steps
-        row["beta"][str(budget)] = round(tokens / steps, 4)
-        row["dtype"] = str(d.base.dtype).removeprefix("torch.")
-        print(f"{loss} {size}: budget {budget} beta {tokens / steps:.3f}", flush=True)
+        beta[str(budget)] = round(tokens / steps, 4)
+        print(f"{draft}: budget {budget} beta {tokens / steps:.3f}", flush=True)
+    return beta, str(d.base.dtype).removeprefix("torch.")
+
+
+def measure_reference(a, prompts: list[str]) -> dict:
+    """The same measurement for an existing draft (--reference, e.g. the shipped `default`)."""
+    path = Path(a.out) / "beta" / "reference.json"
+    if path.is_file() and json.loads(path.read_text()).get("draft") == a.reference:
+        return json.loads(path.read_text())
+    beta, dtype = held_out_beta(a, a.reference, prompts)
+    row = {"draft": a.reference, "beta": beta, "dtype": dtype}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def measure_one(a, loss: str, size: int, prompts: list[str]) -> dict:
+    path = Path(a.out) / "beta" / f"{loss}-{size}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    row = {"loss": loss, "size": size, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens}
+    row["beta"], row["dtype"] = held_out_beta(a, str(ckpt_dir(a, loss, size)), prompts)
     ckpt = ckpt_dir(a, loss, size)
     args = json.loads((ckpt / "train_args.json").read_text()) if (ckpt / "train_args.json").is_file() else {}
     row["positions"] = sum(d.get("positions", 0) for d in args.get("data_summary", []))  # all, held-out share incl.
@@ -173,6 +191,8 @@ def report(a, rows: list[dict]) -> None:
              "|---|---|---|" + "---|" * len(a.budgets)]
     for r in sorted(rows, key=lambda r: (r["loss"], r["size"])):
         lines.append(f"| {r['loss']} | {r['size']} | {r.get('positions', '-')} | " + " | ".join(f"{r['beta'][str(b)]:.3f}" for b in a.budgets) + " |")
+    if a.reference_row:
+        lines.append(f"| reference: {a.reference} | | | " + " | ".join(f"{a.reference_row['beta'][str(b)]:.3f}" for b in a.budgets) + " |")
     lines += ["", "Command:", "", "```", " ".join(["python scripts/learning_curve.py", *sys.argv[1:]]), "```", ""]
     Path(a.out, "curve.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -208,6 +228,7 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar='NAME="TRAIN OPTIONS"',
                     help="define a variant (then list it in --variants)")
     ap.add_argument("--steps", default="subset,train,measure,report")
+    ap.add_argument("--reference", default=None, help="an existing draft measured the same way (e.g. default)")
     ap.add_argument("train_args", nargs="*", help="more `ctc-drafter train` options, after --")
     a = ap.parse_args()
     a.sizes = [int(x) for x in a.sizes.split(",")]
@@ -229,6 +250,7 @@ def main():
                 train_one(a, loss, size, folders)
             if "measure" in steps and trained(a, loss, size):
                 rows.append(measure_one(a, loss, size, held_out_prompts(a)))
+    a.reference_row = measure_reference(a, held_out_prompts(a)) if a.reference and "measure" in steps else None
     if "report" in steps and rows:
         report(a, rows)
 
