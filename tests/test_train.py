@@ -358,6 +358,36 @@ def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, monkeypatc
     assert json.loads((tmp_path / "log.jsonl").read_text())["step"] == 7
 
 
+
+def test_a_failing_tensorboard_writer_stops_tensorboard_not_the_log(tmp_path, monkeypatch, caplog):
+    # Seen on a GPU machine (gVisor): the event file's write failed with ENOENT and ended the training run.
+    import types
+
+    from ctc_drafter.training.run_log import RunLog
+
+    class BrokenWriter:
+        def __init__(self, logdir):
+            self.calls = 0
+
+        def add_scalar(self, tag, value, step):
+            self.calls += 1
+            raise OSError(2, "No such file or directory")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(2, "No such file or directory")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=BrokenWriter))
+    log = RunLog(tmp_path, enabled=True)
+    with caplog.at_level("WARNING"):
+        for step in (1, 2):
+            log.write({"event": "step", "epoch": 1, "step": step, "loss": 1.0 / step})
+    log.close()
+    assert log.tb is None and "TensorBoard logging stopped" in caplog.text
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
 # ---- proposal vocabulary (--draft-vocab) ---------------------------------------------------------
 
 def test_symbol_labels_cut_windows_at_the_first_token_outside_the_vocabulary():

@@ -4,8 +4,11 @@ main process, and trimming it back to the last finished epoch when a run resumes
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 LOG = "log.jsonl"
 
@@ -47,19 +50,29 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            prefix = record["event"]
-            for split in ("", "train", "eval"):
-                vals = record if not split else record.get(split) or {}
-                for key, v in vals.items():
-                    tag = f"{prefix}/{split + '_' if split else ''}{key}"
-                    if isinstance(v, (int, float)) and key not in ("epoch", "step"):
-                        self.tb.add_scalar(tag, v, record["step"])
-                    elif key == "acc" and isinstance(v, list):
-                        for j, a in enumerate(v):
-                            if a is not None:
-                                self.tb.add_scalar(f"{tag}_{j + 1}", a, record["step"])
-            self.tb.flush()
+            try:
+                self._write_tensorboard(record)
+            except Exception as e:  # noqa: BLE001 - a side channel must not stop training (seen: gVisor /tmp)
+                logger.warning("TensorBoard logging stopped (%s); log.jsonl goes on", str(e).splitlines()[0][:200])
+                self.tb = None
+
+    def _write_tensorboard(self, record: dict) -> None:
+        prefix = record["event"]
+        for split in ("", "train", "eval"):
+            vals = record if not split else record.get(split) or {}
+            for key, v in vals.items():
+                tag = f"{prefix}/{split + '_' if split else ''}{key}"
+                if isinstance(v, (int, float)) and key not in ("epoch", "step"):
+                    self.tb.add_scalar(tag, v, record["step"])
+                elif key == "acc" and isinstance(v, list):
+                    for j, a in enumerate(v):
+                        if a is not None:
+                            self.tb.add_scalar(f"{tag}_{j + 1}", a, record["step"])
+        self.tb.flush()
 
     def close(self):
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except Exception:  # noqa: BLE001 - see write()
+                pass
