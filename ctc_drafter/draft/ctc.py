@@ -58,9 +58,12 @@ def prefix_beam_search(logprobs: torch.Tensor, blank: int, beam: int = 16, topk:
             masked = masked.clone()
             masked[:, blank] = NEG_INF
         vals, idx = masked.topk(min(topk, S - 1 if ctc else S), dim=-1)
-        cands = [[(c, p) for c, p in zip(ci, pi) if p > NEG_INF]
-                 for ci, pi in zip(idx.cpu().tolist(), vals.double().cpu().tolist())]
-    blank_lp = logprobs[:, blank].detach().double().cpu().tolist() if ctc else None
+        # one device-to-host copy (one sync on a GPU): ids, their log-probs and the blank column together
+        # (float64 holds every token id exactly)
+        host = torch.cat([idx.double(), vals.double(), logprobs[:, blank:blank + 1].detach().double()], 1).cpu()
+        k = idx.shape[1]
+        cands = [[(int(c), p) for c, p in zip(row[:k], row[k:2 * k]) if p > NEG_INF] for row in host.tolist()]
+    blank_lp = (host[:, -1].tolist() if topk is not None else [r[blank] for r in rows]) if ctc else None
     # beams: prefix -> [log P(ending in blank), log P(ending in its last symbol)]
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, NEG_INF]}
     for t in range(L):
