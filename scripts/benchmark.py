@@ -3,7 +3,13 @@
     python scripts/benchmark.py --bench mt_bench --question-file ../shared/data/mt_bench/question.jsonl \
         --ctc-draft ctc_drafter/assets/default_draft --ce-draft runs/ce --out runs/bench/mt_bench \
         [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8 | --spread 10] \
-        [--dtypes float32,bfloat16] [--cpu-kernels auto|packed|stock] [--threads auto|N]
+        [--dtypes float32,bfloat16] [--cpu-kernels auto|packed|stock] [--threads auto|N] \
+        [--draft ar=runs/ar-draft ...] [--part 1/2]
+
+Two processes, one per core, each its half of the windows, then one table over both:
+    python scripts/benchmark.py ... --spread 10 --part 1/2 --out runs/b/p1 &
+    python scripts/benchmark.py ... --spread 10 --part 2/2 --out runs/b/p2 &
+    wait; python scripts/benchmark.py ... --no-run --out runs/b --answers-from runs/b/p1 runs/b/p2
 
 Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with each tree policy, the
 n-gram proposer, the hybrid (CTC + n-gram), the CE (Medusa-style) ablation, our vanilla loop, HF
@@ -41,6 +47,9 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
            ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
     if a.ce_draft:
         out.insert(5, ("ce-beam", ["--draft-model", a.ce_draft, "--proposer", "ctc", "--generator", "beam"] + budget))
+    for spec in getattr(a, "draft", None) or []:  # more drafts (e.g. the autoregressive heads), `prefix` policy
+        name, path = spec.split("=", 1)
+        out.insert(-2, (f"{name}-prefix", ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix"] + budget))
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
@@ -89,6 +98,19 @@ def windows(a) -> list[tuple[int, int, int]]:
     return [(b, min(b + step, end), a.question_stride) for b in range(a.question_begin, end, step)]
 
 
+def parse_part(part: str | None, ap) -> tuple[int, int]:
+    """'K/N' -> (K, N), 1 <= K <= N; None -> (1, 1)."""
+    if part is None:
+        return 1, 1
+    try:
+        k, n = (int(x) for x in part.split("/"))
+    except ValueError:
+        ap.error(f"--part {part!r}: expected K/N, e.g. 1/2")
+    if not 1 <= k <= n:
+        ap.error(f"--part {part!r}: K must be between 1 and N")
+    return k, n
+
+
 def run_eval(a, name: str, extra: list[str], begin: int, end: int, stride: int) -> Path:
     answer = Path(a.out) / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "ctc_drafter", "eval", "--bench", a.bench, "--question-file", a.question_file,
@@ -126,12 +148,27 @@ def main():
                          "time differently on a busy machine, and eval refuses to resume with other kernels)")
     ap.add_argument("--threads", default="auto", help="our loop's torch threads: auto or N")
     ap.add_argument("--no-run", action="store_true", help="only tabulate existing answer files")
+    ap.add_argument("--draft", action="append", metavar="NAME=PATH",
+                    help="another draft to run with the `prefix` policy as method NAME-prefix (repeatable)")
+    ap.add_argument("--part", default=None, metavar="K/N",
+                    help="run only windows K, K+N, K+2N, ... (1-based): N processes share one bench")
+    ap.add_argument("--answers-from", nargs="+", default=[], metavar="DIR",
+                    help="with --no-run: tabulate the answer files of these folders together (the --part runs)")
     a = ap.parse_args()
+    for spec in a.draft or []:
+        if "=" not in spec:
+            ap.error(f"--draft {spec!r}: expected NAME=PATH")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    files = {name: Path(a.out) / f"{name}.jsonl" for name, _ in methods(a)}
+    if a.answers_from:
+        files = {name: [Path(d) / f"{name}.jsonl" for d in a.answers_from] for name, _ in methods(a)}
+    else:
+        files = {name: Path(a.out) / f"{name}.jsonl" for name, _ in methods(a)}
     if not a.no_run:
         wins = windows(a)
+        k, n = parse_part(a.part, ap)
         for i, (begin, end, stride) in enumerate(wins, 1):
+            if (i - 1) % n != k - 1:
+                continue
             print(f"== window {i}/{len(wins)}: questions [{begin}, {end}) every {stride}", flush=True)
             for name, extra in methods(a):
                 run_eval(a, name, extra, begin, end, stride)
@@ -143,7 +180,8 @@ def main():
 def summarize(a, files: dict[str, Path]) -> None:
     from ctc_drafter.evaluation.report import build_report
 
-    files = common_questions({n: f for n, f in files.items() if f.exists()}, Path(a.out) / "common")
+    files = {n: [p for p in (f if isinstance(f, list) else [f]) if p.exists()] for n, f in files.items()}
+    files = common_questions({n: f for n, f in files.items() if f}, Path(a.out) / "common")
     rows = {}
     for name, f in files.items():
         base = files.get(baseline_of(name))
@@ -186,9 +224,9 @@ def _records(path: Path) -> list[dict]:
     return out
 
 
-def common_questions(files: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Copies of the answer files cut to the questions every method has answered."""
-    recs = {n: _records(f) for n, f in files.items()}
+def common_questions(files: dict[str, Path | list[Path]], out_dir: Path) -> dict[str, Path]:
+    """Copies of the answer files (a method's several files read as one) cut to the questions every method answered."""
+    recs = {n: [r for p in (f if isinstance(f, list) else [f]) for r in _records(p)] for n, f in files.items()}
     ids = [{json.dumps(r["question_id"]) for r in rs} for rs in recs.values()]
     common = set.intersection(*ids) if ids else set()
     out_dir.mkdir(parents=True, exist_ok=True)

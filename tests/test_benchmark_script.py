@@ -77,3 +77,37 @@ def test_every_method_runs_in_every_dtype_against_hf_in_the_same_dtype():
         assert bm.baseline_of(name) == f"hf-generate@{dtype}"
     a.dtypes = "auto"
     assert "hybrid" in dict(bm.methods(a)) and bm.baseline_of("hybrid") == "hf-generate"
+
+
+def test_parts_share_the_windows_and_their_answers_tabulate_as_one(tmp_path):
+    bm = _load()
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    assert bm.parse_part(None, ap) == (1, 1) and bm.parse_part("2/3", ap) == (2, 3)
+    for bad in ("0/2", "3/2", "x/2", "1"):
+        try:
+            bm.parse_part(bad, ap)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(bad)
+    # two --part runs answered different questions; read together, every question counts once
+    (tmp_path / "p1").mkdir(), (tmp_path / "p2").mkdir()
+    for part, ids in (("p1", [1, 3]), ("p2", [2, 4])):
+        for name in ("hf", "ctc"):
+            (tmp_path / part / f"{name}.jsonl").write_text(
+                "".join(json.dumps({"question_id": i, "choices": [{"turns": ["x"]}]}) + "\n" for i in ids))
+    files = {n: [tmp_path / p / f"{n}.jsonl" for p in ("p1", "p2")] for n in ("hf", "ctc")}
+    out = bm.common_questions(files, tmp_path / "common")
+    for path in out.values():
+        assert sorted(json.loads(l)["question_id"] for l in path.read_text().splitlines()) == [1, 2, 3, 4]
+
+
+def test_extra_drafts_run_with_the_prefix_policy():
+    bm = _load()
+    a = types.SimpleNamespace(budget=4, medusa_budget=None, ctc_draft="d", ce_draft=None, only=None,
+                              draft=["ar=runs/ar", "ar-noctc=runs/ar0"])
+    got = dict(bm.base_methods(a))
+    assert got["ar-prefix"][:2] == ["--draft-model", "runs/ar"] and "prefix" in got["ar-noctc-prefix"]
+    assert [n for n in got][-2:] == ["hybrid", "hf-prompt-lookup"]
