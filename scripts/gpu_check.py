@@ -25,8 +25,10 @@ device tool returns only the tail of the output):
                     greedy per-token step, our vanilla step (decode_one_token + argmax), our
                     speculative step (draft frames + candidate tree + tree verification + accept + KV
                     compaction, then the draft's context update) for beam trees and fixed synthetic
-                    trees of 16/32/64/128 nodes, the draft's own overhead, GPU syncs per step, tokens/s
-                    and weight bandwidth against the measured peak;
+                    trees of 16/32/64/128 nodes, the draft's own overhead (beam and medusa candidate
+                    building), GPU syncs per step, tokens/s and weight bandwidth against the measured
+                    peak, and the GPU's kernel-busy time per vanilla step and per 64-node verification
+                    (torch.profiler): far below the step time means the machine is launch-bound;
   - targets:        spec step (64-node beam tree, draft included) <= 1.15 x HF step; our vanilla step no
                     slower than HF's (3% noise allowance); draft overhead <= 10% of HF's step.
 """
@@ -55,6 +57,7 @@ if str(REPO) not in sys.path:
 
 from ctc_drafter.decoding import CTCDrafter  # noqa: E402
 from ctc_drafter.decoding.proposers import CTCProposer, Proposer  # noqa: E402
+from ctc_drafter.decoding.proposers.frame_trees import make_policy  # noqa: E402
 from ctc_drafter.decoding.generate import TokenPicker  # noqa: E402
 from ctc_drafter.decoding.kv_cache import compact_kv, new_kv_cache  # noqa: E402
 from ctc_drafter.decoding.tree import TokenTree  # noqa: E402
@@ -209,6 +212,31 @@ def step_clock_streamer():
             pass
 
     return StepClock()
+
+
+def device_busy_ms(fn, device: torch.device, reps: int, after=None) -> float | str | None:
+    """GPU kernel time per call of `fn` (torch.profiler, summed over kernels), None off CUDA.
+
+    Against the wall-clock step it separates the device's own work from host and launch overhead: a
+    launch-bound machine (as the 2026-11-28 gVisor H200) shows a busy time far below the step time.
+    """
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+                if after is not None:
+                    after()
+            torch.cuda.synchronize()
+        us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                 for e in prof.key_averages())
+        return round(us / reps / 1e3, 4)
+    except Exception as e:  # noqa: BLE001 - a profiler problem must not cost the section
+        return f"{type(e).__name__}: {e}"[:200]
 
 
 def count_syncs(fn, device: torch.device) -> int | None:
@@ -438,7 +466,9 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     past = cache.get_seq_length()
     trim = lambda: compact_kv(cache, past, [])  # noqa: E731
     van = clock.times_ms(lambda: picker.pick(drafter.decode_one_token(root, cache)), warm, reps, after=trim)
-    res["vanilla"] = {"step_ms": med(van), "step_ms_min": round(min(van), 4)}
+    res["vanilla"] = {"step_ms": med(van), "step_ms_min": round(min(van), 4),
+                      "device_busy_ms": device_busy_ms(lambda: picker.pick(drafter.decode_one_token(root, cache)),
+                                                       device, reps, after=trim)}
 
     # The draft's context over the prompt (what generate does after prefill): one CTC proposer, shared.
     context = prompt[0].tolist() + [root]
@@ -476,6 +506,8 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
                 entry["verify_only_ms"] = med(clock.times_ms(
                     lambda: base.forward(ids, cache, position_ids=pos, attention_mask=mask), warm, reps, after=trim))
                 entry["tree_inputs_ms"] = med(clock.times_ms(lambda: tree.verify_inputs(past, device, dtype), warm, reps))
+                entry["verify_device_busy_ms"] = device_busy_ms(
+                    lambda: base.forward(ids, cache, position_ids=pos, attention_mask=mask), device, reps, after=trim)
             res["spec"][f"{kind}{budget}"] = entry
 
     # The draft's own overhead: frames + candidate tree (beam, budget 64) + context update of 1 token.
@@ -483,10 +515,13 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     fr = draft.frames(ctc.s_last, dcache)[0]
     syms = draft.symbol_tokens()
     build_ms = clock.times_ms(lambda: ctc.policy.build(root, fr, 64, 64, symbols=syms), warm, reps)
+    medusa = make_policy("medusa")  # the default policy on CUDA: a static tree, one small transfer
+    medusa_ms = clock.times_ms(lambda: medusa.build(root, fr, 64, 64, symbols=syms), warm, reps)
     one = torch.tensor([[root]], device=device)
     extend_ms = clock.times_ms(lambda: draft.extend(hidden[:, -1:], one, dcache), warm, reps, after=restore)
     total = med(frames_ms) + med(build_ms) + med(extend_ms)
-    res["draft_overhead"] = {"frames_ms": med(frames_ms), "beam64_build_ms": med(build_ms), "extend1_ms": med(extend_ms),
+    res["draft_overhead"] = {"frames_ms": med(frames_ms), "beam64_build_ms": med(build_ms),
+                             "medusa64_build_ms": med(medusa_ms), "extend1_ms": med(extend_ms),
                              "total_ms": round(total, 4), "fraction_of_hf_step": round(total / hf_ms, 4),
                              "fraction_of_vanilla_step": round(total / med(van), 4)}
     # KV compaction when the accepted path is not a prefix of the node order (index_select + cat).
@@ -597,8 +632,10 @@ def summary_lines(r: dict) -> list[str]:
         L.append(f"{name} | {t['hf']['step_ms']:.2f} | {t['vanilla']['step_ms']:.2f} | {beams} | {fixed} | "
                  f"{do['total_ms']:.2f} ({do['fraction_of_hf_step']:.0%}) | {bw}")
         L.append(f"   syncs/step {t['syncs_per_step']}; draft: frames {do['frames_ms']:.2f} beam-build "
-                 f"{do['beam64_build_ms']:.2f} extend {do['extend1_ms']:.2f} ms; break-even accept length "
-                 f"{t.get('break_even_accept_length_beam64')}")
+                 f"{do['beam64_build_ms']:.2f} medusa-build {do.get('medusa64_build_ms', float('nan')):.2f} extend "
+                 f"{do['extend1_ms']:.2f} ms; spec64 / HF step {t.get('break_even_accept_length_beam64')}")
+        L.append(f"   GPU busy per step (kernels only): vanilla {t['vanilla'].get('device_busy_ms')} ms, "
+                 f"64-node verify {sp.get('fixed64', {}).get('verify_device_busy_ms')} ms")
     for name, tg in r.get("targets", {}).items():
         L.append(f"targets {name}: " + "; ".join(
             f"{k} {v['value']:.3f} <= {v['max']} {'PASS' if v['pass'] else 'FAIL'}" for k, v in tg.items()))
