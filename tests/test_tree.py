@@ -84,6 +84,38 @@ def test_compact_kv_keeps_past_and_accepted_path_in_place():
     assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5, 6]
 
 
+
+def test_growing_cache_writes_each_pass_in_place_and_survives_compaction():
+    """new_kv_cache's layers append without copying the past (DynamicLayer's torch.cat copies it every pass)."""
+    from transformers import DynamicCache
+
+    from ctc_drafter.decoding.kv_cache import new_kv_cache
+
+    base = type("B", (), {"attention_layout": None})()
+    grow, plain = new_kv_cache(base), DynamicCache()
+    g = torch.Generator().manual_seed(0)
+    rows = lambda n: torch.randn(1, 2, n, 3, generator=g)  # noqa: E731
+    steps = [(rows(5), None), (rows(4), [0, 2]), (rows(3), [0]), (rows(6), [0, 1, 2, 3, 4, 5]), (rows(2), [0, 1])]
+    ptrs = []
+    for k, keep in steps:
+        for c in (grow, plain):
+            past = c.get_seq_length()
+            c.update(k, -k, 0)
+            if keep is not None:
+                compact_kv(c, past_len=past, keep=keep)
+        assert torch.equal(grow.layers[0].keys, plain.layers[0].keys)
+        assert torch.equal(grow.layers[0].values, -grow.layers[0].keys)
+        ptrs.append(grow.layers[0].keys.data_ptr())
+    assert len(set(ptrs)) == 1  # one storage throughout (64 rows hold these 14): nothing re-copied
+    # a layer whose keys were replaced from outside (a crop, a reorder) is refilled, not corrupted
+    layer = grow.layers[0]
+    layer.keys, layer.values = layer.keys[:, :, :3].clone(), layer.values[:, :, :3].clone()
+    plain.layers[0].keys, plain.layers[0].values = plain.layers[0].keys[:, :, :3], plain.layers[0].values[:, :, :3]
+    k = rows(2)
+    for c in (grow, plain):
+        c.update(k, -k, 0)
+    assert torch.equal(grow.layers[0].keys, plain.layers[0].keys) and grow.get_seq_length() == 5
+
 def test_compact_kv_refuses_layers_with_their_own_bookkeeping():
     """A sliding-window layer counts positions itself and drops old rows: compacting it would corrupt it."""
     from transformers import DynamicCache, MistralConfig

@@ -3,8 +3,10 @@
 A tree pass appends every node's keys/values; after acceptance only the past plus the accepted path
 may stay, in path order, so the next pass sees exactly what a vanilla loop would have cached.
 
-Every layer is a plain `DynamicLayer`, sliding-window layers included: row j then always holds
-position j, which compaction and the tree mask rely on. transformers' `DynamicSlidingWindowLayer`
+Every layer is a `GrowingLayer` (a `DynamicLayer` whose rows live in storage that doubles when full),
+sliding-window layers included: row j then always holds position j, which compaction and the tree
+mask rely on, and a pass writes only its own rows (DynamicLayer's torch.cat copies the whole cache
+every pass: several ms a step at 2k tokens for SmolLM2 in bf16 on one core, `scripts/kv_append_cost.py`). transformers' `DynamicSlidingWindowLayer`
 keeps only the last window - 1 rows and counts positions in its own `cumulative_length`, so rows
 could not be dropped from its middle; the window is applied by the mask instead (models/attention.py),
 at the price of keeping the whole context for those layers, as a full-attention layer does.
@@ -13,16 +15,42 @@ at the price of keeping the whole context for those layers, as a full-attention 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
+from ..draft.cache import KVBuffer
 from ..errors import CTCDrafterError
 
 
+class GrowingLayer(DynamicLayer):
+    """keys/values are views of the first rows of a KVBuffer; a pass writes its rows in place.
+
+    Compaction (`compact_kv`) leaves views of the same storage, so the next pass writes right after the
+    kept rows. If anything else replaced keys/values (a crop, a reorder), the buffer is refilled from
+    them first.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:  # (lazy_initialization's signature differs between transformers 5.x)
+            self.device, self.dtype, self.is_initialized = key_states.device, key_states.dtype, True
+            self.keys = self.values = None
+        buf = self.__dict__.setdefault("_buf", KVBuffer())
+        n0 = self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
+        if n0 and (buf.k is None or self.keys.data_ptr() != buf.k.data_ptr()
+                   or self.keys.stride() != buf.k.stride()):
+            buf.write(0, self.keys, self.values)  # not a view of the buffer (any more)
+        self.keys, self.values = buf.write(n0, key_states, value_states)
+        return self.keys, self.values
+
+
 def new_kv_cache(base):
-    """An empty cache for `base`; raises CTCDrafterError for a base whose attention a tree pass cannot verify."""
+    """An empty cache for `base` (GrowingLayers, made on first update); raises CTCDrafterError for a base
+    whose attention a tree pass cannot verify."""
     from transformers import DynamicCache
 
     base.attention_layout  # noqa: B018 - validates the base's layer kinds once (cached)
-    return DynamicCache()  # no config: DynamicLayer for every layer, created on first update
+    cache = DynamicCache()  # no config: one layer per model layer, created on first update
+    cache.layer_class_to_replicate = GrowingLayer  # Cache's constructor field: the class it replicates
+    return cache
 
 
 def compact_kv(cache, past_len: int, keep: list[int]) -> None:
@@ -32,13 +60,12 @@ def compact_kv(cache, past_len: int, keep: list[int]) -> None:
     is never below its destination, as `keep` ascends from the root), then each layer is cut to a
     view of its first past_len + len(keep) rows.
     """
-    from transformers.cache_utils import DynamicLayer
-
+    plain = (DynamicLayer, GrowingLayer)
     n_keep = len(keep)
     moved = keep != list(range(n_keep))  # the accepted path is not already in place
     idx = None
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in plain:
             raise CTCDrafterError(f"cannot compact a {type(layer).__name__} cache layer; make the cache with "
                                   "new_kv_cache (plain DynamicLayers)")
         k, v = layer.keys, layer.values  # [B, H, past+n, hd]
