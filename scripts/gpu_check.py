@@ -597,9 +597,12 @@ def summary_lines(r: dict) -> list[str]:
     L = [f"== ctc-drafter gpu_check on {env['device_name']} | torch {env['torch']} | transformers {env['transformers']}"
          f" | dry_run={env['dry_run']} | {r.get('elapsed_s', 0):.0f}s"]
     imp = r.get("imports", {})
-    L.append(f"imports without gguf: {'OK' if imp.get('ok') else 'FAIL ' + str(imp.get('failed') or imp.get('error'))}"
-             + (f" (not installed here, skipped: {sorted(imp['dependency_not_installed'])})"
-                if imp.get("dependency_not_installed") else ""))
+    if not imp:
+        L.append("imports without gguf: not selected")
+    else:
+        L.append(f"imports without gguf: {'OK' if imp.get('ok') else 'FAIL ' + str(imp.get('failed') or imp.get('error'))}"
+                 + (f" (not installed here, skipped: {sorted(imp['dependency_not_installed'])})"
+                    if imp.get("dependency_not_installed") else ""))
     pb = r.get("peak_bandwidth", {})
     L.append(f"peak copy bandwidth: {pb.get('gbps', '-')} GB/s")
     ex = r.get("exactness_fp32", {})
