@@ -69,6 +69,9 @@ def methods(a) -> list[tuple[str, list[str]]]:
         for name, extra in base_methods(a):
             mine = [] if name.startswith("hf-") else ours
             out.append((method_name(name, dtype, a), extra + mine + ["--dtype", dtype]))
+    for dtype in getattr(a, "hf_also", None) or []:  # HF generate in another dtype: a second reference
+        if dtype not in dtypes(a):
+            out.append((f"hf-generate@{dtype}", ["--engine", "hf", "--dtype", dtype]))
     return out
 
 
@@ -148,6 +151,9 @@ def main():
                          "time differently on a busy machine, and eval refuses to resume with other kernels)")
     ap.add_argument("--threads", default="auto", help="our loop's torch threads: auto or N")
     ap.add_argument("--no-run", action="store_true", help="only tabulate existing answer files")
+    ap.add_argument("--hf-also", action="append", metavar="DTYPE",
+                    help="HF generate also in this dtype (e.g. float32 beside bf16 runs): a column of speedups "
+                         "against it, since the fastest HF setting on a CPU is not always the model's own dtype")
     ap.add_argument("--draft", action="append", metavar="NAME=PATH",
                     help="another draft to run with the `prefix` policy as method NAME-prefix (repeatable)")
     ap.add_argument("--part", default=None, metavar="K/N",
@@ -183,24 +189,31 @@ def summarize(a, files: dict[str, Path]) -> None:
     files = {n: [p for p in (f if isinstance(f, list) else [f]) if p.exists()] for n, f in files.items()}
     files = common_questions({n: f for n, f in files.items() if f}, Path(a.out) / "common")
     rows = {}
+    extra_refs = {f"hf-generate@{d}" for d in getattr(a, "hf_also", None) or [] if d not in dtypes(a)}
     for name, f in files.items():
-        base = files.get(baseline_of(name))
+        # the extra HF reference is compared with HF in the bench's (first) dtype: how often the two agree
+        ref = method_name("hf-generate", dtypes(a)[0], a) if name in extra_refs else baseline_of(name)
+        base = files.get(ref)
         if base is None:
-            print(f"{name}: no {baseline_of(name)} answers yet to compare with", flush=True)
+            print(f"{name}: no {ref} answers yet to compare with", flush=True)
             continue
         rows[name] = build_report(str(f), str(base), question_file=a.question_file,
                                   gsm8k_file=a.question_file if a.bench == "gsm8k" else None)
     if not rows:
         return
     Path(a.out, "summary.json").write_text(json.dumps(rows, indent=1, default=str))
-    lines = [f"| method | tokens/s | speedup vs HF generate (same dtype) | beta | node budget | token-identical to HF | accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    # a second HF reference (--hf-also): its tokens/s over the same questions, as measured in its own row
+    also = {n: rows[n]["tokens_per_s"]["spec"] for n in sorted(extra_refs) if n in rows}
+    lines = ["| method | tokens/s | speedup vs HF generate (same dtype) | "
+             + "".join(f"vs {n} | " for n in also) + "beta | node budget | token-identical to HF | accuracy |",
+             "|---|---|---|" + "---|" * len(also) + "---|---|---|---|"]
     for name, r in rows.items():
         meta = r["meta"]["spec"] or {}
         acc = r.get("gsm8k_accuracy") or {}
         acc_s = f"{acc['spec_correct']}/{acc['n']}" if acc else "-"
+        vs = "".join(f"{r['tokens_per_s']['spec'] / t:.2f}x | " for t in also.values())
         lines.append(f"| {name} | {r['tokens_per_s']['spec']:.2f} | {r['gamma']:.2f}x (mean {r['gamma_mean']:.2f}x) | "
-                     f"{r['beta']:.2f} | {meta.get('budget') or '-'} | {r['n_identical']}/{r['n_questions']} | {acc_s} |")
+                     f"{vs}{r['beta']:.2f} | {meta.get('budget') or '-'} | {r['n_identical']}/{r['n_questions']} | {acc_s} |")
     hist_lines = ["", "Accepted tokens per step (share of steps):", ""]
     for name, r in rows.items():
         h = r.get("accept_length_hist") or {}

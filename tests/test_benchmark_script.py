@@ -111,3 +111,13 @@ def test_extra_drafts_run_with_the_prefix_policy():
     got = dict(bm.base_methods(a))
     assert got["ar-prefix"][:2] == ["--draft-model", "runs/ar"] and "prefix" in got["ar-noctc-prefix"]
     assert [n for n in got][-2:] == ["hybrid", "hf-prompt-lookup"]
+
+
+def test_hf_also_adds_one_hf_reference_in_another_dtype():
+    bm = _load()
+    a = types.SimpleNamespace(budget=None, medusa_budget=None, ctc_draft="d", ce_draft=None, only="hf-generate,hybrid",
+                              dtypes="bfloat16", cpu_kernels="auto", threads="1", hf_also=["float32", "bfloat16"])
+    got = dict(bm.methods(a))
+    assert list(got) == ["hf-generate", "hybrid", "hf-generate@float32"]  # bfloat16 is the bench's own dtype
+    extra = got["hf-generate@float32"]
+    assert extra[extra.index("--dtype") + 1] == "float32" and "--engine" in extra and "--cpu-kernels" not in extra
