@@ -6,9 +6,9 @@ may stay, in path order, so the next pass sees exactly what a vanilla loop would
 Every layer is a `GrowingLayer` (a `DynamicLayer` whose rows live in storage that doubles when full),
 sliding-window layers included: row j then always holds position j, which compaction and the tree
 mask rely on, and a pass writes only its own rows (DynamicLayer's torch.cat copies the whole cache
-every pass: several ms a step at 2k tokens for SmolLM2 in bf16 on one core, `scripts/kv_append_cost.py`). transformers' `DynamicSlidingWindowLayer`
-keeps only the last window - 1 rows and counts positions in its own `cumulative_length`, so rows
-could not be dropped from its middle; the window is applied by the mask instead (models/attention.py),
+every pass: 8 ms a step at 2k tokens for SmolLM2 in bf16 on one core, `scripts/kv_append_cost.py`).
+transformers' `DynamicSlidingWindowLayer` keeps only the last window - 1 rows and counts positions in
+its own `cumulative_length`, so rows could not be dropped from its middle; the window is applied by the mask instead (models/attention.py),
 at the price of keeping the whole context for those layers, as a full-attention layer does.
 """
 
@@ -67,7 +67,7 @@ def compact_kv(cache, past_len: int, keep: list[int]) -> None:
     for layer in cache.layers:
         if type(layer) not in plain:
             raise CTCDrafterError(f"cannot compact a {type(layer).__name__} cache layer; make the cache with "
-                                  "new_kv_cache (plain DynamicLayers)")
+                                  "new_kv_cache (plain or growing DynamicLayers)")
         k, v = layer.keys, layer.values  # [B, H, past+n, hd]
         if moved:
             if idx is None or idx.device != k.device:
