@@ -36,7 +36,8 @@ def main():
     a = ap.parse_args()
     qs = [json.loads(line)["turns"][0] for line in Path(a.questions).read_text().split("\n") if line.strip()]
     qs = qs[:: a.every][: a.prompts] if a.every else qs[-a.prompts:]
-    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, cpu_kernels=a.cpu_kernels)
+    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, cpu_kernels=a.cpu_kernels,
+                                   adaptive=False)  # every step speculates: beta is the tree's
     d.chat("Hi", max_new_tokens=8)  # warm-up
     rows = []
 

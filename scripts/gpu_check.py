@@ -465,9 +465,9 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     root = picker.pick(logits[0])
     past = cache.get_seq_length()
     trim = lambda: compact_kv(cache, past, [])  # noqa: E731
-    van = clock.times_ms(lambda: picker.pick(drafter.decode_one_token(root, cache)), warm, reps, after=trim)
+    van = clock.times_ms(lambda: picker.pick(drafter.decode_one_token(root, cache)[0]), warm, reps, after=trim)
     res["vanilla"] = {"step_ms": med(van), "step_ms_min": round(min(van), 4),
-                      "device_busy_ms": device_busy_ms(lambda: picker.pick(drafter.decode_one_token(root, cache)),
+                      "device_busy_ms": device_busy_ms(lambda: picker.pick(drafter.decode_one_token(root, cache)[0]),
                                                        device, reps, after=trim)}
 
     # The draft's context over the prompt (what generate does after prefill): one CTC proposer, shared.
@@ -491,7 +491,7 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     res["spec"] = {}
     for budget in a.budgets:
         for kind in ("beam", "fixed"):
-            d = CTCDrafter(base, draft, budget=budget,
+            d = CTCDrafter(base, draft, budget=budget, adaptive=False,
                            proposer=ctc if kind == "beam" else FixedTreeProposer(budget, c.vocab_size))
             sizes: list[int] = []
             full = clock.times_ms(lambda: spec_full(d), warm, reps, after=restore)
@@ -531,11 +531,11 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     # Syncs per step: a count growing with the node budget would mean a per-node host sync.
     res["syncs_per_step"] = {}
     for b in (16, 128):
-        d = CTCDrafter(base, draft, budget=b, proposer=ctc)
+        d = CTCDrafter(base, draft, budget=b, proposer=ctc, adaptive=False)
         res["syncs_per_step"][f"beam{b}"] = count_syncs(
             lambda: d.speculative_step(context, cache, picker, max_depth=64), device)
         restore()
-    res["syncs_per_step"]["vanilla"] = count_syncs(lambda: picker.pick(drafter.decode_one_token(root, cache)), device)
+    res["syncs_per_step"]["vanilla"] = count_syncs(lambda: picker.pick(drafter.decode_one_token(root, cache)[0]), device)
     trim()
 
     # Throughput and bandwidth.

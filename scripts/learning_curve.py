@@ -137,7 +137,7 @@ def held_out_beta(a, draft: str, prompts: list[str]) -> tuple[dict, str]:
     beta = {}
     for budget in a.budgets:
         d = CTCDrafter.from_pretrained(a.base_model, draft, dtype=a.dtype, proposer="ctc", generator="prefix",
-                                       budget=budget)
+                                       budget=budget, adaptive=False)  # the draft's acceptance: every step speculates
         tokens = steps = 0
         for p in prompts:
             r = d.chat(p, max_new_tokens=a.max_new_tokens)

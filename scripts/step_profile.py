@@ -49,7 +49,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, generator=a.generator, budget=a.budget,
-                                   cpu_kernels=a.cpu_kernels, proposer=a.proposer)
+                                   cpu_kernels=a.cpu_kernels, proposer=a.proposer, adaptive=False)
     t = defaultdict(list)
     wrap(t, d, "speculative_step", "whole step")
     wrap(t, d.proposer, "propose", "propose")

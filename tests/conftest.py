@@ -44,6 +44,24 @@ def tiny_arch(arch: str, vocab_size=64, hidden=32, layers=2, dtype=torch.float64
     return getattr(transformers, model_cls)(cfg).to(dtype).eval()
 
 
+class _AlwaysSpeculate:
+    """The speculation switch (decoding/switch.py) decides by wall time; in tests that would make step
+    counts depend on the machine's load, so every step speculates unless a test installs its own."""
+
+    def speculate(self) -> bool:
+        return True
+
+    def record(self, speculative, tokens, seconds) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def speculate_every_step(monkeypatch):
+    from ctc_drafter.decoding import generate
+
+    monkeypatch.setattr(generate, "SpeculationSwitch", _AlwaysSpeculate)
+
+
 @pytest.fixture
 def toy_base():
     """A float64 tiny Llama (vocab 64, no tokenizer, no EOS): for exactness tests on token ids."""

@@ -42,6 +42,9 @@ def add_decoding_args(p) -> None:
                         "on CPU), the paper's Medusa-63 tree (default on CUDA), or CTC prefix beam search")
     p.add_argument("--budget", type=checks.int_in(1, checks.MAX_BUDGET), default=None,
                    help=f"tree node budget incl. root, 1..{checks.MAX_BUDGET} (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
+    p.add_argument("--always-speculate", action="store_true",
+                   help="speculate on every step; by default a greedy request runs plain 1-token steps while "
+                        "speculation measures slower than them on this request (the same tokens either way)")
     p.add_argument("--cpu-kernels", default="auto", choices=["auto", "packed", "stock"],
                    help="linear layers of our loop on a CPU fp32/bf16 base: auto (the fastest per pass size, timed "
                         "once per machine and cached), oneDNN with packed weights, or PyTorch's stock ones (what HF "
@@ -58,5 +61,5 @@ def load_drafter(args, draft_model):
     d = CTCDrafter.from_pretrained(args.base_model, draft_model, device=args.device, dtype=args.dtype,
                                    generator=args.generator, budget=args.budget, cpu_kernels=args.cpu_kernels,
                                    proposer=args.proposer, trust_remote_code=args.trust_remote_code,
-                                   cpu_threads=args.threads)
+                                   cpu_threads=args.threads, adaptive=not args.always_speculate)
     return d, d.kernel_report

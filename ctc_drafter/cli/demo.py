@@ -95,7 +95,8 @@ def run(args) -> int:
         spec, tps = runs["spec"], {k: r.tokens_per_s for k, r in runs.items()}
         ratios.append(tps["spec"] / tps["hf"])
         print(f"\n[{i}] {prompt}\n{spec.text.strip()}\n"
-              f"    speculative {tps['spec']:6.1f} tok/s, {spec.mean_accept_length:.2f} tokens/step | "
+              f"    speculative {tps['spec']:6.1f} tok/s, {spec.mean_accept_length:.2f} tokens/step"
+              f"{f' ({spec.plain_steps} of {spec.steps} steps plain)' if spec.plain_steps else ''} | "
               f"vanilla {tps['base']:6.1f} | HF generate {tps['hf']:6.1f} | "
               f"speedup {tps['spec'] / tps['base']:.2f}x vs vanilla, {ratios[-1]:.2f}x vs HF generate | "
               f"identical: {_differences(runs)}")

@@ -76,6 +76,7 @@ def _meta(args, engine) -> dict:
         "proposer": engine.settings()["proposer"] if draft else None,
         "generator": engine.settings().get("generator") if draft else None,
         "budget": engine.settings()["budget"] if draft else None,
+        "adaptive": engine.settings()["adaptive"] if draft else None,
         "prompt_lookup_tokens": engine.prompt_lookup_tokens if args.engine == "hf-prompt-lookup" else None,
         "draft_model": args.draft_model if draft else None,
         "draft_trained": engine.draft_trained if draft else None,
@@ -103,7 +104,7 @@ def _load_engine(args):
                                           device=args.device, dtype=args.dtype, generator=args.generator,
                                           budget=args.budget, cpu_kernels=args.cpu_kernels,
                                           proposer=args.proposer, trust_remote_code=args.trust_remote_code,
-                                          cpu_threads=args.threads)
+                                          cpu_threads=args.threads, adaptive=not args.always_speculate)
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 

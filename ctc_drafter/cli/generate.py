@@ -45,5 +45,7 @@ def run(args) -> int:
     else:
         mode = "baseline" if args.baseline else drafter.label()
         print(f"\n[{mode}] {res.new_tokens} tokens in {res.wall_s:.2f} s = {res.tokens_per_s:.1f} tokens/s, "
-              f"{res.steps} steps, {res.mean_accept_length:.2f} tokens/step", file=sys.stderr)
+              f"{res.steps} steps, {res.mean_accept_length:.2f} tokens/step"
+              + (f" ({res.plain_steps} plain: speculation was slower there)" if res.plain_steps else ""),
+              file=sys.stderr)
     return 0

@@ -2,7 +2,7 @@
 
     prompts --one pass each, unpadded------> KV cache, last logits (+ greedy targets / hidden states of
                                              every prompt position, when asked)
-            --KV rows right-aligned--------> one batch cache, allocated once for prompt + longest budget
+            --KV rows right-aligned--------> one batch cache, written in place (its storage doubles when full)
             --one [b,1] pass per token-----> next tokens; rows that end leave the batch at once
 
 Why not HF `generate`: it prefills a padded batch (a 40-token prompt next to a 300-token one costs a
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..decoding.kv_cache import GrowingLayer
 from ..models.base import _cache_kwarg
 
 LOGIT_ELEMS = 1 << 26  # LM-head rows per chunk * vocab: bounds a [rows, V] logits block (256 MB fp32)
@@ -91,62 +92,31 @@ def choose_next(logits: torch.Tensor, sampling: Sampling, generators: list[torch
 # --------------------------------------------------------------------------- the batch's KV cache
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A full-attention cache layer whose keys/values are views into buffers allocated once.
-
-    DynamicLayer appends with torch.cat, copying the whole batch's cache every step; here a new
-    token is written in place. `keys`/`values` stay [B,H,T,hd] tensors, as the model expects.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        super().__init__()
-        self.kbuf, self.vbuf, self.length = keys, values, length  # [B,H,capacity,hd], filled up to length
-        self.device, self.is_initialized = keys.device, True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        n = key_states.shape[-2]
-        self.kbuf[:, :, self.length : self.length + n] = key_states
-        self.vbuf[:, :, self.length : self.length + n] = value_states
-        self.length += n
-        self._views()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor, start: int = 0) -> None:
-        """Keep rows `indices`, dropping the first `start` positions (padding no kept row attends to)."""
-        self.kbuf, self.vbuf = self.kbuf[indices, :, start:], self.vbuf[indices, :, start:]
-        self.length -= start
-        self._views()
-
-
-def batch_cache(base, caches: list, width: int, capacity: int):
-    """One cache for the batch: row b holds caches[b] (one prompt's) right-aligned at `width`."""
+def batch_cache(base, caches: list, width: int):
+    """One cache for the batch: row b holds caches[b] (one prompt's) right-aligned at `width`; its full-
+    attention layers are GrowingLayers (a new token is written in place, not appended with torch.cat)."""
     from transformers import DynamicCache
 
     batch = DynamicCache(config=base.config)
     for i, layer in enumerate(batch.layers):
         parts = [(c.layers[i].keys[0], c.layers[i].values[0]) for c in caches]  # [H,P_b,hd] each
         h, _, hd = parts[0][0].shape
-        full = type(layer) is DynamicLayer  # a plain full-attention layer: preallocate it
-        k = parts[0][0].new_zeros(len(caches), h, capacity if full else width, hd)
+        full = type(layer) is DynamicLayer  # a plain full-attention layer: write it in place
+        k = parts[0][0].new_zeros(len(caches), h, width, hd)
         v = torch.zeros_like(k)
         for b, (kb, vb) in enumerate(parts):
             k[b, :, width - kb.shape[1] : width] = kb
             v[b, :, width - vb.shape[1] : width] = vb
         if full:
-            batch.layers[i] = PreallocatedLayer(k, v, width)
-        else:  # another kind of layer (e.g. sliding window) keeps its own bookkeeping
-            layer.update(k, v)
+            batch.layers[i] = layer = GrowingLayer()
+        layer.update(k, v)  # another kind of layer (e.g. sliding window) keeps its own bookkeeping
     return batch
 
 
 def _select_rows(cache, indices: torch.Tensor, start: int) -> None:
     for layer in cache.layers:
         indices = indices.to(layer.keys.device)
-        if isinstance(layer, PreallocatedLayer):
+        if isinstance(layer, GrowingLayer):
             layer.batch_select_indices(indices, start)
         else:
             layer.batch_select_indices(indices)
@@ -229,7 +199,7 @@ def generate_batch(base, prompts: list[list[int]], budgets: list[int], pad_id: i
     att = torch.zeros(n, width, dtype=torch.long)
     for b, p in enumerate(prompts):
         att[b, width - len(p):] = 1
-    batch = _Batch(batch_cache(base, [x.cache for x in pre], width, width + longest), att,
+    batch = _Batch(batch_cache(base, [x.cache for x in pre], width), att,
                    torch.tensor([[len(p)] for p in prompts]), list(generators) if generators is not None else None)
     for x in pre:  # their rows now live in the batch cache
         x.cache = None

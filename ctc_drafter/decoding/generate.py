@@ -20,6 +20,7 @@ from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear
 from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, make_proposer
+from .switch import SpeculationSwitch
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
 from .verify import accept_greedy, accept_sampling, check_sampling, warp_probs
@@ -36,6 +37,7 @@ class GenerationResult:
     wall_s: float = 0.0
     prefill_s: float = 0.0
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per speculative step
+    plain_steps: int = 0  # steps the speculation switch ran as plain 1-token steps (decoding/switch.py)
     text: str | None = None
     stop_reason: str = ""  # eos | length | context
 
@@ -63,6 +65,7 @@ class GenerationResult:
             "prefill_s": round(self.prefill_s, 4),
             "accept_lengths": self.accept_lengths,
             "mean_tree_size": round(sum(self.tree_sizes) / len(self.tree_sizes), 2) if self.tree_sizes else 0,
+            "plain_steps": self.plain_steps,
             "stop_reason": self.stop_reason,
             "tokens": self.tokens,
         }
@@ -128,8 +131,9 @@ class CTCDrafter(ChatMixin):
 
     def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str | None = None,
                  budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = "ctc",
-                 cost_ms=None):
+                 cost_ms=None, adaptive: bool = True):
         self.base = base
+        self.adaptive = adaptive  # greedy requests turn speculation off while it is slower (decoding/switch.py)
         self.kernel_report = None  # set by from_pretrained: the CPU kernel choice and pass cost model
         self.draft = draft.bind(base.model) if draft is not None else None
         self.draft_trained = draft_trained
@@ -148,7 +152,7 @@ class CTCDrafter(ChatMixin):
         """What identifies this engine's speculation in answer files and --json output."""
         if self.proposer is None:
             return {"proposer": None, "budget": None}
-        return {**self.proposer.describe(), "budget": self.budget}
+        return {**self.proposer.describe(), "budget": self.budget, "adaptive": self.adaptive}
 
     def label(self) -> str:
         """One line for logs and closing lines: what proposes, with which policy, under which budget."""
@@ -167,7 +171,8 @@ class CTCDrafter(ChatMixin):
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
                         dtype="auto", generator: str | None = None, budget: int | None = None,
                         cpu_kernels: str = "auto", proposer: str | Proposer = DEFAULT_PROPOSER,
-                        trust_remote_code: bool = False, cpu_threads: int | str = "auto") -> "CTCDrafter":
+                        trust_remote_code: bool = False, cpu_threads: int | str = "auto",
+                        adaptive: bool = True) -> "CTCDrafter":
         """Load base and draft.
 
         cpu_kernels (CPU fp32/bf16 bases): 'auto' gives each pass size the linear kernel measured
@@ -175,7 +180,8 @@ class CTCDrafter(ChatMixin):
         'stock' force oneDNN packed weights / PyTorch's own. The same timings are the pass cost model
         with which the hybrid proposer sizes each step's tree (`kernel_report.cost`). cpu_threads: torch's
         thread count, 'auto' = 1 or all cores, whichever the same timing found faster (unless
-        OMP_NUM_THREADS fixes it), or a number.
+        OMP_NUM_THREADS fixes it), or a number. adaptive: greedy requests run plain steps while
+        speculation measures slower than them (decoding/switch.py); False speculates on every step.
         """
         from ..draft import load_draft
         from ..models.base import load_base_model
@@ -188,7 +194,7 @@ class CTCDrafter(ChatMixin):
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
         cost = kernels.cost.pass_ms if kernels.cost is not None and proposer == "hybrid" else None
         drafter = cls(base, draft, generator=generator, budget=budget, draft_trained=trained, proposer=proposer,
-                      cost_ms=cost)
+                      cost_ms=cost, adaptive=adaptive)
         drafter.kernel_report = kernels
         return drafter
 
@@ -200,10 +206,11 @@ class CTCDrafter(ChatMixin):
         return hidden, logits[:, -1]
 
     def decode_one_token(self, token: int, cache):
-        """One vanilla step: feed `token`, get logits for the next one [V]."""
+        """One vanilla step: feed `token`, get logits for the next one [V] and the base's hidden state
+        at `token` [1,1,d]."""
         ids = torch.tensor([[token]], device=self.base.device)
-        _, logits = self.base.forward(ids, cache)
-        return logits[0, -1]
+        hidden, logits = self.base.forward(ids, cache)
+        return logits[0, -1], hidden
 
     def speculative_step(self, context: list[int], cache, picker: TokenPicker, max_depth: int):
         """Propose a tree under the newest token, verify it in one base pass, accept.
@@ -250,6 +257,9 @@ class CTCDrafter(ChatMixin):
         (included in the output, as HF `generate` does), at max_new_tokens, or at the context limit.
         should_stop(tokens) -> bool is called with all new tokens after every step (and after the
         prefill); True ends generation there with stop_reason "stop" (stop strings, a cancelled client).
+        Greedy speculation runs plain steps while it measures slower than them (the engine's `adaptive`;
+        decoding/switch.py): the tokens are the same, only the speed differs. Sampling speculates on
+        every step, so that a seed gives the same text whatever the machine's timing.
         """
         if max_new_tokens < 1:
             raise CTCDrafterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -270,15 +280,23 @@ class CTCDrafter(ChatMixin):
             streamer.put(torch.tensor([token]))
         limit = min(max_new_tokens, self.base.max_length - prompt.shape[1])
         context = prompt[0].tolist() + [token]
+        switch = SpeculationSwitch() if speculative and self.adaptive and picker.greedy else None
+        pending = []  # (tokens, hidden) of plain steps, given to the proposer when it next speculates
         if speculative:
             self.proposer.start(context[:-1], hidden, token)
         while not self._finished(res, eos, limit, should_stop):
-            remaining = limit - len(res.tokens)
-            if speculative:
+            remaining, t_step = limit - len(res.tokens), time.perf_counter()
+            spec_step = speculative and (switch is None or switch.speculate())
+            if spec_step:
+                if pending:  # catch the proposer up on the plain steps' tokens in one call
+                    self.proposer.accept(sum((t for t, _ in pending), []), torch.cat([h for _, h in pending], 1))
+                    pending = []
                 new, path_hidden, n = self.speculative_step(context, cache, picker, max_depth=remaining - 1)
                 res.tree_sizes.append(n)
             else:
-                new = [picker.pick(self.decode_one_token(res.tokens[-1], cache))]
+                logits, path_hidden = self.decode_one_token(res.tokens[-1], cache)
+                new = [picker.pick(logits)]
+                res.plain_steps += speculative
             new = truncate_new_tokens(new, eos, remaining)
             res.tokens += new
             context += new
@@ -287,7 +305,12 @@ class CTCDrafter(ChatMixin):
             if streamer is not None:
                 streamer.put(torch.tensor(new))
             if speculative and not self._finished(res, eos, limit):
-                self.proposer.accept(new, path_hidden)
+                if spec_step:
+                    self.proposer.accept(new, path_hidden)
+                else:
+                    pending.append((new, path_hidden))
+            if switch is not None:
+                switch.record(spec_step, len(new), time.perf_counter() - t_step)
         if speculative:
             self.proposer.finish()
         if streamer is not None:

@@ -29,17 +29,30 @@ class GrowingLayer(DynamicLayer):
     them first.
     """
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:  # (lazy_initialization's signature differs between transformers 5.x)
-            self.device, self.dtype, self.is_initialized = key_states.device, key_states.dtype, True
-            self.keys = self.values = None
+    def _buffer(self) -> KVBuffer:
+        """The layer's buffer, refilled from keys/values first if they are not (any more) its views."""
         buf = self.__dict__.setdefault("_buf", KVBuffer())
         n0 = self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
         if n0 and (buf.k is None or self.keys.data_ptr() != buf.k.data_ptr()
                    or self.keys.stride() != buf.k.stride()):
-            buf.write(0, self.keys, self.values)  # not a view of the buffer (any more)
-        self.keys, self.values = buf.write(n0, key_states, value_states)
+            buf.write(0, self.keys, self.values)
+        return buf
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:  # (lazy_initialization's signature differs between transformers 5.x)
+            self.device, self.dtype, self.is_initialized = key_states.device, key_states.dtype, True
+            self.keys = self.values = None
+        n0 = self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
+        self.keys, self.values = self._buffer().write(n0, key_states, value_states)
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor, start: int = 0) -> None:
+        """Keep batch rows `indices`, dropping the first `start` positions (left padding that no kept row
+        attends to any more); the buffer keeps its spare capacity."""
+        buf = self._buffer()
+        n = self.keys.shape[-2] - start
+        buf.k, buf.v = buf.k[indices, :, start:], buf.v[indices, :, start:]
+        self.keys, self.values = buf.k[:, :, :n], buf.v[:, :, :n]
 
 
 def new_kv_cache(base):

@@ -41,7 +41,7 @@ ANSWER_FORMAT = "ctc-drafter-answers/1"
 def new_choice(index: int) -> dict:
     """One choice of an answer record, before its turns."""
     return {"index": index, "turns": [], "idxs": [], "new_tokens": [], "wall_time": [], "accept_lengths": [],
-            "tokens": [], "stop_reasons": []}
+            "tokens": [], "stop_reasons": [], "plain_steps": []}
 
 
 def add_turn(choice: dict, text: str, res) -> None:
@@ -53,6 +53,7 @@ def add_turn(choice: dict, text: str, res) -> None:
     choice["accept_lengths"].append(res.accept_lengths)
     choice["tokens"].append(res.tokens)
     choice["stop_reasons"].append(res.stop_reason)
+    choice["plain_steps"].append(getattr(res, "plain_steps", 0))  # steps the speculation switch ran plain
 
 
 def answer_record(q: Question, model_id: str, choices: list[dict], meta: dict) -> dict:
@@ -178,7 +179,7 @@ def check_resumable(existing: list[dict], meta: dict, path) -> None:
         if old and "engine" not in old:
             old["engine"] = "ours"  # written before HF engines existed
         for key in ("bench", "engine", "prompt_lookup_tokens", "speculative", "base_model", "max_new_tokens",
-                    "temperature", "proposer", "generator", "budget", "kernels", "draft_sha256"):
+                    "temperature", "proposer", "generator", "budget", "kernels", "draft_sha256", "adaptive"):
             if key in old and key in meta and old[key] != meta[key]:
                 raise CTCDrafterError(
                     f"{path} already holds answers with {key}={old[key]!r} but this run has {key}={meta[key]!r}; "
@@ -262,7 +263,7 @@ def _is_count(x) -> bool:
 
 # meta fields the report compares or does arithmetic on, and the JSON types they may have (or null)
 _META_TYPES = {"temperature": (int, float), "top_p": (int, float), "top_k": int, "max_new_tokens": int,
-               "budget": int, "speculative": bool, "draft_trained": bool}
+               "budget": int, "speculative": bool, "draft_trained": bool, "adaptive": bool}
 
 
 def _check_record(obj: dict, where: str) -> None:
