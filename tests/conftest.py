@@ -46,12 +46,16 @@ def tiny_arch(arch: str, vocab_size=64, hidden=32, layers=2, dtype=torch.float64
 
 class _AlwaysSpeculate:
     """The speculation switch (decoding/switch.py) decides by wall time; in tests that would make step
-    counts depend on the machine's load, so every step speculates unless a test installs its own."""
+    counts depend on the machine's load, so every step takes the first arm (the proposer's full mode)
+    unless a test installs its own switch."""
 
-    def speculate(self) -> bool:
-        return True
+    def __init__(self, arms):
+        self.arm = arms[0]
 
-    def record(self, speculative, tokens, seconds) -> None:
+    def choose(self) -> str:
+        return self.arm
+
+    def record(self, arm, tokens, seconds) -> None:
         pass
 
 

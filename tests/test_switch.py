@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from ctc_drafter.decoding import CTCDrafter, Proposer, make_proposer
+from ctc_drafter.decoding import CTCDrafter, CTCProposer, NgramProposer, Proposer, UnionProposer, make_proposer
 from ctc_drafter.decoding import generate as generate_module
 from ctc_drafter.decoding.switch import SpeculationSwitch
 from ctc_drafter.draft import new_ar_draft_for, new_draft_for
@@ -12,52 +12,74 @@ from ctc_drafter.models.base import BaseModel
 from test_exactness import hf_greedy
 
 
-def feed(switch, speculative, tokens, seconds, times=1):
+def feed(switch, arm, tokens, seconds, times=1):
     for _ in range(times):
-        assert switch.speculate() == speculative
-        switch.record(speculative, tokens, seconds)
+        assert switch.choose() == arm
+        switch.record(arm, tokens, seconds)
 
 
-def test_switch_turns_speculation_off_while_it_is_slower_and_backs_off():
-    s = SpeculationSwitch(window=4, probe=2, off_min=8, off_max=32)
-    feed(s, True, 1, 0.10, times=4)  # speculation: 10 tok/s
-    feed(s, False, 1, 0.05, times=2)  # the probe: plain steps, 20 tok/s
-    feed(s, True, 1, 0.10)  # judged against the probe: slower -> 8 plain steps
-    feed(s, False, 1, 0.05, times=8)
-    feed(s, True, 1, 0.10, times=4)  # a fresh window of 4, still slower -> 16 plain steps (doubled)
-    feed(s, False, 1, 0.05, times=16)
-    feed(s, True, 3, 0.10, times=4)  # now 30 tok/s: speculation stays on
-    feed(s, True, 3, 0.10, times=20)
-    assert s.off == 8  # a win resets the back-off
+def test_switch_runs_plain_steps_while_speculation_is_slower_and_backs_off():
+    s = SpeculationSwitch(("full", "plain"), window=4, probe=2, off_min=8, off_max=32)
+    feed(s, "full", 1, 0.10, times=4)  # speculation: 10 tok/s
+    feed(s, "plain", 1, 0.05, times=2)  # the first try of plain steps: 20 tok/s
+    feed(s, "plain", 1, 0.05, times=8)  # speculation lost: tried again after 8 steps
+    feed(s, "full", 1, 0.10, times=4)  # a fresh window of 4, still slower -> 16 plain steps (doubled)
+    feed(s, "plain", 1, 0.05, times=16)
+    feed(s, "full", 3, 0.10, times=4)  # now 30 tok/s: speculation takes over again
+    assert s.off["full"] == 8  # a win resets its back-off
+    feed(s, "full", 3, 0.10, times=8)
+    feed(s, "plain", 1, 0.05, times=2)  # plain lost its place: tried after 8 steps, loses
+    feed(s, "full", 3, 0.10, times=16)  # ... and is tried next after 16
+    assert s.choose() == "plain"
 
 
 def test_switch_keeps_speculating_when_it_pays():
-    s = SpeculationSwitch(window=4, probe=2)
-    feed(s, True, 3, 0.10, times=4)
-    feed(s, False, 1, 0.05, times=2)  # probe: 20 tok/s against 30
-    feed(s, True, 3, 0.10, times=100)
+    s = SpeculationSwitch(("full", "plain"), window=4, probe=2)
+    feed(s, "full", 3, 0.10, times=4)
+    feed(s, "plain", 1, 0.05, times=2)  # tried: 20 tok/s against 30
+    feed(s, "full", 3, 0.10, times=8)
+    feed(s, "plain", 1, 0.05, times=2)  # tried again after 8 steps, loses again
+    feed(s, "full", 3, 0.10, times=16)  # ... and then only after 16
+
+
+def test_a_stored_rate_takes_over_at_once_when_the_running_arm_slows():
+    s = SpeculationSwitch(("full", "plain"), window=4, probe=2, off_min=100)
+    feed(s, "full", 3, 0.10, times=4)
+    feed(s, "plain", 1, 0.05, times=2)  # 20 tok/s, stored
+    feed(s, "full", 1, 0.10, times=3)  # acceptance drops: 30 -> 15 tok/s over the last 4
+    assert s.choose() == "plain"
+
+
+def test_three_arms_each_tried_then_the_best_runs():
+    s = SpeculationSwitch(("full", "cheap", "plain"), window=4, probe=2, off_min=50)
+    feed(s, "full", 3, 0.10, times=4)  # 30 tok/s
+    feed(s, "cheap", 2, 0.05, times=4)  # 40 tok/s: takes over
+    feed(s, "cheap", 2, 0.05)  # the first step of the new running arm ...
+    feed(s, "plain", 1, 0.05, times=2)  # ... then plain, still untried, is tried: 20 tok/s
+    feed(s, "cheap", 2, 0.05, times=40)
 
 
 def test_the_back_off_is_capped():
-    s = SpeculationSwitch(window=1, probe=1, off_min=2, off_max=4)
-    feed(s, True, 1, 1.0)
-    feed(s, False, 1, 0.1)
+    s = SpeculationSwitch(("full", "plain"), window=1, probe=1, off_min=2, off_max=4)
+    feed(s, "full", 1, 1.0)
+    feed(s, "plain", 1, 0.1)
     for off in (2, 4, 4):
-        feed(s, True, 1, 1.0)
-        feed(s, False, 1, 0.1, times=off)
+        feed(s, "plain", 1, 0.1, times=off)
+        feed(s, "full", 1, 1.0)
 
 
 class Alternating:
-    """A switch that ignores time: speculate `on` steps, then `off` plain ones, over and over."""
+    """A switch that ignores time: runs its arms in a fixed cycle (e.g. 2 full steps, then 3 plain)."""
 
-    def __init__(self, on=2, off=3):
-        self.pattern, self.i = [True] * on + [False] * off, 0
+    def __init__(self, arms, pattern):
+        assert set(pattern) <= set(arms)
+        self.pattern, self.i = pattern, 0
 
-    def speculate(self):
+    def choose(self):
         return self.pattern[self.i % len(self.pattern)]
 
-    def record(self, speculative, tokens, seconds):
-        assert speculative == self.speculate()
+    def record(self, arm, tokens, seconds):
+        assert arm == self.choose()
         self.i += 1
 
 
@@ -91,26 +113,48 @@ class Recording(Proposer):
         self.inner.finish()
 
 
-@pytest.mark.parametrize("proposer,arch", [("ctc", "nar"), ("ctc", "ar"), ("ngram", None), ("hybrid", "nar")])
-def test_plain_steps_between_speculative_ones_are_lossless_and_the_proposer_catches_up(monkeypatch, proposer, arch):
-    monkeypatch.setattr(generate_module, "SpeculationSwitch", lambda: Alternating(on=2, off=3))
+def toy_drafter(proposer, arch, pattern, monkeypatch):
+    monkeypatch.setattr(generate_module, "SpeculationSwitch", lambda arms: Alternating(arms, pattern))
     base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")
     draft = None if arch is None else (new_ar_draft_for if arch == "ar" else new_draft_for)(base, seed=0).bind(base.model)
-    rec = Recording(make_proposer(proposer, draft, "prefix"))
-    drafter = CTCDrafter(base, draft, budget=8, proposer=rec)
+    return base, draft
+
+
+def check_lossless_and_caught_up(base, drafter, rec):
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4, 1]])
     spec = drafter.generate(ids, max_new_tokens=40)
     assert spec.tokens == drafter.generate(ids, max_new_tokens=40, speculative=False).tokens \
         == hf_greedy(base.model, ids, 40)
-    assert spec.plain_steps > 0 and spec.tree_sizes and len(spec.tree_sizes) + spec.plain_steps == spec.steps - 1
-    # what the proposer holds after plain steps is what one pass of the base over the context gives
+    assert sum(spec.arm_steps.values()) == spec.steps - 1 and len(spec.tree_sizes) == spec.steps - 1 - spec.plain_steps
+    # what the proposer holds when it proposes is what one pass of the base over the context gives
+    assert len(rec.seen) > 3
     context, hidden = rec.seen[-1]
     full, _ = base.forward(torch.tensor([context[:-1]]), None)
     torch.testing.assert_close(hidden, full, rtol=1e-9, atol=1e-9)
+    return spec
+
+
+@pytest.mark.parametrize("proposer,arch", [("ctc", "nar"), ("ctc", "ar"), ("ngram", None)])
+def test_plain_steps_between_speculative_ones_are_lossless_and_the_proposer_catches_up(monkeypatch, proposer, arch):
+    base, draft = toy_drafter(proposer, arch, ["full", "full", "plain", "plain", "plain"], monkeypatch)
+    rec = Recording(make_proposer(proposer, draft, "prefix"))
+    spec = check_lossless_and_caught_up(base, CTCDrafter(base, draft, budget=8, proposer=rec), rec)
+    assert spec.plain_steps > 0 and max(spec.accept_lengths) > 1
+
+
+def test_the_hybrid_without_its_draft_on_some_steps_is_lossless_and_the_draft_catches_up(monkeypatch):
+    pattern = ["full", "cheap", "cheap", "plain", "full", "plain", "cheap", "full"]
+    base, draft = toy_drafter("hybrid", "nar", pattern, monkeypatch)
+    rec = Recording(CTCProposer(draft, "prefix"))  # the draft inside the union: skipped on cheap and plain steps
+    hybrid = UnionProposer([rec, NgramProposer()], name="hybrid")
+    assert hybrid.modes == ("full", "cheap")
+    spec = check_lossless_and_caught_up(base, CTCDrafter(base, draft, budget=8, proposer=hybrid), rec)
+    assert spec.arm_steps["cheap"] > 0 and spec.plain_steps > 0
+    assert len(rec.seen) == spec.arm_steps["full"]  # the draft ran on full steps only
 
 
 def test_sampling_speculates_on_every_step(monkeypatch):
-    monkeypatch.setattr(generate_module, "SpeculationSwitch", lambda: Alternating(on=1, off=5))
+    monkeypatch.setattr(generate_module, "SpeculationSwitch", lambda arms: Alternating(arms, ["full"] + ["plain"] * 5))
     base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")
     drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="prefix", budget=4)
     out = drafter.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=20, temperature=1.0, seed=5)

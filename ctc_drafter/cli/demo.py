@@ -96,7 +96,7 @@ def run(args) -> int:
         ratios.append(tps["spec"] / tps["hf"])
         print(f"\n[{i}] {prompt}\n{spec.text.strip()}\n"
               f"    speculative {tps['spec']:6.1f} tok/s, {spec.mean_accept_length:.2f} tokens/step"
-              f"{f' ({spec.plain_steps} of {spec.steps} steps plain)' if spec.plain_steps else ''} | "
+              f"{f' ({spec.arms_label()})' if spec.arms_label() else ''} | "
               f"vanilla {tps['base']:6.1f} | HF generate {tps['hf']:6.1f} | "
               f"speedup {tps['spec'] / tps['base']:.2f}x vs vanilla, {ratios[-1]:.2f}x vs HF generate | "
               f"identical: {_differences(runs)}")

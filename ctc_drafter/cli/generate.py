@@ -46,6 +46,6 @@ def run(args) -> int:
         mode = "baseline" if args.baseline else drafter.label()
         print(f"\n[{mode}] {res.new_tokens} tokens in {res.wall_s:.2f} s = {res.tokens_per_s:.1f} tokens/s, "
               f"{res.steps} steps, {res.mean_accept_length:.2f} tokens/step"
-              + (f" ({res.plain_steps} plain: speculation was slower there)" if res.plain_steps else ""),
+              + (f" ({res.arms_label()})" if res.arms_label() else ""),
               file=sys.stderr)
     return 0

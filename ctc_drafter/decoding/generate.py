@@ -20,7 +20,7 @@ from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear
 from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, make_proposer
-from .switch import SpeculationSwitch
+from .switch import PLAIN, SpeculationSwitch
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
 from .verify import accept_greedy, accept_sampling, check_sampling, warp_probs
@@ -37,7 +37,7 @@ class GenerationResult:
     wall_s: float = 0.0
     prefill_s: float = 0.0
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per speculative step
-    plain_steps: int = 0  # steps the speculation switch ran as plain 1-token steps (decoding/switch.py)
+    arm_steps: dict[str, int] = field(default_factory=dict)  # steps per arm the switch chose (decoding/switch.py)
     text: str | None = None
     stop_reason: str = ""  # eos | length | context
 
@@ -49,6 +49,15 @@ class GenerationResult:
     def mean_accept_length(self) -> float:
         """beta: tokens per base forward pass (1.0 for vanilla decoding)."""
         return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def plain_steps(self) -> int:
+        """Steps of a speculative request that the switch ran as plain 1-token steps."""
+        return self.arm_steps.get(PLAIN, 0)
+
+    def arms_label(self) -> str:
+        """'' or e.g. 'steps: full 30, cheap 12, plain 5' (how the switch took the steps)."""
+        return "steps: " + ", ".join(f"{a} {n}" for a, n in self.arm_steps.items()) if self.arm_steps else ""
 
     @property
     def tokens_per_s(self) -> float:
@@ -65,7 +74,7 @@ class GenerationResult:
             "prefill_s": round(self.prefill_s, 4),
             "accept_lengths": self.accept_lengths,
             "mean_tree_size": round(sum(self.tree_sizes) / len(self.tree_sizes), 2) if self.tree_sizes else 0,
-            "plain_steps": self.plain_steps,
+            "arm_steps": self.arm_steps,
             "stop_reason": self.stop_reason,
             "tokens": self.tokens,
         }
@@ -280,14 +289,21 @@ class CTCDrafter(ChatMixin):
             streamer.put(torch.tensor([token]))
         limit = min(max_new_tokens, self.base.max_length - prompt.shape[1])
         context = prompt[0].tolist() + [token]
-        switch = SpeculationSwitch() if speculative and self.adaptive and picker.greedy else None
+        switch = None
+        if speculative and self.adaptive and picker.greedy:
+            switch = SpeculationSwitch(tuple(self.proposer.modes) + (PLAIN,))
         pending = []  # (tokens, hidden) of plain steps, given to the proposer when it next speculates
         if speculative:
             self.proposer.start(context[:-1], hidden, token)
+        mode = "full"
         while not self._finished(res, eos, limit, should_stop):
             remaining, t_step = limit - len(res.tokens), time.perf_counter()
-            spec_step = speculative and (switch is None or switch.speculate())
+            arm = switch.choose() if switch is not None else mode
+            spec_step = speculative and arm != PLAIN
             if spec_step:
+                if arm != mode:
+                    self.proposer.set_mode(arm)
+                    mode = arm
                 if pending:  # catch the proposer up on the plain steps' tokens in one call
                     self.proposer.accept(sum((t for t, _ in pending), []), torch.cat([h for _, h in pending], 1))
                     pending = []
@@ -296,7 +312,6 @@ class CTCDrafter(ChatMixin):
             else:
                 logits, path_hidden = self.decode_one_token(res.tokens[-1], cache)
                 new = [picker.pick(logits)]
-                res.plain_steps += speculative
             new = truncate_new_tokens(new, eos, remaining)
             res.tokens += new
             context += new
@@ -310,7 +325,8 @@ class CTCDrafter(ChatMixin):
                 else:
                     pending.append((new, path_hidden))
             if switch is not None:
-                switch.record(spec_step, len(new), time.perf_counter() - t_step)
+                switch.record(arm, len(new), time.perf_counter() - t_step)
+                res.arm_steps[arm] = res.arm_steps.get(arm, 0) + 1
         if speculative:
             self.proposer.finish()
         if streamer is not None:

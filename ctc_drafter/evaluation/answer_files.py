@@ -41,7 +41,7 @@ ANSWER_FORMAT = "ctc-drafter-answers/1"
 def new_choice(index: int) -> dict:
     """One choice of an answer record, before its turns."""
     return {"index": index, "turns": [], "idxs": [], "new_tokens": [], "wall_time": [], "accept_lengths": [],
-            "tokens": [], "stop_reasons": [], "plain_steps": []}
+            "tokens": [], "stop_reasons": [], "arm_steps": []}
 
 
 def add_turn(choice: dict, text: str, res) -> None:
@@ -53,7 +53,7 @@ def add_turn(choice: dict, text: str, res) -> None:
     choice["accept_lengths"].append(res.accept_lengths)
     choice["tokens"].append(res.tokens)
     choice["stop_reasons"].append(res.stop_reason)
-    choice["plain_steps"].append(getattr(res, "plain_steps", 0))  # steps the speculation switch ran plain
+    choice["arm_steps"].append(dict(getattr(res, "arm_steps", {})))  # steps per arm of the speculation switch
 
 
 def answer_record(q: Question, model_id: str, choices: list[dict], meta: dict) -> dict:

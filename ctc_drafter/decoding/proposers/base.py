@@ -23,6 +23,8 @@ class Proposer(ABC):
     """Suggests a token tree per step; `TokenTree.scores` estimate how likely the base accepts each node."""
 
     name: str = "proposer"
+    modes: tuple[str, ...] = ("full",)  # ways to propose, dearest first; the loop measures which pays (switch.py)
+    cheap: bool = False  # proposes at next to no cost (no model to run): a union's "cheap" mode keeps it alone
 
     def start(self, prompt_ids: list[int], prompt_hidden: torch.Tensor, first_token: int) -> None:
         """A new request. prompt_hidden [1,T,d]: the base's last hidden states over the prompt;
@@ -32,6 +34,9 @@ class Proposer(ABC):
     def propose(self, context: list[int], root: int, max_depth: int, budget: int) -> TokenTree:
         """context: prompt + tokens emitted so far (its last element is `root`). Returns a tree rooted at
         `root` with at most `budget` nodes (root included) and depth at most `max_depth`."""
+
+    def set_mode(self, mode: str) -> None:
+        """Propose the `mode` way (one of `modes`) from the next step on; a new request starts "full"."""
 
     def feedback(self, tree: TokenTree, emitted: list[int]) -> None:
         """After verification of `tree` (this proposer's own tree): the tokens the base emitted (accepted

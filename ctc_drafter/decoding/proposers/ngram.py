@@ -92,6 +92,7 @@ class NgramProposer(Proposer):
     """Prompt lookup with a tree of several continuations, plus a cross-request memory."""
 
     name = "ngram"
+    cheap = True  # a dictionary lookup per step
 
     def __init__(self, max_n: int = 4, continuations: int = 8, memory: NgramMemory | None = None,
                  memory_min_n: int = 2):

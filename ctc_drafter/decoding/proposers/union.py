@@ -4,11 +4,17 @@ Each source's scores are calibrated against what the base accepted (decoding/cal
 nodes from different sources compete on one scale; a node proposed by several sources takes the
 highest estimate. With a cost model the tree is then sized per step (decoding/tree_size.py): a
 confident step can verify a long n-gram chain, an unsure one stays small.
+
+Modes: "full" asks every source; "cheap" only the cheap ones (n-gram lookup), skipping the draft's
+layers on steps where the loop has measured that they do not pay (decoding/switch.py). A skipped
+source is caught up on the emitted tokens (and their hidden states) when it next proposes.
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
 
 from ..calibration import Calibration
 from ..tree import TokenTree
@@ -22,18 +28,42 @@ class UnionProposer(Proposer):
         self.name = name or "+".join(p.name for p in parts)
         self.calibration = [Calibration() for _ in parts]
         self.cost_ms = cost_ms  # verification pass cost for n nodes; None: always fill the budget
-        self._last: list[TokenTree] = []
+        self.modes = ("full", "cheap") if any(p.cheap for p in parts) and not all(p.cheap for p in parts) \
+            else ("full",)
+        self.cheap = all(p.cheap for p in parts)
+        self.mode = "full"
+        self._last: list[tuple[int, TokenTree]] = []  # (part, its tree) of the step
+        self._pending: list[list] = [[] for _ in parts]  # per part: (tokens, hidden) it has not been given
+
+    def set_mode(self, mode):
+        if mode not in self.modes:
+            raise ValueError(f"mode {mode!r} is not one of {self.modes}")
+        self.mode = mode
+
+    def _active(self, i: int) -> bool:
+        return self.mode == "full" or self.parts[i].cheap
+
+    def _catch_up(self, i: int) -> None:
+        """Give part i, in one call, the tokens of the steps it skipped (before anything newer)."""
+        if self._pending[i]:
+            tokens, hidden = sum((t for t, _ in self._pending[i]), []), torch.cat([h for _, h in self._pending[i]], 1)
+            self._pending[i] = []
+            self.parts[i].accept(tokens, hidden)
 
     def start(self, prompt_ids, prompt_hidden, first_token):
+        self.mode, self._pending = "full", [[] for _ in self.parts]
         for p in self.parts:
             p.start(prompt_ids, prompt_hidden, first_token)
 
     def propose(self, context, root, max_depth, budget):
         merged: dict[tuple[int, ...], float] = {}
         self._last = []
-        for part, cal in zip(self.parts, self.calibration):
+        for i, (part, cal) in enumerate(zip(self.parts, self.calibration)):
+            if not self._active(i):
+                continue
+            self._catch_up(i)
             tree = part.propose(context, root, max_depth, budget)
-            self._last.append(tree)
+            self._last.append((i, tree))
             for prefix, p in zip(tree.prefixes()[1:], cal.path_probs(tree)[1:]):
                 if p > merged.get(prefix, -1.0):
                     merged[prefix] = p
@@ -42,15 +72,20 @@ class UnionProposer(Proposer):
         return TokenTree.from_prefix_scores(root, merged, budget)
 
     def feedback(self, tree, emitted):
-        for part, cal, own in zip(self.parts, self.calibration, self._last):
-            cal.update(own, emitted)
-            part.feedback(own, emitted)
+        for i, own in self._last:
+            self.calibration[i].update(own, emitted)
+            self.parts[i].feedback(own, emitted)
 
     def accept(self, new_tokens, path_hidden):
-        for p in self.parts:
-            p.accept(new_tokens, path_hidden)
+        for i, p in enumerate(self.parts):
+            if self._active(i):
+                self._catch_up(i)
+                p.accept(new_tokens, path_hidden)
+            else:
+                self._pending[i].append((list(new_tokens), path_hidden))
 
     def finish(self):
+        self.mode, self._pending = "full", [[] for _ in self.parts]
         for p in self.parts:
             p.finish()
 
