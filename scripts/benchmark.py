@@ -12,7 +12,7 @@ Two processes, one per core, each its half of the windows, then one table over b
     wait; python scripts/benchmark.py ... --no-run --out runs/b --answers-from runs/b/p1 runs/b/p2
 
 Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with each tree policy, the
-n-gram proposer, the hybrid (CTC + n-gram), the CE (Medusa-style) ablation, our vanilla loop, HF
+n-gram proposer, the hybrid (CTC + n-gram; `hybrid-always`: with --always-speculate), the CE (Medusa-style) ablation, our vanilla loop, HF
 `generate` greedy and HF prompt-lookup decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
 with HF `generate` greedy: speedup (gamma), beta, the accepted-length histogram, token-exact agreement
 and, for GSM8K, accuracy. With several --dtypes every method runs in each (named `<method>@<dtype>`)
@@ -43,6 +43,9 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
             + (["--budget", str(a.medusa_budget)] if a.medusa_budget else [])),
            ("ctc-prefix", ["--draft-model", a.ctc_draft, "--proposer", "ctc", "--generator", "prefix"] + budget),
            ("ngram", ["--proposer", "ngram"] + budget),
+           # the hybrid asking its draft on every step (the switch off): what the switch adds
+           ("hybrid-always", ["--draft-model", a.ctc_draft, "--proposer", "hybrid", "--generator", "prefix",
+                              "--always-speculate"] + budget),
            ("hybrid", ["--draft-model", a.ctc_draft, "--proposer", "hybrid", "--generator", "prefix"] + budget),
            ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
     if a.ce_draft:
@@ -219,10 +222,28 @@ def summarize(a, files: dict[str, Path]) -> None:
         h = r.get("accept_length_hist") or {}
         tot = sum(h.values()) or 1
         hist_lines.append(f"- {name}: " + ", ".join(f"{k}: {v / tot:.1%}" for k, v in sorted(h.items(), key=lambda kv: int(kv[0]))))
+    arms = {n: arm_steps(files[n]) for n in rows}
+    if any(arms.values()):
+        hist_lines += ["", "How the speculation switch took the steps (share of steps after the prefill):", ""]
+        for name, counts in arms.items():
+            tot = sum(counts.values())
+            if tot:
+                hist_lines.append(f"- {name}: " + ", ".join(f"{k} {v / tot:.1%}" for k, v in counts.items()))
     text = "\n".join(lines + hist_lines) + "\n"
     Path(a.out, "summary.md").write_text(text)
     print(text)
     plot(rows, Path(a.out, "summary.png"), a.bench)
+
+
+def arm_steps(path: Path) -> dict[str, int]:
+    """Steps per arm of the speculation switch over an answer file (decoding/switch.py; {} without it)."""
+    tot: dict[str, int] = {}
+    for r in _records(path):
+        for c in r.get("choices") or []:
+            for turn in c.get("arm_steps") or []:
+                for k, v in (turn or {}).items():
+                    tot[k] = tot.get(k, 0) + v
+    return tot
 
 
 def _records(path: Path) -> list[dict]:

@@ -121,3 +121,13 @@ def test_hf_also_adds_one_hf_reference_in_another_dtype():
     assert list(got) == ["hf-generate", "hybrid", "hf-generate@float32"]  # bfloat16 is the bench's own dtype
     extra = got["hf-generate@float32"]
     assert extra[extra.index("--dtype") + 1] == "float32" and "--engine" in extra and "--cpu-kernels" not in extra
+
+
+def test_arm_steps_sum_over_questions_and_turns(tmp_path):
+    bm = _load()
+    f = tmp_path / "hybrid.jsonl"
+    recs = [{"question_id": 1, "choices": [{"arm_steps": [{"full": 3, "plain": 1}, {"full": 2, "cheap": 4}]}]},
+            {"question_id": 2, "choices": [{"arm_steps": [{"plain": 5}]}]},
+            {"question_id": 3, "choices": [{"turns": ["written before the switch existed"]}]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert bm.arm_steps(f) == {"full": 5, "plain": 6, "cheap": 4}
