@@ -207,6 +207,13 @@ class CTCDrafter(ChatMixin):
         drafter.kernel_report = kernels
         return drafter
 
+    def arms(self) -> tuple[str, ...]:
+        """The ways the speculation switch may take a step: the proposer's modes, plus plain 1-token steps
+        unless a mode costs next to nothing (n-gram lookup proposes a root-only tree where it finds
+        nothing, which is run as a plain step: a separate plain arm would only take its matches away)."""
+        modes = tuple(self.proposer.modes)
+        return modes if self.proposer.cheap or "cheap" in modes else modes + (PLAIN,)
+
     # ---- the steps -----------------------------------------------------------------------------
 
     def prefill(self, prompt: torch.Tensor, cache):
@@ -228,10 +235,12 @@ class CTCDrafter(ChatMixin):
         Returns (new tokens, base hidden states at the accepted path [1,m,d], nodes verified).
         """
         root, past = context[-1], cache.get_seq_length()
-        if max_depth > 0:
-            tree = self.proposer.propose(context, root, max_depth, self.budget)
-        else:
-            tree = TokenTree([root], [-1])
+        tree = self.proposer.propose(context, root, max_depth, self.budget) if max_depth > 0 else TokenTree([root], [-1])
+        if len(tree) == 1:  # nothing proposed (no n-gram match): a plain step, without tree mask or compaction
+            logits, hidden = self.decode_one_token(root, cache)
+            new = [picker.pick(logits)]
+            self.proposer.feedback(tree, new)
+            return new, hidden, 1
         ids, pos, mask = tree.verify_inputs(past, self.base.device, self.base.dtype)
         hidden, logits = self.base.forward(ids, cache, position_ids=pos, attention_mask=mask)  # [1,n,d], [1,n,V]
         path, bonus = picker.accept(tree, logits[0])
@@ -290,8 +299,8 @@ class CTCDrafter(ChatMixin):
         limit = min(max_new_tokens, self.base.max_length - prompt.shape[1])
         context = prompt[0].tolist() + [token]
         switch = None
-        if speculative and self.adaptive and picker.greedy:
-            switch = SpeculationSwitch(tuple(self.proposer.modes) + (PLAIN,))
+        if speculative and self.adaptive and picker.greedy and len(self.arms()) > 1:
+            switch = SpeculationSwitch(self.arms())
         pending = []  # (tokens, hidden) of plain steps, given to the proposer when it next speculates
         if speculative:
             self.proposer.start(context[:-1], hidden, token)
