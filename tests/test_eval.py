@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -130,6 +131,8 @@ def test_resume_answers_only_missing_questions(runs, tiny_model_dir, tmp_path, c
     assert main(eval_args(tiny_model_dir, "mt_bench", d, "mt_bench-base", "--baseline")) == 0
     err = capsys.readouterr().err
     assert "1 question(s) already answered" in err and "answering the other 2" in err
+    # the closing line names what the timings depend on (auto dtype: bf16 on CPUs with AMX, else fp32)
+    assert re.search(r"\((float32|bfloat16), cpu, kernels \S+, \d+ threads\) -> ", err), err
     recs = lines(d / "mt_bench-base.jsonl")
     assert [r["question_id"] for r in recs] == [81, 82, 91]
     assert recs[0]["answer_id"] == full[0]["answer_id"]  # kept, not re-answered

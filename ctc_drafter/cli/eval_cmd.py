@@ -122,6 +122,16 @@ def _mode(args, engine) -> str:
     return "baseline" if args.baseline else engine.label()
 
 
+def _ran_with(args, engine) -> str:
+    """dtype, device, the CPU linear kernels and torch threads: what the timings depend on."""
+    import torch
+
+    kernels = engine.kernels if args.engine == "ours" else "stock"  # HF engines run the stock layers
+    dev = engine.base.device
+    where = f"{dev}, kernels {kernels}, {torch.get_num_threads()} threads" if dev.type == "cpu" else str(dev)
+    return f"{str(engine.base.dtype).replace('torch.', '')}, {where}"
+
+
 def run(args) -> int:
     from ..evaluation.eval import run_eval
     from ..evaluation.questions import load_questions
@@ -144,5 +154,5 @@ def run(args) -> int:
     beta = s["new_tokens"] / s["steps"] if s["steps"] else 0.0
     print(f"[{_mode(args, engine)}] answered {s['answered']} question(s), skipped {s['skipped']} already answered; "
           f"{s['new_tokens']} tokens in {s['wall_s']:.2f} s = {tps:.1f} tokens/s, {beta:.2f} tokens/step "
-          f"-> {answer_file}", file=sys.stderr)
+          f"({_ran_with(args, engine)}) -> {answer_file}", file=sys.stderr)
     return 0
