@@ -43,8 +43,9 @@ def add_decoding_args(p) -> None:
     p.add_argument("--budget", type=checks.int_in(1, checks.MAX_BUDGET), default=None,
                    help=f"tree node budget incl. root, 1..{checks.MAX_BUDGET} (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
     p.add_argument("--always-speculate", action="store_true",
-                   help="speculate on every step; by default a greedy request runs plain 1-token steps while "
-                        "speculation measures slower than them on this request (the same tokens either way)")
+                   help="ask the whole proposer on every step; by default a greedy request takes each step the way "
+                        "measured fastest on it: with or without the draft, or a plain 1-token step (the same tokens "
+                        "either way)")
     p.add_argument("--cpu-kernels", default="auto", choices=["auto", "packed", "stock"],
                    help="linear layers of our loop on a CPU fp32/bf16 base: auto (the fastest per pass size, timed "
                         "once per machine and cached), oneDNN with packed weights, or PyTorch's stock ones (what HF "

@@ -142,7 +142,7 @@ class CTCDrafter(ChatMixin):
                  budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = "ctc",
                  cost_ms=None, adaptive: bool = True):
         self.base = base
-        self.adaptive = adaptive  # greedy requests turn speculation off while it is slower (decoding/switch.py)
+        self.adaptive = adaptive  # greedy requests take each step the way measured fastest (decoding/switch.py)
         self.kernel_report = None  # set by from_pretrained: the CPU kernel choice and pass cost model
         self.draft = draft.bind(base.model) if draft is not None else None
         self.draft_trained = draft_trained
@@ -189,8 +189,9 @@ class CTCDrafter(ChatMixin):
         'stock' force oneDNN packed weights / PyTorch's own. The same timings are the pass cost model
         with which the hybrid proposer sizes each step's tree (`kernel_report.cost`). cpu_threads: torch's
         thread count, 'auto' = 1 or all cores, whichever the same timing found faster (unless
-        OMP_NUM_THREADS fixes it), or a number. adaptive: greedy requests run plain steps while
-        speculation measures slower than them (decoding/switch.py); False speculates on every step.
+        OMP_NUM_THREADS fixes it), or a number. adaptive: greedy requests take each step the way measured
+        fastest on the request (the proposer's modes, plain steps; decoding/switch.py); False asks the
+        whole proposer on every step.
         """
         from ..draft import load_draft
         from ..models.base import load_base_model
@@ -275,9 +276,9 @@ class CTCDrafter(ChatMixin):
         (included in the output, as HF `generate` does), at max_new_tokens, or at the context limit.
         should_stop(tokens) -> bool is called with all new tokens after every step (and after the
         prefill); True ends generation there with stop_reason "stop" (stop strings, a cancelled client).
-        Greedy speculation runs plain steps while it measures slower than them (the engine's `adaptive`;
-        decoding/switch.py): the tokens are the same, only the speed differs. Sampling speculates on
-        every step, so that a seed gives the same text whatever the machine's timing.
+        Greedy speculation takes each step the way measured fastest on this request (the engine's
+        `adaptive`; decoding/switch.py): the tokens are the same, only the speed differs. Sampling asks
+        the whole proposer on every step, so that a seed gives the same text whatever the machine's timing.
         """
         if max_new_tokens < 1:
             raise CTCDrafterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
