@@ -20,6 +20,7 @@ from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear
 from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, make_proposer
+from .proposers.base import Backlog
 from .switch import PLAIN, SpeculationSwitch
 from .tree import TokenTree
 from .kv_cache import compact_kv, new_kv_cache
@@ -299,10 +300,9 @@ class CTCDrafter(ChatMixin):
             streamer.put(torch.tensor([token]))
         limit = min(max_new_tokens, self.base.max_length - prompt.shape[1])
         context = prompt[0].tolist() + [token]
-        switch = None
-        if speculative and self.adaptive and picker.greedy and len(self.arms()) > 1:
-            switch = SpeculationSwitch(self.arms())
-        pending = []  # (tokens, hidden) of plain steps, given to the proposer when it next speculates
+        arms = self.arms() if speculative and self.adaptive and picker.greedy else ()
+        switch = SpeculationSwitch(arms) if len(arms) > 1 else None
+        pending = Backlog()  # plain steps' tokens, given to the proposer when it next speculates
         if speculative:
             self.proposer.start(context[:-1], hidden, token)
         mode = "full"
@@ -314,9 +314,7 @@ class CTCDrafter(ChatMixin):
                 if arm != mode:
                     self.proposer.set_mode(arm)
                     mode = arm
-                if pending:  # catch the proposer up on the plain steps' tokens in one call
-                    self.proposer.accept(sum((t for t, _ in pending), []), torch.cat([h for _, h in pending], 1))
-                    pending = []
+                pending.flush_into(self.proposer)
                 new, path_hidden, n = self.speculative_step(context, cache, picker, max_depth=remaining - 1)
                 res.tree_sizes.append(n)
             else:
@@ -333,7 +331,7 @@ class CTCDrafter(ChatMixin):
                 if spec_step:
                     self.proposer.accept(new, path_hidden)
                 else:
-                    pending.append((new, path_hidden))
+                    pending.add(new, path_hidden)
             if switch is not None:
                 switch.record(arm, len(new), time.perf_counter() - t_step)
                 res.arm_steps[arm] = res.arm_steps.get(arm, 0) + 1

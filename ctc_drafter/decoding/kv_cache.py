@@ -29,11 +29,13 @@ class GrowingLayer(DynamicLayer):
     them first.
     """
 
+    def _rows(self) -> int:
+        return self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
+
     def _buffer(self) -> KVBuffer:
         """The layer's buffer, refilled from keys/values first if they are not (any more) its views."""
         buf = self.__dict__.setdefault("_buf", KVBuffer())
-        n0 = self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
-        if n0 and (buf.k is None or self.keys.data_ptr() != buf.k.data_ptr()
+        if self._rows() and (buf.k is None or self.keys.data_ptr() != buf.k.data_ptr()
                    or self.keys.stride() != buf.k.stride()):
             buf.write(0, self.keys, self.values)
         return buf
@@ -42,8 +44,7 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:  # (lazy_initialization's signature differs between transformers 5.x)
             self.device, self.dtype, self.is_initialized = key_states.device, key_states.dtype, True
             self.keys = self.values = None
-        n0 = self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
-        self.keys, self.values = self._buffer().write(n0, key_states, value_states)
+        self.keys, self.values = self._buffer().write(self._rows(), key_states, value_states)
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor, start: int = 0) -> None:

@@ -56,3 +56,19 @@ class Proposer(ABC):
     def describe(self) -> dict:
         """Settings that identify this proposer in answer files and --json output."""
         return {"proposer": self.name}
+
+
+class Backlog:
+    """Emitted tokens (and their hidden states) a proposer skipped, handed over in one `accept` later."""
+
+    def __init__(self):
+        self.items: list[tuple[list[int], torch.Tensor]] = []
+
+    def add(self, new_tokens: list[int], path_hidden: torch.Tensor) -> None:
+        self.items.append((list(new_tokens), path_hidden))
+
+    def flush_into(self, proposer: Proposer) -> None:
+        if self.items:
+            tokens, hidden = sum((t for t, _ in self.items), []), torch.cat([h for _, h in self.items], 1)
+            self.items = []
+            proposer.accept(tokens, hidden)

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from ..calibration import Calibration
 from ..tree import TokenTree
 from ..tree_size import best_tree_size
-from .base import Proposer
+from .base import Backlog, Proposer
 
 
 class UnionProposer(Proposer):
@@ -33,7 +31,7 @@ class UnionProposer(Proposer):
         self.cheap = all(p.cheap for p in parts)
         self.mode = "full"
         self._last: list[tuple[int, TokenTree]] = []  # (part, its tree) of the step
-        self._pending: list[list] = [[] for _ in parts]  # per part: (tokens, hidden) it has not been given
+        self._pending = [Backlog() for _ in parts]  # per part: the steps it skipped
 
     def set_mode(self, mode):
         if mode not in self.modes:
@@ -45,13 +43,10 @@ class UnionProposer(Proposer):
 
     def _catch_up(self, i: int) -> None:
         """Give part i, in one call, the tokens of the steps it skipped (before anything newer)."""
-        if self._pending[i]:
-            tokens, hidden = sum((t for t, _ in self._pending[i]), []), torch.cat([h for _, h in self._pending[i]], 1)
-            self._pending[i] = []
-            self.parts[i].accept(tokens, hidden)
+        self._pending[i].flush_into(self.parts[i])
 
     def start(self, prompt_ids, prompt_hidden, first_token):
-        self.mode, self._pending = "full", [[] for _ in self.parts]
+        self.mode, self._pending = "full", [Backlog() for _ in self.parts]
         for p in self.parts:
             p.start(prompt_ids, prompt_hidden, first_token)
 
@@ -82,10 +77,10 @@ class UnionProposer(Proposer):
                 self._catch_up(i)
                 p.accept(new_tokens, path_hidden)
             else:
-                self._pending[i].append((list(new_tokens), path_hidden))
+                self._pending[i].add(new_tokens, path_hidden)
 
     def finish(self):
-        self.mode, self._pending = "full", [[] for _ in self.parts]
+        self.mode, self._pending = "full", [Backlog() for _ in self.parts]
         for p in self.parts:
             p.finish()
 
