@@ -50,9 +50,13 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
            ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
     if a.ce_draft:
         out.insert(5, ("ce-beam", ["--draft-model", a.ce_draft, "--proposer", "ctc", "--generator", "beam"] + budget))
-    for spec in getattr(a, "draft", None) or []:  # more drafts (e.g. the autoregressive heads), `prefix` policy
+    alone, hybrid = [], []  # more drafts (e.g. the autoregressive heads): alone (`prefix`) and in the hybrid
+    for spec in getattr(a, "draft", None) or []:
         name, path = spec.split("=", 1)
-        out.insert(-2, (f"{name}-prefix", ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix"] + budget))
+        alone.append((f"{name}-prefix", ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix"] + budget))
+        hybrid.append((f"{name}-hybrid", ["--draft-model", path, "--proposer", "hybrid", "--generator", "prefix"]
+                       + budget))
+    out = out[:-2] + alone + out[-2:-1] + hybrid + out[-1:]
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 

@@ -104,13 +104,15 @@ def test_parts_share_the_windows_and_their_answers_tabulate_as_one(tmp_path):
         assert sorted(json.loads(l)["question_id"] for l in path.read_text().splitlines()) == [1, 2, 3, 4]
 
 
-def test_extra_drafts_run_with_the_prefix_policy():
+def test_extra_drafts_run_alone_and_in_the_hybrid():
     bm = _load()
     a = types.SimpleNamespace(budget=4, medusa_budget=None, ctc_draft="d", ce_draft=None, only=None,
                               draft=["ar=runs/ar", "ar-noctc=runs/ar0"])
     got = dict(bm.base_methods(a))
     assert got["ar-prefix"][:2] == ["--draft-model", "runs/ar"] and "prefix" in got["ar-noctc-prefix"]
-    assert [n for n in got][-2:] == ["hybrid", "hf-prompt-lookup"]
+    assert got["ar-hybrid"][:4] == ["--draft-model", "runs/ar", "--proposer", "hybrid"]
+    assert got["ar-noctc-hybrid"][-2:] == ["--budget", "4"]
+    assert [n for n in got][-4:] == ["hybrid", "ar-hybrid", "ar-noctc-hybrid", "hf-prompt-lookup"]
 
 
 def test_hf_also_adds_one_hf_reference_in_another_dtype():
