@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ctc_drafter.decoding import CTCDrafter
-from ctc_drafter.decoding.proposers import make_proposer
+from ctc_drafter.decoding.proposers import ARProposer, make_proposer
 
 ARENA = Path(__file__).resolve().parents[2] / "shared" / "data" / "arena" / "question.jsonl"
 
@@ -33,6 +33,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--questions", default=str(ARENA))
     ap.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"])
+    ap.add_argument("--min-path-probs", default=None,
+                    help="an autoregressive draft: comma-separated cut-offs for its levels (ARProposer "
+                         "min_path_prob, 0 = all levels), each its own row; default: the proposer's")
     a = ap.parse_args()
     qs = [json.loads(line)["turns"][0] for line in Path(a.questions).read_text().split("\n") if line.strip()]
     qs = qs[:: a.every][: a.prompts] if a.every else qs[-a.prompts:]
@@ -50,11 +53,19 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
 
     run("vanilla", False)
+    cuts = [float(x) for x in a.min_path_probs.split(",")] if a.min_path_probs else [None]
     for name in a.proposers.split(","):
         for b in [int(x) for x in a.budgets.split(",")]:
-            cost = d.kernel_report.cost.pass_ms if name == "hybrid-sized" else None
-            d.proposer, d.budget = make_proposer(name.replace("-sized", ""), d.draft, a.generator, cost_ms=cost), b
-            run(f"{name} {a.generator if name != 'ngram' else ''} budget {b}".replace("  ", " "), True)
+            for cut in cuts if name != "ngram" else [None]:
+                cost = d.kernel_report.cost.pass_ms if name == "hybrid-sized" else None
+                d.proposer, d.budget = make_proposer(name.replace("-sized", ""), d.draft, a.generator, cost_ms=cost), b
+                label = f"{name} {a.generator if name != 'ngram' else ''} budget {b}".replace("  ", " ")
+                if cut is not None:
+                    for part in getattr(d.proposer, "parts", [d.proposer]):
+                        if isinstance(part, ARProposer):
+                            part.min_path_prob = cut
+                    label += f" min-path-prob {cut:g}"
+                run(label, True)
     van = rows[0]["tokens_per_s"]
     print(f"\n| method | beta | tokens/s | speedup vs vanilla |\n|---|---|---|---|")
     for r in rows:

@@ -5,6 +5,7 @@ from-scratch pass over its own top-1 path, decoding with it is lossless under ev
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,6 +59,32 @@ def test_levels_equal_a_fresh_pass_over_the_top1_path_and_leave_the_cache_alone(
     torch.testing.assert_close(after, fresh)
 
 
+def test_levels_stop_below_the_path_cut_off_and_keep_the_rows_they_drafted():
+    """With min_path_logprob the loop drafts levels until the top-1 path's log-probability falls below it:
+    the rows it returns are the first rows of the full run, and none is drafted past the cut."""
+    base, draft = _toy_ar()
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 6, draft.config.hidden_size, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 64, (1, 6), generator=g)
+    cache = DraftCache()
+    f_last = draft.extend(hidden, ids, cache)
+    full = draft.levels(f_last, cache, 4)[0]
+    path = full[:, :64].max(-1).values.cumsum(0)  # log P(top-1 path) after each level
+    for cut in (float(path[0]) + 1e-6, float(path[1]) + 1e-6, float(path[2]) - 1e-6, -1e9):
+        rows = draft.levels(f_last, cache, 4, min_path_logprob=cut)[0]
+        m = next((j + 1 for j in range(3) if path[j] < cut), 4)  # levels drafted before the path fell below
+        assert rows.shape[0] == m
+        torch.testing.assert_close(rows, full[:m])
+
+
+def test_ar_proposer_cut_off_is_settable_and_zero_drafts_every_level():
+    base, draft = _toy_ar()
+    p = ARProposer(draft, "prefix", min_path_prob=0.0)
+    assert p._min_logprob is None
+    p.min_path_prob = 0.5
+    assert p.describe()["min_path_prob"] == 0.5 and abs(p._min_logprob - math.log(0.5)) < 1e-12
+
+
 def test_ar_draft_has_no_frame_parameters_and_validates_its_architecture():
     _, draft = _toy_ar()
     names = {n for n, _ in draft.named_parameters()}
@@ -98,7 +125,8 @@ def test_make_proposer_picks_the_architectures_proposer():
     hybrid = make_proposer("hybrid", ar, "prefix")
     assert any(isinstance(p, ARProposer) for p in hybrid.parts)
     assert make_proposer("ctc", ar, "beam").describe() == {"proposer": "ctc", "generator": "beam",
-                                                           "architecture": "ar", "levels": 4}
+                                                           "architecture": "ar", "levels": 4,
+                                                           "min_path_prob": 0.1}
 
 
 # ---- lossless decoding -------------------------------------------------------------------------
@@ -112,6 +140,7 @@ def test_ar_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
     longest = 1
     for trial in range(3):
         drafter = CTCDrafter(base, new_ar_draft_for(base, seed=trial), generator=generator, budget=budget)
+        drafter.proposer.min_path_prob = (0.0, 0.1, 0.5)[trial]  # every level / the default cut / an earlier one
         ids = torch.randint(0, 64, (1, int(torch.randint(1, 12, (), generator=g))), generator=g)
         spec = drafter.generate(ids, max_new_tokens=30)
         van = drafter.generate(ids, max_new_tokens=30, speculative=False)
