@@ -60,7 +60,7 @@ def test_levels_equal_a_fresh_pass_over_the_top1_path_and_leave_the_cache_alone(
 
 
 def test_levels_stop_below_the_path_cut_off_and_keep_the_rows_they_drafted():
-    """With min_path_logprob the loop drafts levels until the top-1 path's log-probability falls below it:
+    """With min_path_prob the loop drafts levels until the top-1 path's probability falls below it:
     the rows it returns are the first rows of the full run, and none is drafted past the cut."""
     base, draft = _toy_ar()
     g = torch.Generator().manual_seed(1)
@@ -71,7 +71,7 @@ def test_levels_stop_below_the_path_cut_off_and_keep_the_rows_they_drafted():
     full = draft.levels(f_last, cache, 4)[0]
     path = full[:, :64].max(-1).values.cumsum(0)  # log P(top-1 path) after each level
     for cut in (float(path[0]) + 1e-6, float(path[1]) + 1e-6, float(path[2]) - 1e-6, -1e9):
-        rows = draft.levels(f_last, cache, 4, min_path_logprob=cut)[0]
+        rows = draft.levels(f_last, cache, 4, min_path_prob=math.exp(cut) if cut > -1e8 else 0.0)[0]
         m = next((j + 1 for j in range(3) if path[j] < cut), 4)  # levels drafted before the path fell below
         assert rows.shape[0] == m
         torch.testing.assert_close(rows, full[:m])
@@ -80,9 +80,15 @@ def test_levels_stop_below_the_path_cut_off_and_keep_the_rows_they_drafted():
 def test_ar_proposer_cut_off_is_settable_and_zero_drafts_every_level():
     base, draft = _toy_ar()
     p = ARProposer(draft, "prefix", min_path_prob=0.0)
-    assert p._min_logprob is None
-    p.min_path_prob = 0.5
-    assert p.describe()["min_path_prob"] == 0.5 and abs(p._min_logprob - math.log(0.5)) < 1e-12
+    p.start([1, 2, 3], torch.randn(1, 3, draft.config.hidden_size, dtype=torch.float64), 4)
+    rows = []
+    real = draft.levels
+    draft.levels = lambda *a: rows.append(real(*a)) or rows[-1]
+    p.propose([1, 2, 3, 4], 4, 8, 64)
+    assert rows[-1].shape[1] == 4  # 0: every level
+    p.min_path_prob = 1.0  # any path is below certainty: only level 0
+    p.propose([1, 2, 3, 4], 4, 8, 64)
+    assert rows[-1].shape[1] == 1 and p.describe()["min_path_prob"] == 1.0
 
 
 def test_ar_draft_has_no_frame_parameters_and_validates_its_architecture():

@@ -19,6 +19,7 @@ x_{t+2}..x_{t+k+1} (training/losses.py `ar_losses`).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -73,13 +74,13 @@ class ARDraftModel(CTCDraftModel):
         return f[:, -1]
 
     @torch.no_grad()
-    def levels(self, f_last, cache: DraftCache, n: int | None = None, min_path_logprob: float | None = None):
+    def levels(self, f_last, cache: DraftCache, n: int | None = None, min_path_prob: float = 0.0):
         """f_last [B,d] (feature of position t = cache.length-1) -> level log-probs [B,m,N+1] (float32), m <= n.
 
         Level j+1 is conditioned on the top-1 token symbol of level j (blank excluded: the collapsed
         path's next token) and on the draft's own feature. Their keys go to scratch rows past the
         accepted length, overwritten by the next `extend`: the cache never rolls back.
-        min_path_logprob: stop once the top-1 path's log-probability is below it in every batch row.
+        min_path_prob: stop once the top-1 path's probability is below it in every batch row (0: never).
         Without a blank the top-1 path is the likeliest of its depth, so every node a deeper level could
         add scores lower still (with one, nearly so); each level is a memory-bound pass worth skipping.
         """
@@ -89,11 +90,12 @@ class ARDraftModel(CTCDraftModel):
         symbols = self.vocab_ids
         f = f_last[:, None]  # [B,1,d]
         rows = [torch.log_softmax(self.frame_logits(f, fast=True).float(), dim=-1)]  # each [B,1,N+1]
+        cut = math.log(min_path_prob) if min_path_prob > 0 else None
         path = torch.zeros(B, 1, device=f.device)  # log P(top-1 path so far) [B,1]
         for j in range(1, n):
             top, sym = rows[-1][:, :, :blank].max(-1)  # [B,1]
             path = path + top
-            if min_path_logprob is not None and bool((path < min_path_logprob).all()):
+            if cut is not None and bool((path < cut).all()):
                 break
             tok = sym if symbols is None else symbols[sym]
             pos = cache.length - 1 + j

@@ -7,8 +7,6 @@ and grows with `accept`; each step's speculative levels are scratch past its end
 
 from __future__ import annotations
 
-import math
-
 from ...draft.ar_model import ARDraftModel
 from .ctc import CTCProposer
 from .frame_trees import FrameTreePolicy
@@ -26,23 +24,13 @@ class ARProposer(CTCProposer):
                  min_path_prob: float = MIN_PATH_PROB):
         super().__init__(draft, policy)
         self.levels = levels or draft.config.num_frames  # config default: the reference's 4
-        self.min_path_prob = min_path_prob
-
-    @property
-    def min_path_prob(self) -> float:
-        """Cut-off on the top-1 path's probability below which no further level is drafted (0: never)."""
-        return self._min_path_prob
-
-    @min_path_prob.setter
-    def min_path_prob(self, p: float):
-        self._min_path_prob = p
-        self._min_logprob = math.log(p) if p > 0 else None
+        self.min_path_prob = min_path_prob  # 0: every level
 
     def propose(self, context, root, max_depth, budget):
         # Levels past the depth the loop can still verify, or below an unlikely top-1 path, would only
         # cost draft passes.
         n = max(1, min(self.levels, max_depth))
-        rows = self.draft.levels(self.s_last, self.cache, n, self._min_logprob)[0]  # [m <= n, N+1]
+        rows = self.draft.levels(self.s_last, self.cache, n, self.min_path_prob)[0]  # [m <= n, N+1]
         return self.policy.build(root, rows, max_depth, budget, symbols=self.draft.symbol_tokens())
 
     def describe(self):
