@@ -70,8 +70,8 @@ def test_levels_stop_below_the_path_cut_off_and_keep_the_rows_they_drafted():
     f_last = draft.extend(hidden, ids, cache)
     full = draft.levels(f_last, cache, 4)[0]
     path = full[:, :64].max(-1).values.cumsum(0)  # log P(top-1 path) after each level
-    for cut in (float(path[0]) + 1e-6, float(path[1]) + 1e-6, float(path[2]) - 1e-6, -1e9):
-        rows = draft.levels(f_last, cache, 4, min_path_prob=math.exp(cut) if cut > -1e8 else 0.0)[0]
+    for cut in (float(path[0]) + 1e-6, float(path[1]) + 1e-6, float(path[2]) - 1e-6, float("-inf")):
+        rows = draft.levels(f_last, cache, 4, min_path_prob=math.exp(cut))[0]  # exp(-inf) = 0: every level
         m = next((j + 1 for j in range(3) if path[j] < cut), 4)  # levels drafted before the path fell below
         assert rows.shape[0] == m
         torch.testing.assert_close(rows, full[:m])
