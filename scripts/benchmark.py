@@ -12,7 +12,7 @@ Two processes, one per core, each its half of the windows, then one table over b
     wait; python scripts/benchmark.py ... --no-run --out runs/b --answers-from runs/b/p1 runs/b/p2
 
 Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with each tree policy, the
-n-gram proposer, the hybrid (CTC + n-gram; `hybrid-always`: with --always-speculate), the CE (Medusa-style) ablation, our vanilla loop, HF
+n-gram proposer, the hybrid (CTC + n-gram; `ctc-prefix-always`, `hybrid-always`: with --always-speculate), the CE (Medusa-style) ablation, our vanilla loop, HF
 `generate` greedy and HF prompt-lookup decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
 with HF `generate` greedy: speedup (gamma), beta, the accepted-length histogram, token-exact agreement
 and, for GSM8K, accuracy. With several --dtypes every method runs in each (named `<method>@<dtype>`)
@@ -42,6 +42,9 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
            ("ctc-medusa", ["--draft-model", a.ctc_draft, "--proposer", "ctc", "--generator", "medusa"]
             + (["--budget", str(a.medusa_budget)] if a.medusa_budget else [])),
            ("ctc-prefix", ["--draft-model", a.ctc_draft, "--proposer", "ctc", "--generator", "prefix"] + budget),
+           # the draft on every step (the switch off): its acceptance, which the beta targets are about
+           ("ctc-prefix-always", ["--draft-model", a.ctc_draft, "--proposer", "ctc", "--generator", "prefix",
+                                  "--always-speculate"] + budget),
            ("ngram", ["--proposer", "ngram"] + budget),
            # the hybrid asking its draft on every step (the switch off): what the switch adds
            ("hybrid-always", ["--draft-model", a.ctc_draft, "--proposer", "hybrid", "--generator", "prefix",
@@ -49,7 +52,7 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
            ("hybrid", ["--draft-model", a.ctc_draft, "--proposer", "hybrid", "--generator", "prefix"] + budget),
            ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
     if a.ce_draft:
-        out.insert(5, ("ce-beam", ["--draft-model", a.ce_draft, "--proposer", "ctc", "--generator", "beam"] + budget))
+        out.insert([m[0] for m in out].index("ngram"), ("ce-beam", ["--draft-model", a.ce_draft, "--proposer", "ctc", "--generator", "beam"] + budget))
     alone, hybrid = [], []  # more drafts (e.g. the autoregressive heads): alone (`prefix`) and in the hybrid
     for spec in getattr(a, "draft", None) or []:
         name, path = spec.split("=", 1)
