@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from ctc_drafter.models.base import BaseModel
 
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 def tiny_llama(vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, max_pos=512):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,19 +1,14 @@
 """scripts/benchmark.py: question windows keep the stride aligned, and the summary compares methods on
 the questions all of them answered (a bench stopped part-way still gives a like-for-like table)."""
 
-import importlib.util
 import json
 import types
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+from conftest import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmark")
 
 
 def _mt_bench(tmp_path, n):

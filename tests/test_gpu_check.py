@@ -1,6 +1,5 @@
 """scripts/gpu_check.py: its CPU dry run completes and reports every number the GPU run will report."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_llama
+from conftest import load_script, tiny_llama
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 BUDGETS = [16, 32, 64, 128]
@@ -53,9 +52,7 @@ def test_dry_run_writes_every_expected_number(tmp_path):
 
 def test_tiny_llama_mirrors_conftest():
     """gpu_check.py carries its own copy of conftest's tiny_llama (pytest may be absent on the device)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("gpu_check")
     a, b = tiny_llama(seed=2, dtype=torch.float32), mod.tiny_llama(seed=2, dtype=torch.float32)
     assert a.config.to_dict() == b.config.to_dict()
     sa, sb = a.state_dict(), b.state_dict()

@@ -1,21 +1,16 @@
 """scripts/window_table.py: tokens/s per window are sums of tokens over sums of time, only over questions
 every method answered, across several answer folders (a run's --part processes)."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "window_table.py"
+from conftest import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("window_table_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("window_table")
 
 
 def _answers(path: Path, rows):  # rows: (question_id, [tokens per turn], [seconds per turn])
