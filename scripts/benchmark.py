@@ -53,10 +53,14 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
            ("hf-prompt-lookup", ["--engine", "hf-prompt-lookup"])]
     if a.ce_draft:
         out.insert([m[0] for m in out].index("ngram"), ("ce-beam", ["--draft-model", a.ce_draft, "--proposer", "ctc", "--generator", "beam"] + budget))
-    alone, hybrid = [], []  # more drafts (e.g. the autoregressive heads): alone (`prefix`) and in the hybrid
+    # more drafts (e.g. the autoregressive heads): alone (`prefix`; `-always`: on every step, their acceptance)
+    # and in the hybrid
+    alone, hybrid = [], []
     for spec in getattr(a, "draft", None) or []:
         name, path = spec.split("=", 1)
         alone.append((f"{name}-prefix", ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix"] + budget))
+        alone.append((f"{name}-prefix-always", ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix",
+                                                "--always-speculate"] + budget))
         hybrid.append((f"{name}-hybrid", ["--draft-model", path, "--proposer", "hybrid", "--generator", "prefix"]
                        + budget))
     out = out[:-2] + alone + out[-2:-1] + hybrid + out[-1:]
@@ -165,7 +169,8 @@ def main():
                     help="HF generate also in this dtype (e.g. float32 beside bf16 runs): a column of speedups "
                          "against it, since the fastest HF setting on a CPU is not always the model's own dtype")
     ap.add_argument("--draft", action="append", metavar="NAME=PATH",
-                    help="another draft to run with the `prefix` policy as method NAME-prefix (repeatable)")
+                    help="another draft to run with the `prefix` policy as methods NAME-prefix, NAME-prefix-always "
+                         "(every step) and NAME-hybrid (repeatable)")
     ap.add_argument("--part", default=None, metavar="K/N",
                     help="run only windows K, K+N, K+2N, ... (1-based): N processes share one bench")
     ap.add_argument("--answers-from", nargs="+", default=[], metavar="DIR",

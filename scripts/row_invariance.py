@@ -6,6 +6,9 @@ Speculation is exact in half precision only if a tree pass computes every node a
 does. For each of SmolLM2-135M's linear shapes (in, out) and each row count M, prints how many of the
 M rows of one `F.linear` call differ from the same row computed alone. Random weights and inputs,
 fixed seed; PyTorch's own kernel (what `--cpu-kernels stock` runs).
+
+The decoding loop measures the same thing on the model's own layers when a tree pass first needs it,
+and runs wider passes' linear calls in blocks of that size (ctc_drafter/models/row_limit.py).
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ def test_extra_drafts_run_alone_and_in_the_hybrid():
     got = dict(bm.base_methods(a))
     assert got["ar-prefix"][:2] == ["--draft-model", "runs/ar"] and "prefix" in got["ar-noctc-prefix"]
     assert got["ar-hybrid"][:4] == ["--draft-model", "runs/ar", "--proposer", "hybrid"]
+    assert "--always-speculate" in got["ar-prefix-always"] and "--always-speculate" not in got["ar-prefix"]
     assert got["ar-noctc-hybrid"][-2:] == ["--budget", "4"]
     assert [n for n in got][-4:] == ["hybrid", "ar-hybrid", "ar-noctc-hybrid", "hf-prompt-lookup"]
 

@@ -14,7 +14,7 @@ import shutil
 import logging
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CTCDrafterError
 from .attention import AttentionLayout, attention_layout, ensure_mask_attention, layer_masks
+from .row_limit import linear_rows_at_most, row_invariant_rows
 from .tree_attention import exact_tree_pass, use_exact_tree_attention
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ class BaseModel:
     model: torch.nn.Module
     tokenizer: object
     name: str
+    # Tree passes up to this many nodes were measured to round every linear row as a 1-row call does;
+    # row_limit: the measured limit once a wider size failed (models/row_limit.py).
+    rows_checked: int = field(default=1, init=False, repr=False)
+    row_limit: int | None = field(default=None, init=False, repr=False)
 
     @property
     def config(self):
@@ -156,10 +161,12 @@ class BaseModel:
         if tree:
             attention_mask = layer_masks(attention_mask, position_ids, self.attention_layout)
         exact = tree and self.exact_tree
+        rows = self.tree_row_limit(input_ids.shape[1]) if exact else None
         captured = []
         hook = self.model.base_model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
         try:
-            with exact_tree_pass() if exact else nullcontext():
+            with exact_tree_pass() if exact else nullcontext(), \
+                    linear_rows_at_most(rows) if rows is not None else nullcontext():
                 out = self.model(
                     input_ids=input_ids,
                     **{_cache_kwarg(self.model): past_key_values},
@@ -171,6 +178,27 @@ class BaseModel:
         finally:
             hook.remove()
         return captured[-1], out.logits
+
+    def kernels_changed(self) -> None:
+        """The linear kernels were swapped: what was measured of their rounding no longer holds."""
+        self.rows_checked, self.row_limit = 1, None
+
+    def tree_row_limit(self, n: int) -> int | None:
+        """The most rows per linear call for an exact tree pass of n nodes: None (one call) while n is
+        within the sizes measured row-invariant, else the measured limit. Measured on first need, up to the
+        next power of two (a ~0.1 s probe for SmolLM2), so that growing trees re-measure rarely."""
+        if self.row_limit is None and n > self.rows_checked:
+            up_to = max(16, 1 << (n - 1).bit_length())
+            limit = row_invariant_rows(self.model, up_to)
+            if limit < up_to:
+                self.row_limit = limit
+                log.info("this CPU's %s linear kernels round rows differently beyond %d rows per call: "
+                         "wider tree passes run in blocks of %d rows", self.dtype, limit, limit)
+            else:
+                self.rows_checked = up_to
+        if self.row_limit is not None and n > self.row_limit:
+            return self.row_limit
+        return None
 
 
 def _logits_to_keep(logits_at, length: int, device):

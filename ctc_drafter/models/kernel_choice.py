@@ -352,6 +352,7 @@ def apply_cpu_kernels(base: BaseModel, mode: str = "auto", *, threads: int | str
     timings = record["timings_by_threads"][chosen]
     table = choose_table(timings) if mode == "auto" else [(max(SIZES), mode)]
     _install(model, table, plan)
+    base.kernels_changed()
     return KernelReport(mode, table, timings, cache_hit=plan is None, cache_file=None if note else str(path),
                         measure_s=measure_s, cost=_cost_of(table, timings), note=note, threads=chosen,
                         threads_ms=scores if len(scores) > 1 else {})

@@ -7,7 +7,8 @@ query row differently when the key length differs, even if the extra keys are ma
 greedy output. So in a tree pass each node's attention is computed as the vanilla step computes it: one
 query row, no mask, over exactly the keys it may see (the past and its ancestors, windowed for sliding
 layers). Nodes that see equally many keys go in one batched call (each batch row is computed alone, so
-batching does not change its rounding); the linear layers are row-invariant already.
+batching does not change its rounding). The linear layers are made so by models/row_limit.py (a wide
+pass runs them in blocks of the rows this CPU's kernels round row-invariantly).
 
 Only tree passes take this path: the base's attention is registered as `EXACT_TREE_SDPA`, which is
 plain SDPA unless `exact_tree_pass()` is active, so prefill, vanilla steps and HF `generate` on the same
