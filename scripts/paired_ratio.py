@@ -16,7 +16,7 @@ import argparse
 import random
 from pathlib import Path
 
-from ctc_drafter.evaluation.answer_files import read_answers
+from ctc_drafter.evaluation.answer_files import method_records
 
 METRICS = ("beta", "tokens_per_s")
 
@@ -24,17 +24,13 @@ METRICS = ("beta", "tokens_per_s")
 def per_question(dirs: list[Path], method: str, metric: str) -> dict:
     """question_id -> (tokens, steps or wall seconds) over all turns, from every dir's `<method>.jsonl`."""
     out = {}
-    for d in dirs:
-        f = d / f"{method}.jsonl"
-        if not f.exists():
-            continue
-        for r in read_answers(f):
-            c = r["choices"][0]
-            if metric == "beta":
-                acc = c.get("accept_lengths") or []
-                out[r["question_id"]] = (sum(sum(t) for t in acc), sum(len(t) for t in acc))
-            else:
-                out[r["question_id"]] = (sum(c["new_tokens"]), sum(c["wall_time"]))
+    for r in method_records(dirs, method):
+        c = r["choices"][0]
+        if metric == "beta":
+            acc = c.get("accept_lengths") or []
+            out[r["question_id"]] = (sum(sum(t) for t in acc), sum(len(t) for t in acc))
+        else:
+            out[r["question_id"]] = (sum(c["new_tokens"]), sum(c["wall_time"]))
     return out
 
 

@@ -15,19 +15,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctc_drafter.evaluation.answer_files import read_answers
+from ctc_drafter.evaluation.answer_files import method_records
 
 
 def per_question(dirs: list[Path], method: str) -> dict[int, tuple[int, float]]:
     """question_id -> (new tokens, wall seconds) over all turns, from every dir's `<method>.jsonl`."""
     out = {}
-    for d in dirs:
-        f = d / f"{method}.jsonl"
-        if not f.exists():
-            continue
-        for r in read_answers(f):
-            c = r["choices"][0]
-            out[r["question_id"]] = (sum(c["new_tokens"]), sum(c["wall_time"]))
+    for r in method_records(dirs, method):
+        c = r["choices"][0]
+        out[r["question_id"]] = (sum(c["new_tokens"]), sum(c["wall_time"]))
     return out
 
 

@@ -70,6 +70,11 @@ def read_answers(path: str | Path) -> list[dict]:
     return [obj for _, obj in rows if "question_id" in obj]
 
 
+def method_records(dirs, method: str) -> list[dict]:
+    """Records of `<method>.jsonl` in each of dirs (a benchmark run's --part folders), in that order."""
+    return [r for d in dirs for r in read_answers(Path(d) / f"{method}.jsonl")]
+
+
 def check_answer_file(path: Path) -> None:
     """Refuse to add to (and later rewrite) a file that is not an answer file.
 
