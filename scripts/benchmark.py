@@ -58,9 +58,8 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
     alone, hybrid = [], []
     for spec in getattr(a, "draft", None) or []:
         name, path = spec.split("=", 1)
-        alone.append((f"{name}-prefix", ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix"] + budget))
-        alone.append((f"{name}-prefix-always", ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix",
-                                                "--always-speculate"] + budget))
+        prefix = ["--draft-model", path, "--proposer", "ctc", "--generator", "prefix"] + budget
+        alone += [(f"{name}-prefix", prefix), (f"{name}-prefix-always", prefix + ["--always-speculate"])]
         hybrid.append((f"{name}-hybrid", ["--draft-model", path, "--proposer", "hybrid", "--generator", "prefix"]
                        + budget))
     out = out[:-2] + alone + out[-2:-1] + hybrid + out[-1:]
