@@ -110,17 +110,24 @@ def trained(a, loss: str, size: int) -> bool:
     return False
 
 
-def train_one(a, loss: str, size: int, folders: list[Path]) -> None:
+def train_command(a, loss: str, size: int, folders: list[Path]) -> list[str]:
+    """`ctc-drafter train` for one (variant, size). The variant's options come after the shared ones (after
+    `--`): argparse keeps the last value, so a capacity variant (e.g. --label-len 6) overrides the default."""
     out = ckpt_dir(a, loss, size)
-    if trained(a, loss, size):
-        return
     cmd = [sys.executable, "-m", "ctc_drafter", "train", "--base-model", a.base_model, "--out", str(out),
-           *VARIANTS[loss], "--epochs", str(a.epochs), "--seed", "0", *a.train_args]
+           "--epochs", str(a.epochs), "--seed", "0", *a.train_args, *VARIANTS[loss]]
     for f in folders:
         cmd += ["--data", str(f)]
     states = sorted(out.glob("state_*"), key=lambda p: int(p.name.split("_")[1])) if out.is_dir() else []
     if states:
         cmd += ["--recover", states[-1].name.split("_")[1]]
+    return cmd
+
+
+def train_one(a, loss: str, size: int, folders: list[Path]) -> None:
+    if trained(a, loss, size):
+        return
+    cmd = train_command(a, loss, size, folders)
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
