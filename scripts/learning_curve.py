@@ -202,6 +202,10 @@ def report(a, rows: list[dict]) -> None:
         lines.append(f"| reference: {a.reference} | | | " + " | ".join(f"{a.reference_row['beta'][str(b)]:.3f}" for b in a.budgets) + " |")
     lines += ["", "Command:", "", "```", " ".join(["python scripts/learning_curve.py", *sys.argv[1:]]), "```", ""]
     Path(a.out, "curve.md").write_text("\n".join(lines))
+    if len({r["size"] for r in rows}) == 1:  # one size: a capacity comparison, so bars per variant
+        capacity_plot(a, rows, plt)
+        print("\n".join(lines), flush=True)
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for loss in a.losses:
         mine = sorted((r for r in rows if r["loss"] == loss), key=lambda r: r["size"])
@@ -217,6 +221,25 @@ def report(a, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(Path(a.out, "curve.png"), dpi=110)
     print("\n".join(lines), flush=True)
+
+
+def capacity_plot(a, rows: list[dict], plt) -> None:
+    """Variants trained on the same data (one size): grouped bars of held-out beta per node budget."""
+    rows = sorted(rows, key=lambda r: a.losses.index(r["loss"]) if r["loss"] in a.losses else len(a.losses))
+    names = [r["loss"] for r in rows] + ([f"shipped ({a.reference})"] if a.reference_row else [])
+    betas = [r["beta"] for r in rows] + ([a.reference_row["beta"]] if a.reference_row else [])
+    width = 0.8 / len(a.budgets)
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(names)), 4.5))
+    for i, b in enumerate(a.budgets):
+        ax.bar([x + (i - (len(a.budgets) - 1) / 2) * width for x in range(len(names))],
+               [beta[str(b)] for beta in betas], width, label=f"{b} nodes")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(1.0, None)
+    ax.set_ylabel("held-out beta (tokens per base pass)")
+    ax.set_title(f"draft variants at {rows[0]['size']} trained positions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(a.out, "curve.png"), dpi=110)
 
 
 def main():

@@ -36,3 +36,17 @@ def test_an_interrupted_run_resumes_from_its_newest_state(tmp_path):
         (lc.ckpt_dir(a, "ce", 500) / f"state_{n}").mkdir(parents=True)
     p = _parsed(lc.train_command(a, "ce", 500, [tmp_path / "d"]))
     assert p.recover == 10 and p.out == str(lc.ckpt_dir(a, "ce", 500))
+
+
+def test_variants_of_one_size_are_reported_as_a_capacity_comparison(tmp_path, monkeypatch):
+    lc = load_script("learning_curve")
+    monkeypatch.setattr("sys.argv", ["learning_curve.py", "--sizes", "500"])
+    a = argparse.Namespace(out=str(tmp_path), prompts=8, max_new_tokens=96, budgets=[4, 64], losses=["ar", "ar-v16k"],
+                           reference="default", reference_row={"beta": {"4": 1.9, "64": 2.3}})
+    rows = [{"loss": "ar-v16k", "size": 500, "positions": 510, "beta": {"4": 1.41, "64": 1.78}},
+            {"loss": "ar", "size": 500, "positions": 510, "beta": {"4": 1.42, "64": 1.77}}]
+    lc.report(a, rows)
+    table = (tmp_path / "curve.md").read_text().splitlines()
+    assert "| ar | 500 | 510 | 1.420 | 1.770 |" in table and "| ar-v16k | 500 | 510 | 1.410 | 1.780 |" in table
+    assert "| reference: default | | | 1.900 | 2.300 |" in table
+    assert (tmp_path / "curve.png").stat().st_size > 1000
