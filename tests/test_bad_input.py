@@ -77,6 +77,22 @@ def test_train_config_file_types_and_bytes(tmp_path, capsys):
         code = main(["train", "--base-model", "default", "--data", str(data), "--out", str(tmp_path / "o"),
                      "--config", str(cfg), "--device", "cpu"])
         one_line_error(capsys, code, needle)
+    for inline, needle in (('{"num_frames": "many"}', "num_frames must be an integer"),
+                           ('{"num_frames": 4', "not valid JSON")):
+        code = main(["train", "--base-model", "default", "--data", str(data), "--out", str(tmp_path / "o"),
+                     "--config", inline, "--device", "cpu"])
+        one_line_error(capsys, code, needle)
+
+
+def test_train_config_inline_json_is_the_file_s_equal(tmp_path):
+    """--config takes the overrides inline (as its help shows) or from a file, with the same result."""
+    from ctc_drafter.training.options import TrainOptions, config_overrides
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"num_context_layers": 2, "num_frames": 6}')
+    inline = config_overrides(TrainOptions(data=["d"], out="o", config=' {"num_context_layers": 2, "num_frames": 6}'))
+    assert inline == config_overrides(TrainOptions(data=["d"], out="o", config=str(cfg)))
+    assert inline[0]["num_context_layers"] == 2 and inline[0]["num_frames"] == 6
 
 
 # ---- text that is not UTF-8 --------------------------------------------------------------------

@@ -110,16 +110,19 @@ def test_bf16_speculative_equals_hf_generate(generator, budget):
         assert spec == van == hf
 
 
-def test_dtype_auto_on_cpu_is_bf16_only_with_native_bf16_units(monkeypatch):
-    """auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there, and exact against its own bf16
-    baseline), fp32 where bf16 is emulated; an explicit choice always stands."""
+def test_dtype_auto_on_cpu_is_bf16_only_with_amx(monkeypatch):
+    """auto: bf16 where the CPU has AMX (faster there, and exact against its own bf16 baseline), fp32
+    elsewhere: with AVX512-BF16 alone an exact bf16 tree needs one row per linear call, and without
+    either bf16 is emulated; an explicit choice always stands."""
     import ctc_drafter.models.cpu_info as cpu_info
     from ctc_drafter.models.base import resolve_dtype
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: True)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     assert resolve_dtype("float32", cpu) == torch.float32
-    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)  # AVX512-BF16 alone
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype(None, cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16

@@ -75,3 +75,19 @@ def test_a_wide_bf16_tree_pass_is_the_one_token_steps_bit_for_bit(kernels):
         h, lg = base.forward(torch.tensor([[t]]), ref_cache)
         assert torch.equal(lg[0, -1], logits[0, i]), f"node {i}: logits"
         assert torch.equal(h[0, -1], hidden[0, i]), f"node {i}: hidden state"
+
+
+def test_without_amx_every_tree_call_takes_one_row(monkeypatch):
+    """On AVX512-BF16 without AMX (an AMD EPYC) a 6-row bf16 linear call rounded one near-tie output apart
+    from the 1-row call, and no random probe found it: there no size is trusted, whatever a probe says.
+    With AMX the probe decides (here it finds every size invariant, the limit is then None: one call)."""
+    from ctc_drafter.models import base as base_module, cpu_info
+
+    model = tiny_llama(vocab_size=256, hidden=64, dtype=torch.bfloat16, seed=0)
+    monkeypatch.setattr(base_module, "row_invariant_rows", lambda model, up_to: up_to)
+    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: False)
+    base = BaseModel(model, None, "toy")
+    assert [base.tree_row_limit(n) for n in (1, 2, 6, 64)] == [None, 1, 1, 1]
+    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: True)
+    base = BaseModel(model, None, "toy")
+    assert [base.tree_row_limit(n) for n in (1, 2, 6, 64)] == [None, None, None, None]

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CTCDrafterError
 from .attention import AttentionLayout, attention_layout, ensure_mask_attention, layer_masks
+from . import cpu_info
 from .row_limit import linear_rows_at_most, row_invariant_rows
 from .tree_attention import exact_tree_pass, use_exact_tree_attention
 
@@ -71,9 +72,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that have it, else fp16; on a CPU bf16 where it has native bf16 units (AMX,
-    AVX512-BF16), else fp32. On the Intel Xeon with AMX, bf16 with packed layers decodes 1.26x faster
-    than fp32 and speculates 1.5x faster (BENCHMARKS.md, "bf16 on CPU"); elsewhere bf16 is emulated."""
+    """auto: bf16 on GPUs that have it, else fp16; on a CPU bf16 where it has AMX, else fp32. On the Intel
+    Xeon with AMX, bf16 with packed layers decodes 1.26x faster than fp32 and speculates 1.5x faster
+    (BENCHMARKS.md, "bf16 on CPU"). With AVX512-BF16 alone (AMD EPYC) an exact bf16 tree pass needs one row
+    per linear call (BaseModel.tree_row_limit), which costs more than bf16 saves; without either it is emulated."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -81,9 +83,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        from .cpu_info import cpu_has_bf16
-
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if cpu_info.cpu_has_amx() else torch.float32
     if dtype not in _DTYPES:
         raise CTCDrafterError(f"unknown dtype {dtype!r} (use auto, float32, float16, bfloat16)")
     return _DTYPES[dtype]
@@ -100,6 +100,7 @@ class BaseModel:
     # row_limit: the measured limit once a wider size failed (models/row_limit.py).
     rows_checked: int = field(default=1, init=False, repr=False)
     row_limit: int | None = field(default=None, init=False, repr=False)
+    rows_probed: bool = field(default=True, init=False, repr=False)  # False: one row per call (tree_row_limit)
 
     @property
     def config(self):
@@ -141,6 +142,7 @@ class BaseModel:
         # SmolLM2). fp32 keeps one masked call (its rounding flips no measured token); CUDA too.
         half = self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cpu"
         self.exact_tree = half and use_exact_tree_attention(self.model)
+        self.rows_probed = cpu_info.cpu_has_amx()
 
     @cached_property
     def attention_layout(self) -> AttentionLayout:
@@ -186,7 +188,11 @@ class BaseModel:
     def tree_row_limit(self, n: int) -> int | None:
         """The most rows per linear call for an exact tree pass of n nodes: None (one call) while n is
         within the sizes measured row-invariant, else the measured limit. Measured on first need, up to the
-        next power of two (a ~0.1 s probe for SmolLM2), so that growing trees re-measure rarely."""
+        next power of two (a ~0.1 s probe for SmolLM2), so that growing trees re-measure rarely. Only on
+        AMX: with AVX512-BF16 alone (an AMD EPYC) a 6-row bf16 call rounded one output apart from the 1-row
+        call at a near-tie that no random probe of 64 rows found, so there every call takes one row."""
+        if not self.rows_probed:  # a random probe cannot certify these kernels: rare near-ties round apart
+            return 1 if n > 1 else None
         if self.row_limit is None and n > self.rows_checked:
             up_to = max(16, 1 << (n - 1).bit_length())
             limit = row_invariant_rows(self.model, up_to)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import platform
+from functools import cache
 
 
+@cache
 def cpu_identity() -> dict:
     """CPU model name and feature flags (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
     name, flags = None, []
@@ -26,3 +28,9 @@ def cpu_identity() -> dict:
 def cpu_has_bf16() -> bool:
     """Native bf16 matrix units (AMX or AVX512-BF16): where bf16 matmuls over many rows beat fp32."""
     return bool({"amx_bf16", "avx512_bf16"} & set(cpu_identity()["flags"]))
+
+
+def cpu_has_amx() -> bool:
+    """AMX bf16 tiles. The one CPU kind whose bf16 linear kernels were measured row-invariant up to a
+    probed size (models/row_limit.py); with AVX512-BF16 alone (an AMD EPYC) they are not, at rare near-ties."""
+    return "amx_bf16" in cpu_identity()["flags"]

@@ -46,8 +46,8 @@ class TrainOptions:
     out: str = _opt("", required=True, metavar="CKPT",
                     help="output folder; CKPT itself then loads as --draft-model (latest epoch)")
     config: str | None = _opt(None, metavar="JSON",
-                              help="DraftConfig overrides as JSON, e.g. {\"num_context_layers\": 2} (a draft's "
-                                   "config.json works)")
+                              help="DraftConfig overrides: inline JSON, e.g. '{\"num_context_layers\": 2}', or a "
+                                   "JSON file (a draft's config.json works)")
     epochs: int = _opt(2, type=checks.int_in(1, 100_000))
     bs: int = _opt(4, type=checks.int_in(1, MAX_BATCH), help=f"sequences per process and step (1..{MAX_BATCH})")
     lr: float = _opt(3e-4, type=checks.finite_float(0.0, low_open=True),
@@ -124,6 +124,18 @@ def check_options(opts: TrainOptions) -> None:
         check_shard_plan(plan_shards(p, read_manifest(p)), d, allow_incomplete=opts.allow_incomplete)
 
 
+def _inline_json(text: str) -> dict:
+    import json
+
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise CTCDrafterError(f"--config is not valid JSON ({str(e).splitlines()[0]}): {text}") from e
+    if not isinstance(obj, dict):
+        raise CTCDrafterError(f"--config must be a JSON object, got: {text}")
+    return obj
+
+
 def config_overrides(opts: TrainOptions) -> tuple[dict, str]:
     """DraftConfig fields from --config, then --frames/--label-len/--loss on top."""
     from dataclasses import fields
@@ -132,7 +144,8 @@ def config_overrides(opts: TrainOptions) -> tuple[dict, str]:
 
     over: dict = {}
     if opts.config:
-        over = read_json_object(Path(opts.config).expanduser(), "--config")
+        over = _inline_json(opts.config) if opts.config.lstrip().startswith("{") \
+            else read_json_object(Path(opts.config).expanduser(), "--config")
         over.pop("model_type", None)
         names = {f.name for f in fields(DraftConfig)}
         unknown = sorted(set(over) - names)
@@ -182,8 +195,12 @@ def precision(opts: TrainOptions, device: torch.device) -> tuple[torch.dtype, st
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env, torch.float32)
     else:
         # auto on a CPU with AMX / AVX512-BF16: bf16, whose autocast trained 1.3x faster than fp32 with the
-        # same loss curve (BENCHMARKS.md)
-        dtype = resolve_dtype(opts.dtype, device)
+        # same loss curve (BENCHMARKS.md). Wider than decoding's auto (AMX only): training needs no tree
+        # pass that rounds as a 1-token step does.
+        from ..models import cpu_info
+
+        cpu_bf16 = opts.dtype in (None, "auto") and device.type == "cpu" and cpu_info.cpu_has_bf16()
+        dtype = torch.bfloat16 if cpu_bf16 else resolve_dtype(opts.dtype, device)
     if dtype == torch.float16 and device.type == "cpu":
         raise CTCDrafterError("float16 training needs a GPU; on CPU use float32 or bfloat16")
     return dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
