@@ -233,6 +233,10 @@ def summarize(a, files: dict[str, Path]) -> None:
         h = r.get("accept_length_hist") or {}
         tot = sum(h.values()) or 1
         hist_lines.append(f"- {name}: " + ", ".join(f"{k}: {v / tot:.1%}" for k, v in sorted(h.items(), key=lambda kv: int(kv[0]))))
+    rates = {n: r.get("accept_rate_by_depth") or {} for n, r in rows.items()}
+    if any(len(v) > 1 for v in rates.values()):
+        hist_lines += ["", "Draft token d accepted, given the d - 1 before it were (all passes, prefill included):", ""]
+        hist_lines += [f"- {n}: " + ", ".join(f"{d}: {v:.1%}" for d, v in rate.items()) for n, rate in rates.items() if rate]
     arms = {n: arm_steps(files[n]) for n in rows}
     if any(arms.values()):
         hist_lines += ["", "How the speculation switch took the steps (share of steps after the prefill):", ""]

@@ -75,6 +75,8 @@ def test_gamma_beta_by_hand(hand_made, capsys):
     assert r["per_category"]["math"]["gamma"] == pytest.approx(4.0)
     assert r["per_category"]["math"]["beta"] == pytest.approx(60 / 20)
     assert r["accept_length_hist"] == {"0": 1, "1": 1, "2": 6, "3": 21, "4": 6}
+    # passes emitting >= 1, 2, 3, 4 tokens: 34, 33, 27, 6; the d-th draft token's rate is (>= d+1) / (>= d)
+    assert r["accept_rate_by_depth"] == pytest.approx({"1": 33 / 34, "2": 27 / 33, "3": 6 / 27})
     # no token ids, so agreement falls back to the texts, which match
     assert r["agreement"] == 1.0 and r["agreement_by"] == "text"
 
@@ -85,6 +87,7 @@ def test_text_table_and_plot(hand_made, tmp_path, capsys):
     assert code == 0
     assert "3.200x" in out and "3.000x" in out  # gamma, gamma_mean
     assert "writing" in out and "math" in out and "all" in out
+    assert "given the d - 1 before it were: 1: 97.1%, 2: 81.8%, 3: 22.2%" in out
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a real figure, not an empty canvas
 

@@ -39,6 +39,16 @@ def question_stats(rec: dict, counter: TokenCounter, ours: bool, methods: Counte
     return s
 
 
+def acceptance_by_depth(hist: dict[int, int]) -> dict[int, float]:
+    """P(a pass emits >= d + 1 tokens | it emitted >= d), for d = 1 .. the longest - 1, from the accepted-length
+    histogram: how often the d-th draft token is accepted once the d - 1 before it were (the per-depth
+    acceptance rate), which says at which depth a draft loses. Every recorded pass counts, the prefill and
+    unspeculated steps too (they emit 1 token), so depth 1 reads a little low, and lower under the switch."""
+    top = max((a for a, n in hist.items() if n), default=0)
+    at_least = {d: sum(n for a, n in hist.items() if a >= d) for d in range(1, top + 1)}
+    return {d: at_least[d + 1] / at_least[d] for d in range(1, top) if at_least[d]}
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 

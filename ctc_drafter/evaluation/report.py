@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import CTCDrafterError
 from .answer_files import AnswerFile, engine_label, load_answer_file
-from .answer_stats import by_token_ids, first_divergence, question_stats, summarize
+from .answer_stats import acceptance_by_depth, by_token_ids, first_divergence, question_stats, summarize
 from .questions import extract_final_number, gsm8k_references, question_index
 from .report_render import format_report, plot_format, plot_report
 from .token_counts import TokenCounter, calibration_turns
@@ -195,6 +195,7 @@ def build_report(spec_path, baseline_path, load_tokenizer=None, question_file: s
         "wall_s": {"spec": overall["spec_wall_s"], "baseline": overall["baseline_wall_s"]},
         "per_category": per_cat,
         "accept_length_hist": {str(a): hist[a] for a in sorted(hist)},
+        "accept_rate_by_depth": {str(d): r for d, r in acceptance_by_depth(hist).items()},
         "agreement": (len(keys) - len(divergences)) / len(keys),
         "agreement_by": "token ids" if by_ids else "text",
         "n_identical": len(keys) - len(divergences),

@@ -49,6 +49,9 @@ def format_report(r: dict) -> str:
         lines.append("tokens accepted per step:")
         for k, n in hist.items():
             lines.append(f"  {k:>3}: {n:>6} {100 * n / total:5.1f}% {'#' * max(1, round(40 * n / total)) if n else ''}")
+    if r.get("accept_rate_by_depth"):
+        lines.append("draft token d accepted, given the d - 1 before it were: "
+                     + ", ".join(f"{d}: {100 * v:.1f}%" for d, v in r["accept_rate_by_depth"].items()))
     lines.append(f"agreement with baseline ({r['agreement_by']}): {r['n_identical']}/{r['n_questions']} questions "
                  f"identical ({r['agreement']:.3f})")
     for d in r["divergences"][:10]:
