@@ -70,7 +70,7 @@ def table(curve: dict, targets: dict[int, float]) -> list[str]:
             last = (v1 - v0) / math.log2(p1 / p0)
             t = targets.get(b)
             reach = fmt_positions(positions_for(t, a, s)) if t else ""
-            reach_last = fmt_positions(p1 * 2 ** ((t - v1) / last) if last > 0 else math.inf) if t else ""
+            reach_last = fmt_positions(positions_for(t, v1 - last * math.log2(p1), last)) if t else ""
             lines.append(f"| {variant} | {b} | {len(pts)}: {pts[0][0]:,}-{p1:,} | {v1:.3f} | {s:+.3f} | "
                          f"{last:+.3f} | {t if t else ''} | {reach} | {reach_last} |")
     return lines
