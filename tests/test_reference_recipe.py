@@ -339,6 +339,9 @@ def test_untrained_eagle1_speculative_equals_hf_generate(budget, generator):
         assert spec.tokens == drafter.generate(ids, 30, speculative=False).tokens == hf_greedy(base.model, ids, 30)
     hybrid = CTCDrafter(base, draft, budget=16, proposer="hybrid")
     assert hybrid.generate(ids, max_new_tokens=30).tokens == hf_greedy(base.model, ids, 30)
+    no_transform = ARProposer(draft, MedusaTree(ctc=False), min_path_prob=0.0)  # plain EAGLE-1 tree
+    assert CTCDrafter(base, draft, budget=budget, proposer=no_transform).generate(ids, 30).tokens == \
+        hf_greedy(base.model, ids, 30)
 
 
 def test_untrained_eagle1_loads_by_name():
@@ -393,3 +396,15 @@ def test_reference_training_lowers_the_loss_and_stays_lossless(small_model_dir, 
     for _ in range(2):
         ids = torch.randint(0, 200, (1, 8), generator=g)
         assert drafter.generate(ids, max_new_tokens=20).tokens == hf_greedy(drafter.base.model, ids, 20)
+
+
+def test_reference_training_reads_stored_fp16_hidden_states_under_bf16_autocast(small_model_dir, small_base, tmp_path):
+    data = make_shards(small_base, tmp_path / "data", n_seqs=4, hidden=True)
+    out = tmp_path / "bf16"
+    assert cli_main(["train", "--preset", "reference", "--base-model", str(small_model_dir), "--data", str(data),
+                     "--out", str(out), "--device", "cpu", "--epochs", "1", "--dtype", "bfloat16", "--eval-frac", "0.25",
+                     "--log-every", "1"]) == 0
+    args = json.loads((out / "train_args.json").read_text())
+    assert args["mixed_precision"] == "bf16"
+    epoch = [r for r in read_log(out) if r["event"] == "epoch"][0]
+    assert math.isfinite(epoch["train"]["loss"]) and math.isfinite(epoch["eval"]["loss"])

@@ -21,6 +21,7 @@ class ReferenceTrainer(Trainer):
 
     def losses(self, model, batch: FullBatch, hidden: torch.Tensor):
         """The weighted reference losses of `batch`; noise on the draft's input only while `model` trains."""
+        hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # stored fp16: CPU autocast refuses it
         x = draft_input(hidden, batch.lengths, model.training, self.opts.input_noise)
         with self.acc.autocast():
             out = model(x, batch.next_ids)
