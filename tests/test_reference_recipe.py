@@ -17,7 +17,8 @@ from ctc_drafter.cli.main import build_parser
 from ctc_drafter.cli.main import main as cli_main
 from ctc_drafter.decoding import CTCDrafter
 from ctc_drafter.decoding.proposers import ARProposer, MedusaTree, make_proposer
-from ctc_drafter.draft import DraftCache, DraftConfig, Eagle1DraftModel, load_draft, load_draft_folder, new_eagle1_draft_for
+from ctc_drafter.draft import (DraftCache, DraftConfig, Eagle1DraftModel, load_draft, load_draft_folder,
+                               new_eagle1_draft_for)
 from ctc_drafter.errors import CTCDrafterError
 from ctc_drafter.models.base import BaseModel, load_base_model
 from ctc_drafter.training.options import GIVEN, TrainOptions
@@ -398,13 +399,29 @@ def test_reference_training_lowers_the_loss_and_stays_lossless(small_model_dir, 
         assert drafter.generate(ids, max_new_tokens=20).tokens == hf_greedy(drafter.base.model, ids, 20)
 
 
-def test_reference_training_reads_stored_fp16_hidden_states_under_bf16_autocast(small_model_dir, small_base, tmp_path):
+def test_reference_training_reads_stored_fp16_hidden_states_under_bf16_autocast(small_model_dir, small_base,
+                                                                                tmp_path):
     data = make_shards(small_base, tmp_path / "data", n_seqs=4, hidden=True)
     out = tmp_path / "bf16"
     assert cli_main(["train", "--preset", "reference", "--base-model", str(small_model_dir), "--data", str(data),
-                     "--out", str(out), "--device", "cpu", "--epochs", "1", "--dtype", "bfloat16", "--eval-frac", "0.25",
-                     "--log-every", "1"]) == 0
+                     "--out", str(out), "--device", "cpu", "--epochs", "1", "--dtype", "bfloat16",
+                     "--eval-frac", "0.25", "--log-every", "1"]) == 0
     args = json.loads((out / "train_args.json").read_text())
     assert args["mixed_precision"] == "bf16"
     epoch = [r for r in read_log(out) if r["event"] == "epoch"][0]
     assert math.isfinite(epoch["train"]["loss"]) and math.isfinite(epoch["eval"]["loss"])
+
+
+def test_reference_run_resumed_equals_the_uninterrupted_run(small_model_dir, data_dir, tmp_path):
+    """--recover restores the schedule, the optimiser and the noise's random state: the same weights."""
+    from test_train import load_weights
+
+    common = ["train", "--preset", "reference", "--base-model", str(small_model_dir), "--data", str(data_dir),
+              "--device", "cpu", "--lr", "1e-2", "--warmup", "2", "--eval-frac", "0", "--dtype", "float32",
+              "--loader-workers", "0"]
+    assert cli_main([*common, "--out", str(tmp_path / "a"), "--epochs", "2"]) == 0
+    assert cli_main([*common, "--out", str(tmp_path / "b"), "--epochs", "1"]) == 0
+    assert cli_main([*common, "--out", str(tmp_path / "b"), "--epochs", "2", "--recover", "1"]) == 0
+    a, b = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fuse.weight"], load_weights(tmp_path / "b" / "epoch_1")["fuse.weight"])

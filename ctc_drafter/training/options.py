@@ -55,10 +55,11 @@ class TrainOptions:
     epochs: int = _opt(2, type=checks.int_in(1, 100_000))
     bs: int = _opt(4, type=checks.int_in(1, MAX_BATCH), help=f"sequences per process and step (1..{MAX_BATCH})")
     lr: float = _opt(3e-4, type=checks.finite_float(0.0, low_open=True),
-                     help="peak learning rate (AdamW, warmup then cosine)")
+                     help="peak learning rate (AdamW, warmup then --lr-schedule)")
     weight_decay: float = _opt(0.0, type=checks.finite_float(0.0))
     warmup: float = _opt(0.03, type=checks.finite_float(0.0), help="warmup: a fraction of all steps (<1) or a step count")
-    grad_clip: float = _opt(1.0, type=checks.finite_float(0.0), help="max gradient norm, or value with --clip value (0: off)")
+    grad_clip: float = _opt(1.0, type=checks.finite_float(0.0),
+                            help="max gradient norm, or each element's with --clip value (0: off)")
     clip: str = _opt("norm", choices=["norm", "value"], help="clip the gradient's norm, or each element's value")
     lr_schedule: str = _opt("cosine", choices=["cosine", "linear"],
                             help="after warmup: cosine, or linear (transformers' get_linear_schedule_with_warmup) to 0")
@@ -211,7 +212,7 @@ def config_overrides(opts: TrainOptions) -> tuple[dict, str]:
         if opts.preset:
             over["extra"] = {**(over.get("extra") or {}), "preset": opts.preset}
     elif opts.input_noise > 0:
-        raise CTCDrafterError("--input-noise needs the eagle1 layout (--arch ar --layout eagle1, or --preset reference)")
+        raise CTCDrafterError("--input-noise needs the eagle1 layout (--layout eagle1, or --preset reference)")
     return over, kind
 
 

@@ -123,7 +123,8 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
         train_seqs, eval_seqs = split_eval(seqs, opts.eval_frac, opts.seed)
         if draft.config.draft_vocab:  # from the training split only; --recover restores the saved list
             draft.set_vocab(most_frequent_targets(train_seqs, draft.config.draft_vocab))
-        trainer = (ReferenceTrainer if eagle1 else Trainer)(opts, acc, base, draft, kind, train_seqs, eval_seqs, data_fingerprint(seqs), out)
+        trainer = (ReferenceTrainer if eagle1 else Trainer)(opts, acc, base, draft, kind, train_seqs, eval_seqs,
+                                                            data_fingerprint(seqs), out)
         if acc.is_main_process:
             try:
                 out.mkdir(parents=True, exist_ok=True)
