@@ -10,18 +10,24 @@ from ..errors import CTCDrafterError
 from .config import DraftConfig
 from .ctc import collapse, prefix_beam_search
 from .ar_model import ARDraftModel, new_ar_draft_for
+from .eagle1_model import Eagle1DraftModel, new_eagle1_draft_for
 from .model import CTCDraftModel, DraftCache, new_draft_for
 
 log = logging.getLogger(__name__)
 
+UNTRAINED = {"untrained": new_draft_for, "untrained-ar": new_ar_draft_for, "untrained-eagle1": new_eagle1_draft_for}
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "assets" / "default_draft"
 
-__all__ = ["DraftConfig", "CTCDraftModel", "ARDraftModel", "DraftCache", "new_draft_for", "new_ar_draft_for",
+__all__ = ["DraftConfig", "CTCDraftModel", "ARDraftModel", "Eagle1DraftModel", "DraftCache", "new_draft_for",
+           "new_ar_draft_for", "new_eagle1_draft_for",
            "draft_class", "load_draft_folder", "collapse", "prefix_beam_search", "load_draft", "SHIPPED_DRAFT"]
 
 
 def draft_class(config: DraftConfig) -> type[CTCDraftModel]:
-    """The model class of a config's architecture ("nar": frames from one state, "ar": levels)."""
+    """The model class of a config's architecture ("nar": frames from one state, "ar": levels) and layout
+    ("eagle1": the reference code's)."""
+    if config.layout == "eagle1":
+        return Eagle1DraftModel
     return ARDraftModel if config.architecture == "ar" else CTCDraftModel
 
 
@@ -37,12 +43,12 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
     """Resolve --draft-model for `base` (a BaseModel). Returns (draft bound to base, trained?).
 
     'default': the draft shipped for the embedded default base (an untrained, deterministically
-    initialised one while none ships); 'untrained' / 'untrained-ar': a fresh NAR / AR draft (seed 0) for
-    any base; else a folder (either architecture).
+    initialised one while none ships); 'untrained' / 'untrained-ar' / 'untrained-eagle1': a fresh NAR /
+    AR / reference-layout draft (seed 0) for any base; else a folder (any architecture).
     """
     from ..models.base import DEFAULT_NAME
 
-    if name_or_path in ("default", "untrained", "untrained-ar"):
+    if name_or_path in ("default", *UNTRAINED):
         if name_or_path == "default" and base.name != DEFAULT_NAME:
             raise CTCDrafterError(
                 f"--draft-model default is the draft for {DEFAULT_NAME}; base {base.name} needs a trained draft "
@@ -52,7 +58,7 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
             return draft.bind(base.model), True
         if not quiet:
             log.warning("using an UNTRAINED draft (deterministic init, seed 0); expect little or no speedup")
-        return (new_ar_draft_for if name_or_path == "untrained-ar" else new_draft_for)(base, seed=0), False
+        return UNTRAINED.get(name_or_path, new_draft_for)(base, seed=0), False
     draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype)
     draft.bind(base.model)
     if draft.config.base_model and draft.config.base_model != base.name and not quiet:

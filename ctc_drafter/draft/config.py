@@ -15,6 +15,9 @@ _LIMITS = {"hidden_size": 65536, "vocab_size": 1 << 22, "num_attention_heads": 1
            "head_dim": 4096, "intermediate_size": 1 << 19, "num_context_layers": 64, "num_frames": 64,
            "label_len": 64}
 ARCHITECTURES = ("nar", "ar")
+# "standard": this project's layers (input norm, final norm, a learned blank head); "eagle1": the reference
+# code's (draft/eagle1_model.py). Configs without the field are "standard".
+LAYOUTS = ("standard", "eagle1")
 AR_DEFAULTS = {"num_frames": 4, "label_len": 3}  # levels drafted per step; tokens CTC aligns them to
 _KINDS = {"int": int, "float": float, "str": str, "dict": dict}
 _KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", dict: "a JSON object"}
@@ -42,6 +45,7 @@ class DraftConfig:
     # "nar": L frames from one state (draft/model.py); "ar": the reference code's EAGLE-style head run
     # autoregressively for num_frames levels (draft/ar_model.py). Configs without it are "nar".
     architecture: str = "nar"
+    layout: str = "standard"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -96,6 +100,11 @@ class DraftConfig:
             raise CTCDrafterError("draft config: rms_norm_eps and rope_theta must be positive")
         if self.architecture not in ARCHITECTURES:
             raise CTCDrafterError(f"draft architecture must be {' or '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.layout not in LAYOUTS:
+            raise CTCDrafterError(f"draft layout must be {' or '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "eagle1" and (self.architecture != "ar" or self.draft_vocab):
+            raise CTCDrafterError("the eagle1 layout drafts autoregressively over the whole vocabulary "
+                                  "(architecture ar, draft_vocab 0)")
         if self.loss not in ("ctc", "ce"):
             raise CTCDrafterError(f"draft loss must be ctc or ce, got {self.loss!r}")
         if self.num_frames < 1 or self.label_len < 1:
@@ -127,7 +136,10 @@ class DraftConfig:
                 raise CTCDrafterError(f"draft config: {name} must be {_KIND_NAMES[kind]}, got {json.dumps(v)}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["layout"] == "standard":  # written only when set: drafts (and resumable states) from before it match
+            del d["layout"]
+        return d
 
     def save(self, directory: Path) -> None:
         (Path(directory) / "config.json").write_text(json.dumps({"model_type": "ctc_draft", **self.to_dict()}, indent=2))

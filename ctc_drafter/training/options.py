@@ -12,7 +12,7 @@ import torch
 
 from ..cli import checks
 from ..data.shards import check_shard_plan, plan_shards, read_manifest
-from ..draft.config import ARCHITECTURES
+from ..draft.config import ARCHITECTURES, LAYOUTS
 from ..errors import CTCDrafterError, read_json_object
 from .losses import AR_LOSS_WEIGHTS, LOSSES
 
@@ -40,6 +40,10 @@ class TrainOptions:
     fields, the Python API passes a TrainOptions to run_training, and train_args.json saves one.
     check_options applies the same rules to both."""
 
+    preset: str | None = _opt(None, choices=["reference"],
+                              help="a recipe's defaults, which explicit options still override: reference = the "
+                                   "CTC-drafter reference code's (eagle1 layout, its losses, noise and optimiser; "
+                                   "training/presets.py)")
     base_model: str = _opt("default", help="local HF folder, a .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     data: list = _opt([], action="append", required=True, metavar="DIR",
                       help="a folder written by `ctc-drafter distill` (repeat for several)")
@@ -51,12 +55,24 @@ class TrainOptions:
     epochs: int = _opt(2, type=checks.int_in(1, 100_000))
     bs: int = _opt(4, type=checks.int_in(1, MAX_BATCH), help=f"sequences per process and step (1..{MAX_BATCH})")
     lr: float = _opt(3e-4, type=checks.finite_float(0.0, low_open=True),
-                     help="peak learning rate (AdamW, warmup then cosine)")
+                     help="peak learning rate (AdamW, warmup then --lr-schedule)")
     weight_decay: float = _opt(0.0, type=checks.finite_float(0.0))
     warmup: float = _opt(0.03, type=checks.finite_float(0.0), help="warmup: a fraction of all steps (<1) or a step count")
-    grad_clip: float = _opt(1.0, type=checks.finite_float(0.0), help="max gradient norm (0: off)")
+    grad_clip: float = _opt(1.0, type=checks.finite_float(0.0),
+                            help="max gradient norm, or each element's with --clip value (0: off)")
+    clip: str = _opt("norm", choices=["norm", "value"], help="clip the gradient's norm, or each element's value")
+    lr_schedule: str = _opt("cosine", choices=["cosine", "linear"],
+                            help="after warmup: cosine, or linear (transformers' get_linear_schedule_with_warmup) to 0")
+    schedule_steps: int | None = _opt(None, type=checks.int_in(1, 1 << 40), metavar="N",
+                                      help="the step at which the schedule reaches 0 (default: the run's last step)")
     loss: str | None = _opt(None, choices=LOSSES, help="ctc (default), ce (Medusa-style heads, no blank) or ctc+ce")
     frames: int | None = _opt(None, type=int, help="L, draft frames (default 8; with --arch ar: levels, 4)")
+    layout: str | None = _opt(None, choices=LAYOUTS,
+                              help="with --arch ar: standard (this project's layers and blank head) or eagle1 (the "
+                                   "reference code's: no input/final norm, the base's head, blank = token 0)")
+    input_noise: float = _opt(0.0, type=checks.finite_float(0.0),
+                              help="eagle1 layout: uniform noise on the input hidden states, amplitude x 512 / "
+                                   "sequence length (the reference's data_noise: 0.2)")
     arch: str | None = _opt(None, choices=ARCHITECTURES,
                             help="nar: L frames from one state (default); ar: the reference code's EAGLE-style head "
                                  "drafting level by level (trained with feature regression + token CE + weighted CTC)")
@@ -93,12 +109,28 @@ class TrainOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
+GIVEN = "given_options"  # the Namespace attribute listing the options set on the command line
+
+
+def _recording(p, action):
+    """argparse's `action` class, also noting its option in GIVEN: a --preset fills only what was not given."""
+    base = p._registry_get("action", action, action)
+
+    class Given(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            setattr(namespace, GIVEN, getattr(namespace, GIVEN, frozenset()) | {self.dest})
+
+    return Given
+
+
 def add_train_args(p) -> None:
     """`ctc-drafter train`'s arguments, one per TrainOptions field."""
     for f in fields(TrainOptions):
         kw = dict(f.metadata["argparse"])
         if not kw.get("required"):
             kw["default"] = f.default
+        kw["action"] = _recording(p, kw.get("action"))
         p.add_argument(f"--{f.name.replace('_', '-')}", *f.metadata["flags"], dest=f.name, **kw)
 
 
@@ -166,8 +198,21 @@ def config_overrides(opts: TrainOptions) -> tuple[dict, str]:
     over["loss"] = "ce" if kind == "ce" else "ctc"  # ctc+ce drafts still decode with CTC
     if opts.arch is not None:
         over["architecture"] = opts.arch
+    if opts.layout is not None:
+        over["layout"] = opts.layout
+    if over.get("layout") == "eagle1":
+        if over.setdefault("architecture", "ar") != "ar":
+            raise CTCDrafterError("the eagle1 layout drafts level by level: it needs --arch ar")
     if over.get("architecture") == "ar":
         kind = _ar_loss_weights(opts, over)
+    if over.get("layout") == "eagle1":
+        # blank = token 0 is in the vocabulary whatever the CTC weight: the draft decodes with the CTC
+        # transform, as the reference's evaluation scripts do, unless --loss ce asks for none
+        kind = over["loss"] = "ce" if opts.loss == "ce" else "ctc"
+        if opts.preset:
+            over["extra"] = {**(over.get("extra") or {}), "preset": opts.preset}
+    elif opts.input_noise > 0:
+        raise CTCDrafterError("--input-noise needs the eagle1 layout (--layout eagle1, or --preset reference)")
     return over, kind
 
 

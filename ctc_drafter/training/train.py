@@ -40,7 +40,9 @@ from ..errors import CTCDrafterError, fault_reason, write_json_atomic, writing
 from .checkpoints import TRAINER_STATE, clear_run, existing_states
 from .data import data_fingerprint, load_sequences, most_frequent_targets, split_eval
 from .evaluate import evaluate_draft
-from .options import TrainOptions, add_train_args, check_options, config_overrides, precision
+from .options import GIVEN, TrainOptions, add_train_args, check_options, config_overrides, precision
+from .presets import apply_preset
+from .reference_trainer import ReferenceTrainer
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,13 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import set_seed
 
-    from ..draft import new_ar_draft_for, new_draft_for
+    from ..draft import new_ar_draft_for, new_draft_for, new_eagle1_draft_for
     from ..models.base import load_base_model, resolve_device
 
     if not isinstance(opts, TrainOptions):
-        opts = TrainOptions.from_args(opts)
+        opts = apply_preset(TrainOptions.from_args(opts), getattr(opts, GIVEN, frozenset()))
+    else:
+        opts = apply_preset(opts)
     check_options(opts)
     # under autocast RMSNorm sees bf16 activations with fp32 weights and says so on every run: expected
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
@@ -106,18 +110,21 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
             if key in overrides and overrides[key] != int(getattr(base.config, key)):
                 raise CTCDrafterError(f"--config {opts.config} has {key} {overrides[key]}, but base {base.name} has "
                                       f"{getattr(base.config, key)}; it is a config for another base")
-        new = new_ar_draft_for if overrides.get("architecture") == "ar" else new_draft_for
+        eagle1 = overrides.get("layout") == "eagle1"
+        new = new_eagle1_draft_for if eagle1 else new_ar_draft_for if overrides.get("architecture") == "ar" \
+            else new_draft_for
         draft = new(base, seed=opts.seed, **overrides)
         # fp32 master weights (fp64 only next to an fp64 base); bf16/fp16 come from autocast
         draft = draft.to(torch.float64 if base_dtype == torch.float64 else torch.float32)
-        if kind == "ce":
+        if kind == "ce" and not eagle1:
             draft.blank_head.requires_grad_(False)  # unused without a blank; DDP must not wait for its grad
         max_len = min(opts.max_len, base.max_length)
         seqs, summaries = load_sequences(opts.data, base, draft.config.label_len, max_len, opts.allow_incomplete)
         train_seqs, eval_seqs = split_eval(seqs, opts.eval_frac, opts.seed)
         if draft.config.draft_vocab:  # from the training split only; --recover restores the saved list
             draft.set_vocab(most_frequent_targets(train_seqs, draft.config.draft_vocab))
-        trainer = Trainer(opts, acc, base, draft, kind, train_seqs, eval_seqs, data_fingerprint(seqs), out)
+        trainer = (ReferenceTrainer if eagle1 else Trainer)(opts, acc, base, draft, kind, train_seqs, eval_seqs,
+                                                            data_fingerprint(seqs), out)
         if acc.is_main_process:
             try:
                 out.mkdir(parents=True, exist_ok=True)

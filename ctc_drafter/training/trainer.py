@@ -58,7 +58,13 @@ class Trainer:
             ds.deepspeed_config["train_micro_batch_size_per_gpu"] = opts.bs
         params = [p for p in draft.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, self.total_steps))
+        if opts.lr_schedule == "linear":  # the reference recipe's: transformers' own, warmup from lr 0
+            from transformers import get_linear_schedule_with_warmup
+
+            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, opts.schedule_steps or self.total_steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, _warmup_cosine(warmup, opts.schedule_steps or self.total_steps))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(draft, optimizer, scheduler)
         self.global_step = 0
         self.start_epoch = 1
@@ -107,8 +113,7 @@ class Trainer:
         labels, loss_len = symbol_labels(batch.labels, batch.label_len, self.token_to_symbol)
         lp, logits = draft_losses(out, hidden, batch.positions, labels.clamp(min=0), loss_len, self.kind, self.cfg)
         self.acc.backward(lp.total)
-        if self.opts.grad_clip > 0 and self.acc.sync_gradients:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.opts.grad_clip)
+        self.clip_gradients()
         self.optimizer.step()
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
@@ -120,6 +125,14 @@ class Trainer:
             m.add_loss(lp.parts, lp.num_positions)
             m.add_sums(sums)
         return lp
+
+    def clip_gradients(self) -> None:
+        """--grad-clip on the gradient's norm, or (--clip value) on each element."""
+        if self.opts.grad_clip > 0 and self.acc.sync_gradients:
+            if self.opts.clip == "value":
+                self.acc.clip_grad_value_(self.model.parameters(), self.opts.grad_clip)
+            else:
+                self.acc.clip_grad_norm_(self.model.parameters(), self.opts.grad_clip)
 
     def run_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm

@@ -34,7 +34,9 @@ def _kind(device) -> str:
     return device.type if isinstance(device, torch.device) else str(device).split(":")[0]
 
 
-def default_generator(device) -> str:
+def default_generator(device, draft=None) -> str:
+    if draft is not None and getattr(draft.config, "layout", None) == "eagle1":
+        return "medusa"  # the reference layout decodes as its evaluation scripts do, on any device
     return DEFAULT_GENERATOR.get(_kind(device), "prefix")
 
 
@@ -50,7 +52,7 @@ def make_proposer(name: str, draft=None, generator: str | None = None,
     """'ctc' (the draft with tree policy `generator`; None: the device's default), 'ngram' (prompt lookup +
     memory, no draft needed), or 'hybrid' (both, merged by calibrated acceptance, sized by `cost_ms` when given)."""
     if generator is None:
-        generator = default_generator(next(draft.parameters()).device if draft is not None else "cpu")
+        generator = default_generator(next(draft.parameters()).device if draft is not None else "cpu", draft)
     if name not in PROPOSERS:
         raise CTCDrafterError(f"unknown proposer {name!r} (use {', '.join(PROPOSERS)})")
     if generator not in POLICIES:
@@ -66,7 +68,10 @@ def make_proposer(name: str, draft=None, generator: str | None = None,
 
 
 def draft_proposer(draft, generator: str = "beam") -> Proposer:
-    """The proposer of a draft's architecture: frames from one state (nar) or levels (ar)."""
+    """The proposer of a draft's architecture: frames from one state (nar) or levels (ar). The reference
+    layout (eagle1) drafts every level, as `topK_genrate` does: no cut-off."""
+    if getattr(draft.config, "layout", None) == "eagle1":
+        return ARProposer(draft, generator, min_path_prob=0.0)
     ar = getattr(draft.config, "architecture", "nar") == "ar"
     return ARProposer(draft, generator) if ar else CTCProposer(draft, generator)
 
