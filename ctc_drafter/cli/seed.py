@@ -313,7 +313,7 @@ def eval_step(argv: list[str], bench: str, template: str, baseline: bool) -> int
         if value is not None:
             ours += [flag, str(value)]
     code = _run(ours)
-    if code == 0:  # the seed's reorg_answer_file
+    if code == 0 and Path(answer_file).is_file():  # the seed's reorg_answer_file
         reorganize_answer_file(answer_file)
     return code
 
