@@ -199,6 +199,7 @@ def captured(monkeypatch) -> list:
 
 def test_gpu_map_runs_a_worker_per_group(monkeypatch):
     calls = captured(monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored afterwards: the data step drops it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     argv = ["--outdir", "out", "--type", "llama2chat", "--basemodel", "b", "--data", "d.json"]
     assert seed.data_step(argv, [[0, 1], [2, 3]]) == 0
@@ -210,7 +211,8 @@ def test_gpu_map_runs_a_worker_per_group(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has GPUs")
-def test_gpu_map_without_gpus_is_one_line(capsys):
+def test_gpu_map_without_gpus_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     code = seed.data_step(["--outdir", "out", "--basemodel", "b", "--data", "d.json"], [[0], [1], [2], [3]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "this machine has none" in err[0] and "gpus = None" in err[0]

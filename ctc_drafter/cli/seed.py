@@ -110,7 +110,8 @@ def data_step(argv: list[str], gpus=None) -> int:
             groups = gpu_groups(spec)
         except CTCDrafterError as e:
             return _fail(str(e))
-        import torch  # after the environment is settled: CUDA reads CUDA_VISIBLE_DEVICES once
+        physical_gpu_numbers()
+        import torch
 
         if not torch.cuda.is_available():
             return _fail(f"gpus = {spec} asks for CUDA GPUs, but this machine has none; set gpus = None in "
@@ -122,7 +123,7 @@ def data_step(argv: list[str], gpus=None) -> int:
 def physical_gpu_numbers() -> None:
     """The seed's allocation.py set each worker's CUDA_VISIBLE_DEVICES to its group, so its numbers are
     the machine's; ours count the GPUs CUDA_VISIBLE_DEVICES shows. Dropping the variable first makes
-    them the same. (Called by allocation.py before torch is imported.)"""
+    them the same. (Before CUDA starts: it reads the variable once.)"""
     shown = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     if shown:
         print(f"ctc-drafter: note: GPU numbers are the machine's, as in the seed (CUDA_VISIBLE_DEVICES={shown} "

@@ -15,5 +15,4 @@ gpus = None
 if __name__ == "__main__":
     from ctc_drafter.cli import seed
 
-    seed.physical_gpu_numbers()
     seed.script_main(seed.data_step, gpus)
