@@ -144,6 +144,7 @@ def test_training_numbers_states_as_the_seed_and_loads(trained):
     assert epochs == list(range(LAST_EPOCH + 1))
     args = json.loads((ckpt / "train_args.json").read_text())
     assert (args["arch"], args["label_len"], args["ctc_weight"], args["lr"], args["bs"]) == ("ar", 3, 0.01, 3e-5, 1)
+    assert args["positions"] >= args["max_len"]  # the seed trains every position of a sequence
     assert args["mixed_precision"] == "bf16"  # accelerate launch --mixed_precision=bf16
     cfg = DraftConfig.load(ckpt)
     assert (cfg.architecture, cfg.num_context_layers, cfg.label_len) == ("ar", 1, 3)
