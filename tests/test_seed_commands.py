@@ -301,7 +301,7 @@ def test_a_state_folder_means_that_epochs_draft(tmp_path):
 
 
 SCRIPTS = [(bench, folder, t, b) for bench, folder in (("mt_bench", "MT-bench"), ("gsm8k", "GSM8K"))
-           for t in seed.TEMPLATES for b in (False, True)]
+           for t in seed.SEED_TYPES for b in (False, True)]
 
 
 @pytest.mark.parametrize("bench, folder, template, baseline", SCRIPTS)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SEED_RECORDS = 68000  # allocation.py's fixed range s..e: the records its data step labels
 SEED_LAST_EPOCH = 20  # train/main.py: `for epoch in range(recover + 1, num_epochs + 1)`, num_epochs 20
 SEED_TREES = ("medusa", "mc_sim_7b_63")  # the seed's model/choices.py defines `medusa`: Medusa's mc_sim_7b_63
-TEMPLATES = ("vicuna", "llama2chat")  # allocation.py --type, and the evaluation scripts' names
+SEED_TYPES = ("vicuna", "llama2chat")  # allocation.py --type, and the evaluation scripts' names
 
 
 class _SeedParser(argparse.ArgumentParser):
@@ -87,7 +87,7 @@ def data_parser() -> argparse.ArgumentParser:
                     "pass --gpus; GPU numbers are the machine's own, as the seed's (it overwrote "
                     "CUDA_VISIBLE_DEVICES with them per worker).")
     p.add_argument("--outdir", default="0", help="the data folder to write (the seed's default is '0')")
-    p.add_argument("--type", default="vicuna", choices=TEMPLATES, help="the base's chat format (--template)")
+    p.add_argument("--type", default="vicuna", choices=SEED_TYPES, help="the base's chat format (--template)")
     p.add_argument("--basemodel", default="basemodel", help="the base model folder (--base-model)")
     p.add_argument("--data", default="ShareGPT_V4.3_unfiltered_cleaned_split.json",
                    help="ShareGPT JSON (any format `ctc-drafter distill --data` reads)")
@@ -273,6 +273,7 @@ def draft_folder(path: str) -> str:
     p = Path(path).expanduser()
     m = re.fullmatch(r"state_(\d+)", p.name)
     if m and not (p / "config.json").is_file() and (p.parent / f"epoch_{m.group(1)}" / "config.json").is_file():
+        log.info("reading --draft-model-path %s as the draft of that epoch, %s", path, p.parent / f"epoch_{m.group(1)}")
         return str(p.parent / f"epoch_{m.group(1)}")
     return path
 
