@@ -87,6 +87,9 @@ class TrainOptions:
                                         "lossless")
     max_len: int = _opt(2048, type=int, help="truncate sequences to this many tokens")
     recover: int | None = _opt(None, type=int, metavar="N", help="resume from CKPT/state_N")
+    first_epoch: int = _opt(1, type=checks.int_in(0, 1),
+                            help="the first epoch's number: 1, or 0 as the seed's train/main.py counts (state_0 after "
+                                 "the first epoch); --epochs is the last one's number")
     overwrite: bool = _opt(False, action="store_true", help="start afresh even if CKPT holds an earlier run")
     seed: int = _opt(0, type=checks.int_in(0, checks.MAX_SEED))
     eval_frac: float = _opt(0.02, type=checks.finite_float(0.0, 1.0), help="fraction of sequences held out for evaluation")
@@ -142,8 +145,10 @@ def check_options(opts: TrainOptions) -> None:
         raise CTCDrafterError(f"--lr must be positive, got {opts.lr}")
     if opts.warmup < 0 or opts.grad_clip < 0 or opts.weight_decay < 0:
         raise CTCDrafterError("--warmup, --grad-clip and --weight-decay must be >= 0")
-    if opts.recover is not None and opts.recover < 1:
-        raise CTCDrafterError(f"--recover takes an epoch number >= 1, got {opts.recover}")
+    if opts.recover is not None and opts.recover < opts.first_epoch:
+        raise CTCDrafterError(f"--recover takes an epoch number >= {opts.first_epoch}, got {opts.recover}")
+    if opts.epochs < opts.first_epoch:
+        raise CTCDrafterError(f"--epochs (the last epoch's number) must be >= --first-epoch {opts.first_epoch}")
     if not 0 <= opts.eval_frac < 1:
         raise CTCDrafterError(f"--eval-frac must be in [0, 1), got {opts.eval_frac}")
     for d in opts.data:

@@ -57,7 +57,7 @@ def _raise_if_output_fault(e: Exception, out: Path) -> None:
         return
     name = getattr(e, "filename", None)
     done = existing_states(out) if out.is_dir() else []
-    kept = (f"epochs 1..{done[-1]} are kept (resume with --recover {done[-1]})" if done
+    kept = (f"epochs {done[0]}..{done[-1]} are kept (resume with --recover {done[-1]})" if done
             else "no epoch had finished")
     raise CTCDrafterError(f"cannot write the training run in {out}{f' ({name})' if name else ''}: {reason}; "
                           f"{kept}") from e

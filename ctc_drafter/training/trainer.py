@@ -50,7 +50,7 @@ class Trainer:
         self.reader = HiddenReader()
         W = accelerator.num_processes
         self.steps_per_epoch = math.ceil(len(train_seqs) / (opts.bs * W))
-        self.total_steps = self.steps_per_epoch * opts.epochs
+        self.total_steps = self.steps_per_epoch * (opts.epochs - opts.first_epoch + 1)
         warmup = int(opts.warmup * self.total_steps) if opts.warmup < 1 else int(opts.warmup)
         ds = getattr(accelerator.state, "deepspeed_plugin", None)
         if ds is not None and ds.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
@@ -67,7 +67,7 @@ class Trainer:
                 optimizer, _warmup_cosine(warmup, opts.schedule_steps or self.total_steps))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(draft, optimizer, scheduler)
         self.global_step = 0
-        self.start_epoch = 1
+        self.start_epoch = opts.first_epoch
         self.last_lr = opts.lr
         self.log = RunLog(out, accelerator.is_main_process)
 
