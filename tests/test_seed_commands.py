@@ -143,11 +143,12 @@ def test_training_numbers_states_as_the_seed_and_loads(trained):
     epochs = [r["epoch"] for r in map(json.loads, (ckpt / "log.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
     assert epochs == list(range(LAST_EPOCH + 1))
     args = json.loads((ckpt / "train_args.json").read_text())
-    assert (args["arch"], args["label_len"], args["ctc_weight"], args["lr"], args["bs"]) == ("ar", 3, 0.01, 3e-5, 1)
-    assert args["positions"] >= args["max_len"]  # the seed trains every position of a sequence
+    assert (args["preset"], args["layout"], args["label_len"], args["ctc_weight"], args["lr"], args["bs"]) == (
+        "reference", "eagle1", 3, 0.01, 3e-5, 1)  # the seed's training is the reference recipe
+    assert (args["clip"], args["grad_clip"], args["lr_schedule"], args["warmup"]) == ("value", 0.5, "linear", 2000)
     assert args["mixed_precision"] == "bf16"  # accelerate launch --mixed_precision=bf16
     cfg = DraftConfig.load(ckpt)
-    assert (cfg.architecture, cfg.num_context_layers, cfg.label_len) == ("ar", 1, 3)
+    assert (cfg.architecture, cfg.layout, cfg.num_context_layers, cfg.label_len) == ("ar", "eagle1", 1, 3)
     assert json.loads((ckpt / "state_2/trainer_state.json").read_text())["epoch"] == 2
 
 
@@ -266,7 +267,7 @@ def test_training_options_map_onto_ours(monkeypatch, tmp_path):
     opt = {a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("--")}
     assert a[0] == "train" and opt["--data"] == "d" and opt["--out"] == "c" and opt["--base-model"] == "b"
     assert (opt["--recover"], opt["--first-epoch"], opt["--epochs"]) == ("2", "0", "20")
-    assert (opt["--ctc-weight"], opt["--label-len"], opt["--bs"], opt["--arch"]) == ("0.001", "4", "2", "ar")
+    assert (opt["--ctc-weight"], opt["--label-len"], opt["--bs"], opt["--preset"]) == ("0.001", "4", "2", "reference")
     assert json.loads(opt["--config"])["num_context_layers"] == 1
 
 

@@ -163,15 +163,14 @@ def draft_config_from_llama(path: str | Path) -> dict:
 def train_parser() -> argparse.ArgumentParser:
     p = _SeedParser(
         prog="accelerate launch --mixed_precision=bf16 train/main.py",
-        description="The seed's training (train/main.py), run as `ctc-drafter train --arch ar` with the seed's loss "
-                    "weights (feature 1.0, token 0.1, CTC --cw), CTC window --fixlen, lr, linear warmup of 2000 "
-                    "steps, 5% held out, 1600 tokens per sequence with every position trained, and its epochs: numbered 0..20 (21 epochs), "
-                    "CPDIR/state_N after epoch N, so --recover N continues with epoch N+1 as the seed's does. The "
-                    "seed saved no state at epochs 4, 9, 14, 19 (its `if (epoch + 1) % save_freq` test); here every "
-                    "epoch is saved. CPDIR itself is then the latest draft (CPDIR/epoch_N each epoch's), for the "
-                    "evaluation scripts' --draft-model-path. Not the seed's: the draft is our AR head (draft/ar_model.py), not its exact layer "
-                    "stack; gradients are clipped by norm (1.0), "
-                    "not by value (0.5), and after warmup the rate follows a cosine, not a line to step 800000.")
+        description="The seed's training (train/main.py), run as `ctc-drafter train --preset reference` (the "
+                    "reference recipe: the eagle1 layout, feature 1.0 + soft token CE 0.1 + CTC --cw over 6 positions "
+                    "against --fixlen tokens, uniform input noise, AdamW at --lr with 2000 warmup steps then a line to "
+                    "step 800000, clipping by value 0.5, every position trained, 5% held out, 1600 tokens per sequence) "
+                    "and its epochs: numbered 0..20 (21 epochs), CPDIR/state_N after epoch N, so --recover N continues "
+                    "with epoch N+1 as the seed's does. The seed saved no state at epochs 4, 9, 14, 19 (its "
+                    "`if (epoch + 1) % save_freq` test); here every epoch is saved. CPDIR itself is then the latest "
+                    "draft (CPDIR/epoch_N each epoch's), for the evaluation scripts' --draft-model-path.")
     p.add_argument("--basepath", default="vicuna-7b-v1.3", help="the base model folder (--base-model)")
     p.add_argument("--configpath", default="config.json",
                    help="the draft's Llama config (train/vicuna_7B_config.json and its siblings): its layer count, "
@@ -205,10 +204,9 @@ def train_step(argv: list[str]) -> int:
     except CTCDrafterError as e:
         return _fail(str(e))
     ours = ["train", "--base-model", args.basepath, "--data", args.tmpdir, "--out", args.cpdir,
-            "--config", json.dumps(config), "--arch", "ar", "--label-len", str(args.fixlen),
-            "--feature-weight", "1.0", "--token-weight", "0.1", "--ctc-weight", repr(args.cw),
-            "--lr", repr(args.lr), "--bs", str(args.bs), "--warmup", "2000", "--max-len", "1600", "--positions", "1600",
-            "--eval-frac", "0.05", "--first-epoch", "0", "--epochs", str(SEED_LAST_EPOCH)]
+            "--config", json.dumps(config), "--preset", "reference", "--label-len", str(args.fixlen),
+            "--ctc-weight", repr(args.cw), "--lr", repr(args.lr), "--bs", str(args.bs),
+            "--first-epoch", "0", "--epochs", str(SEED_LAST_EPOCH)]
     if args.recover != -1:
         ours += ["--recover", str(args.recover)]
     if args.overwrite:
