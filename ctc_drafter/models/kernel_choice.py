@@ -43,7 +43,6 @@ import torch
 
 from ..errors import CTCDrafterError
 from .base import BaseModel, cache_dir
-from .cpu_info import cpu_identity
 from .cpu_kernels import (PACKED, STOCK, DispatchLinear, KernelPlan, PackedLinear, dispatch_linears, pack_linears,
                           packable, plan_label, settle_linears)
 from .pass_cost import PassCostModel
@@ -132,7 +131,7 @@ def fingerprint(base: BaseModel, sizes: tuple[int, ...] = SIZES, threads: tuple[
     shape = {k: int(getattr(c, k, 0) or 0)
              for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "vocab_size")}
-    return {"schema": SCHEMA, **cpu_identity(), "threads": list(threads or (torch.get_num_threads(),)),
+    return {"schema": SCHEMA, **base.cpu.identity(), "threads": list(threads or (torch.get_num_threads(),)),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "model": base.name, "dtype": str(base.dtype).replace("torch.", ""), "shape": shape,
             "sizes": list(sizes), "past": PAST, "kernels": list(KERNELS)}

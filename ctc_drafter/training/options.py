@@ -14,6 +14,7 @@ from ..cli import checks
 from ..data.shards import check_shard_plan, plan_shards, read_manifest
 from ..draft.config import ARCHITECTURES
 from ..errors import CTCDrafterError, read_json_object
+from ..models.cpu_info import CPU, host_cpu
 from .losses import AR_LOSS_WEIGHTS, LOSSES
 
 MAX_BATCH = 4096  # sequences per step: an epoch's batch plan is bs x steps indices
@@ -185,22 +186,21 @@ def _ar_loss_weights(opts: TrainOptions, over: dict) -> str:
     return over["loss"]
 
 
-def precision(opts: TrainOptions, device: torch.device) -> tuple[torch.dtype, str]:
+def precision(opts: TrainOptions, device: torch.device, cpu: CPU | None = None) -> tuple[torch.dtype, str]:
     """(base dtype, accelerate mixed precision). For auto: `accelerate launch --mixed_precision` decides, else
-    bf16 on GPUs and on CPUs with native bf16 matmuls, else fp32."""
+    bf16 on GPUs and on CPUs (`cpu`, default the host) with native bf16 matmuls, else fp32."""
     from ..models.base import resolve_dtype
 
     env = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set (always) by `accelerate launch`: it decides then
     if opts.dtype in (None, "auto") and env is not None:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env, torch.float32)
     else:
-        # auto on a CPU with AMX / AVX512-BF16: bf16, whose autocast trained 1.3x faster than fp32 with the
-        # same loss curve (BENCHMARKS.md). Wider than decoding's auto (AMX only): training needs no tree
-        # pass that rounds as a 1-token step does.
-        from ..models import cpu_info
-
-        cpu_bf16 = opts.dtype in (None, "auto") and device.type == "cpu" and cpu_info.cpu_has_bf16()
-        dtype = torch.bfloat16 if cpu_bf16 else resolve_dtype(opts.dtype, device)
+        # auto on a CPU with AMX / AVX512-BF16: bf16, whose autocast trained faster than fp32 with the
+        # same loss curve (BENCHMARKS.md, "Training throughput on CPU"). Wider than decoding's auto (AMX
+        # only): training needs no tree pass that rounds as a 1-token step does.
+        cpu = cpu or host_cpu()
+        cpu_bf16 = opts.dtype in (None, "auto") and device.type == "cpu" and cpu.has_bf16
+        dtype = torch.bfloat16 if cpu_bf16 else resolve_dtype(opts.dtype, device, cpu)
     if dtype == torch.float16 and device.type == "cpu":
         raise CTCDrafterError("float16 training needs a GPU; on CPU use float32 or bfloat16")
     return dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
