@@ -59,7 +59,7 @@ from ctc_drafter.decoding import CTCDrafter  # noqa: E402
 from ctc_drafter.decoding.proposers import CTCProposer, Proposer  # noqa: E402
 from ctc_drafter.decoding.proposers.frame_trees import make_policy  # noqa: E402
 from ctc_drafter.decoding.generate import TokenPicker  # noqa: E402
-from ctc_drafter.decoding.kv_cache import compact_kv, new_kv_cache  # noqa: E402
+from ctc_drafter.models.kv_cache import compact_kv, new_kv_cache  # noqa: E402
 from ctc_drafter.decoding.tree import TokenTree  # noqa: E402
 from ctc_drafter.draft import CTCDraftModel, DraftConfig, new_draft_for  # noqa: E402
 from ctc_drafter.models.base import BaseModel  # noqa: E402

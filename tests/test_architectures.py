@@ -18,7 +18,7 @@ import torch
 from conftest import TINY_ARCHS, tiny_arch
 from test_sampling import PROMPT, V, chi2_critical, chi2_stat, exact_joint
 from ctc_drafter.decoding import CTCDrafter
-from ctc_drafter.decoding.kv_cache import new_kv_cache
+from ctc_drafter.models.kv_cache import new_kv_cache
 from ctc_drafter.draft import new_draft_for
 from ctc_drafter.errors import CTCDrafterError
 from ctc_drafter.models.attention import attention_layout

@@ -69,7 +69,7 @@ def test_context_limit_stops_like_vanilla():
 
 def test_kv_cache_holds_exactly_the_accepted_tokens():
     """After every step the compacted cache equals a fresh prefill of prompt + emitted tokens (bonus excluded)."""
-    from ctc_drafter.decoding.kv_cache import new_kv_cache
+    from ctc_drafter.models.kv_cache import new_kv_cache
 
     base = BaseModel(tiny_llama(seed=5), None, "toy")
     drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64)

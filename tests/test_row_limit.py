@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from ctc_drafter.decoding.kv_cache import new_kv_cache
+from ctc_drafter.models.kv_cache import new_kv_cache
 from ctc_drafter.decoding.tree import TokenTree
 from ctc_drafter.models.base import BaseModel
 from ctc_drafter.models.cpu_kernels import dispatch_linears, pack_linears, KernelPlan, PACKED, STOCK

@@ -172,7 +172,7 @@ class BaseModel:
                     linear_rows_at_most(rows) if rows is not None else nullcontext():
                 out = self.model(
                     input_ids=input_ids,
-                    **{_cache_kwarg(self.model): past_key_values},
+                    **{cache_kwarg(self.model): past_key_values},
                     position_ids=position_ids,
                     attention_mask=attention_mask,
                     use_cache=past_key_values is not None,
@@ -220,7 +220,7 @@ def _logits_to_keep(logits_at, length: int, device):
     return torch.as_tensor(logits_at, dtype=torch.long, device=device).reshape(-1)
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` in late 5.x; use whichever forward takes."""
     import inspect
 

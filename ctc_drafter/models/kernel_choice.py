@@ -45,6 +45,7 @@ from ..errors import CTCDrafterError
 from .base import BaseModel, cache_dir
 from .cpu_kernels import (PACKED, STOCK, DispatchLinear, KernelPlan, PackedLinear, dispatch_linears, pack_linears,
                           packable, plan_label, settle_linears)
+from .kv_cache import compact_kv, new_kv_cache
 from .pass_cost import PassCostModel
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,6 @@ def measure_passes(base: BaseModel, plan: KernelPlan, sizes: tuple[int, ...] = S
     `past`-token cache, per kernel (forced through `plan`) and n. Kernels and sizes are interleaved
     within each repetition so that a burst of load from other processes hits all of them alike; after
     `budget_s` no further repetition starts (at least one is timed)."""
-    from ..decoding.kv_cache import compact_kv, new_kv_cache
-
     past = max(1, min(past, base.max_length - max(sizes) - 1))
     cache = new_kv_cache(base)
     vocab = int(base.config.vocab_size)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..cli import checks
+from .. import validate
 from ..data.shards import check_shard_plan, plan_shards, read_manifest
 from ..draft.config import ARCHITECTURES
 from ..errors import CTCDrafterError, read_json_object
+from ..models.base import resolve_device
 from ..models.cpu_info import CPU, host_cpu
 from .losses import AR_LOSS_WEIGHTS, LOSSES
 
@@ -31,7 +32,7 @@ def _opt(default, *flags, **argparse_kw):
 
 def _ar_weight(part: str):
     extra = "; 0 trains an EAGLE-style head without a blank" if part == "ctc" else ""
-    return _opt(None, type=checks.finite_float(0.0),
+    return _opt(None, type=validate.finite_float(0.0),
                 help=f"with --arch ar: weight of the {part} loss (default {AR_LOSS_WEIGHTS[part]}{extra})")
 
 
@@ -49,13 +50,13 @@ class TrainOptions:
     config: str | None = _opt(None, metavar="JSON",
                               help="DraftConfig overrides: inline JSON, e.g. '{\"num_context_layers\": 2}', or a "
                                    "JSON file (a draft's config.json works)")
-    epochs: int = _opt(2, type=checks.int_in(1, 100_000))
-    bs: int = _opt(4, type=checks.int_in(1, MAX_BATCH), help=f"sequences per process and step (1..{MAX_BATCH})")
-    lr: float = _opt(3e-4, type=checks.finite_float(0.0, low_open=True),
+    epochs: int = _opt(2, type=validate.int_in(1, 100_000))
+    bs: int = _opt(4, type=validate.int_in(1, MAX_BATCH), help=f"sequences per process and step (1..{MAX_BATCH})")
+    lr: float = _opt(3e-4, type=validate.finite_float(0.0, low_open=True),
                      help="peak learning rate (AdamW, warmup then cosine)")
-    weight_decay: float = _opt(0.0, type=checks.finite_float(0.0))
-    warmup: float = _opt(0.03, type=checks.finite_float(0.0), help="warmup: a fraction of all steps (<1) or a step count")
-    grad_clip: float = _opt(1.0, type=checks.finite_float(0.0), help="max gradient norm (0: off)")
+    weight_decay: float = _opt(0.0, type=validate.finite_float(0.0))
+    warmup: float = _opt(0.03, type=validate.finite_float(0.0), help="warmup: a fraction of all steps (<1) or a step count")
+    grad_clip: float = _opt(1.0, type=validate.finite_float(0.0), help="max gradient norm (0: off)")
     loss: str | None = _opt(None, choices=LOSSES, help="ctc (default), ce (Medusa-style heads, no blank) or ctc+ce")
     frames: int | None = _opt(None, type=int, help="L, draft frames (default 8; with --arch ar: levels, 4)")
     arch: str | None = _opt(None, choices=ARCHITECTURES,
@@ -65,7 +66,7 @@ class TrainOptions:
     token_weight: float | None = _ar_weight("token")
     ctc_weight: float | None = _ar_weight("ctc")
     label_len: int | None = _opt(None, type=int, help="k, tokens the frames are trained to emit (default 6)")
-    positions: int = _opt(32, type=checks.int_in(1, 1 << 16), help="P, positions trained per sequence and epoch")
+    positions: int = _opt(32, type=validate.int_in(1, 1 << 16), help="P, positions trained per sequence and epoch")
     draft_vocab: int | None = _opt(None, type=int, metavar="N",
                                    help="propose from the N tokens most frequent in the training targets (0: the "
                                         "whole vocabulary, the default); the frame head shrinks from V to N rows, "
@@ -73,13 +74,14 @@ class TrainOptions:
     max_len: int = _opt(2048, type=int, help="truncate sequences to this many tokens")
     recover: int | None = _opt(None, type=int, metavar="N", help="resume from CKPT/state_N")
     overwrite: bool = _opt(False, action="store_true", help="start afresh even if CKPT holds an earlier run")
-    seed: int = _opt(0, type=checks.int_in(0, checks.MAX_SEED))
-    eval_frac: float = _opt(0.02, type=checks.finite_float(0.0, 1.0), help="fraction of sequences held out for evaluation")
+    seed: int = _opt(0, type=validate.int_in(0, validate.MAX_SEED))
+    eval_frac: float = _opt(0.02, type=validate.finite_float(0.0, 1.0), help="fraction of sequences held out for evaluation")
     log_every: int = _opt(10, type=int, help="steps between log.jsonl lines")
     loader_workers: int | None = _opt(None, type=int, metavar="N",
                                       help="DataLoader processes that read and pad the next batches during a step (0: "
                                            "in the training process; default: 1 when a core is free)")
-    device: str = _opt("auto", type=checks.device, help="auto, cpu, cuda (several GPUs: accelerate launch)")
+    device: str = _opt("auto", type=validate.accepted_by(resolve_device),
+                      help="auto, cpu, cuda (several GPUs: accelerate launch)")
     allow_incomplete: bool = _opt(False, action="store_true",
                                   help="train on a data folder whose distill run is unfinished or lacks shards (warns "
                                        "how much is missing) instead of refusing")
