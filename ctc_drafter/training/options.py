@@ -4,6 +4,7 @@ made from it), their checks (before the base loads), the draft config they make 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -183,8 +184,14 @@ def _ar_loss_weights(opts: TrainOptions, over: dict) -> str:
             weights[part] = getattr(opts, f"{part}_weight")
     if opts.loss == "ce":
         weights["ctc"] = 0.0
-    over["extra"] = {**(over.get("extra") or {}), "ar_loss_weights": {**AR_LOSS_WEIGHTS, **weights}}
-    over["loss"] = "ce" if over["extra"]["ar_loss_weights"]["ctc"] == 0 else "ctc"
+    weights = {**AR_LOSS_WEIGHTS, **weights}
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights.values()):
+        raise CTCDrafterError(f"the AR loss weights must be finite numbers >= 0, got {weights}")
+    if sum(weights.values()) == 0:  # the loss would be 0 at every step: nothing trains, yet it would "succeed"
+        raise CTCDrafterError("--feature-weight, --token-weight and --ctc-weight are all 0: the total loss weight "
+                              "must be positive (give at least one a weight > 0)")
+    over["extra"] = {**(over.get("extra") or {}), "ar_loss_weights": weights}
+    over["loss"] = "ce" if weights["ctc"] == 0 else "ctc"
     return over["loss"]
 
 
