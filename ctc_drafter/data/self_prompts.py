@@ -210,11 +210,11 @@ def make_prompts(base, out: Path, opts: PromptOptions, progress: bool = True) ->
     out = Path(out)
     settings = {**opts.sampling_settings(), "dtype": str(base.dtype).removeprefix("torch.")}  # bf16 samples differ
     done = read_progress(out, settings)  # before any write: a file that is not its own is refused untouched
+    header, closing = user_header(base.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     done.drop_cut_lines()
     out.touch()
     rejected_path(out).touch()
-    header, closing = user_header(base.tokenizer)
     index, kept_seeds = NearDuplicateIndex(opts.dedup_threshold), []
     for r in sorted(done.kept, key=lambda r: r["seed"]):
         index.add(r["turns"][0])
