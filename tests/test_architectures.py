@@ -123,6 +123,7 @@ def test_tree_logits_are_the_base_distribution(arch, proposer, generator):
     assert nodes and max(nodes) > 1, "no tree had a draft node"
 
 
+@pytest.mark.slow  # a chi-square test (~40 s); test_sampling's fast one covers sampling itself
 def test_speculative_sampling_keeps_logit_post_processing():
     """The chi-square test of tests/test_sampling.py, end to end, on the base whose distribution is not
     its head's output (Gemma-2 soft-capping); medusa tree: rejection over many siblings every step.

@@ -245,6 +245,7 @@ def test_interrupt_then_recover_equals_uninterrupted_run(small_model_dir, data_d
     assert train_cli(small_model_dir, data_dir, broken, *common, "--recover", 1, "--frames", 5) == 2
 
 
+@pytest.mark.slow  # accelerate launch: two processes
 def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up; torchrun's
     # launcher (--multi_gpu) with --device cpu runs real 2-process DDP over gloo on a machine without GPUs.
