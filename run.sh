@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: sets up .venv with the tested versions, then runs the job.
-#   bash run.sh demo [options]   the main job on the embedded default (SmolLM2-135M-Instruct)
-#   bash run.sh test [pytest args]
+#   bash run.sh demo [options]           the main job on the embedded default (SmolLM2-135M-Instruct)
+#   bash run.sh test [pytest args]       the fast tier: every test not marked `slow` (what CI runs, .ci/run)
+#   bash run.sh test-all [pytest args]   the full tier: the `slow` tests too (the real embedded model, longer runs)
 #   bash run.sh <any ctc-drafter subcommand> [options]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,7 +24,8 @@ cmd=${1:-demo}
 shift || true
 case "$cmd" in
   # Tests use tiny models: one thread each avoids oversubscription (2 threads made them up to 80x slower here).
-  # --durations: the slowest tests (real-model ones are marked `slow`: `-m "not slow"` skips them locally).
-  test) OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec .venv/bin/python -m pytest -q --durations=10 "$@" ;;
+  # --durations: the slowest tests, to see what belongs in the `slow` tier (pyproject.toml's marker).
+  test) OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec .venv/bin/python -m pytest -q --durations=10 -m "not slow" "$@" ;;
+  test-all) OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec .venv/bin/python -m pytest -q --durations=10 "$@" ;;
   *) exec .venv/bin/ctc-drafter "$cmd" "$@" ;;
 esac

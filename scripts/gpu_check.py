@@ -59,10 +59,11 @@ from ctc_drafter.decoding import CTCDrafter  # noqa: E402
 from ctc_drafter.decoding.proposers import CTCProposer, Proposer  # noqa: E402
 from ctc_drafter.decoding.proposers.frame_trees import make_policy  # noqa: E402
 from ctc_drafter.decoding.generate import TokenPicker  # noqa: E402
-from ctc_drafter.decoding.kv_cache import compact_kv, new_kv_cache  # noqa: E402
+from ctc_drafter.models.kv_cache import compact_kv, new_kv_cache  # noqa: E402
 from ctc_drafter.decoding.tree import TokenTree  # noqa: E402
 from ctc_drafter.draft import CTCDraftModel, DraftConfig, new_draft_for  # noqa: E402
 from ctc_drafter.models.base import BaseModel  # noqa: E402
+from ctc_drafter.testing import tiny_llama  # noqa: E402 - the suite's builder (no pytest needed)
 
 # Vicuna-7B / 13B (Llama-1/2 architecture, MHA, vocab 32000).
 REAL_SHAPES = {
@@ -81,20 +82,6 @@ EXACT_CASES = [("beam", 12, "sdpa"), ("beam", 40, "sdpa"), ("medusa", 64, "sdpa"
 
 
 # ---- models ------------------------------------------------------------------------------------
-
-def tiny_llama(vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, max_pos=512):
-    """Mirror of tests/conftest.py:tiny_llama (tests/test_gpu_check.py checks they stay identical).
-
-    Copied rather than imported because conftest imports pytest, which the device image may lack.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      bos_token_id=0, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
 
 def random_llama(shape: dict, device: torch.device, dtype: torch.dtype, max_pos: int = 4096):
     """A random Llama built directly on `device` in `dtype` (weights never touch the CPU)."""

@@ -17,7 +17,7 @@ import torch
 
 
 def step_ms(make_cache, layers, heads, hd, ctx, nodes, reps, dtype) -> float:
-    from ctc_drafter.decoding.kv_cache import compact_kv
+    from ctc_drafter.models.kv_cache import compact_kv
 
     cache = make_cache()
     past = torch.randn(1, heads, ctx, hd).to(dtype)
@@ -39,7 +39,7 @@ def step_ms(make_cache, layers, heads, hd, ctx, nodes, reps, dtype) -> float:
 def main():
     from transformers import DynamicCache
 
-    from ctc_drafter.decoding.kv_cache import new_kv_cache
+    from ctc_drafter.models.kv_cache import new_kv_cache
     from ctc_drafter.models.cpu_info import cpu_identity
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

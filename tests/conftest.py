@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ctc_drafter.models.base import BaseModel
+from ctc_drafter.testing import tiny_llama  # noqa: F401 - one builder for tests and scripts/gpu_check.py
 
 
 def load_script(name: str):
@@ -18,15 +19,6 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-def tiny_llama(vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, max_pos=512):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      bos_token_id=0, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 # Tiny bases of the other architectures the README names, each with what sets it apart from Llama.

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHS, tiny_arch
+from test_exactness import count_passes, passes_of
 from test_sampling import PROMPT, V, chi2_critical, chi2_stat, exact_joint
 from ctc_drafter.decoding import CTCDrafter
-from ctc_drafter.decoding.kv_cache import new_kv_cache
+from ctc_drafter.models.kv_cache import new_kv_cache
 from ctc_drafter.draft import new_draft_for
 from ctc_drafter.errors import CTCDrafterError
 from ctc_drafter.models.attention import attention_layout
@@ -50,7 +51,8 @@ def check_kv_after_each_step(drafter, checked):
     def spy(context, cache, *rest, **kw):
         new, hidden, n = step(context, cache, *rest, **kw)
         ref = new_kv_cache(base)
-        base.forward(torch.tensor([context + new[:-1]]), ref)  # the bonus token is not cached yet
+        # the bonus token is not cached yet; the class's forward: count_passes counts the loop's at base.forward
+        type(base).forward(base, torch.tensor([context + new[:-1]]), ref)
         assert cache.get_seq_length() == ref.get_seq_length() == len(context) + len(new) - 1
         tol = TOL.get(base.config.model_type, EXACT)
         for a, b in zip(cache.layers, ref.layers, strict=True):
@@ -69,14 +71,17 @@ def test_greedy_speculative_equals_vanilla_equals_hf(arch, proposer, generator):
     base = BaseModel(model, None, "toy")
     g = torch.Generator().manual_seed(3)
     checked = []
+    calls = count_passes(base)
     for trial in range(2):
         drafter = drafter_for(base, proposer, generator, seed=trial)
         check_kv_after_each_step(drafter, checked)
         ids = torch.randint(0, 64, (1, 6 + 3 * trial), generator=g)
-        spec = drafter.generate(ids, max_new_tokens=30)
-        van = drafter.generate(ids, max_new_tokens=30, speculative=False)
+        spec, spec_passes = passes_of(calls, lambda: drafter.generate(ids, max_new_tokens=30))
+        van, van_passes = passes_of(calls, lambda: drafter.generate(ids, max_new_tokens=30, speculative=False))
         assert spec.tokens == van.tokens == hf_greedy(model, ids, 30)
-        assert sum(spec.accept_lengths) == 30 and spec.steps <= van.steps
+        assert sum(spec.accept_lengths) == 30 and (spec.steps, van.steps) == (spec_passes, van_passes)
+        # a step that accepted draft tokens saved base passes, counted at the base itself
+        assert (spec_passes < van_passes) == (max(spec.accept_lengths) > 1)
     window = base.attention_layout.window
     assert window is None or window < 6 + 30, "the context must outgrow the sliding window"
     assert max(checked) > 1, "no step accepted a draft token: compaction of a real path is untested"
@@ -118,6 +123,7 @@ def test_tree_logits_are_the_base_distribution(arch, proposer, generator):
     assert nodes and max(nodes) > 1, "no tree had a draft node"
 
 
+@pytest.mark.slow  # a chi-square test (~40 s); test_sampling's fast one covers sampling itself
 def test_speculative_sampling_keeps_logit_post_processing():
     """The chi-square test of tests/test_sampling.py, end to end, on the base whose distribution is not
     its head's output (Gemma-2 soft-capping); medusa tree: rejection over many siblings every step.

@@ -89,3 +89,27 @@ def test_draft_roundtrip_save_load(tmp_path, tiny_model_dir):
     assert trained and d2.config == d.config
     for (k, a), (_, b) in zip(d.state_dict().items(), d2.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("closed_by_with", [False, True])
+def test_interrupted_starts_a_line_of_its_own(capsys, monkeypatch, closed_by_with):
+    """Ctrl-C inside a loop over a progress bar: the bar's line is ended before `ctc-drafter: interrupted`."""
+    from tqdm.auto import tqdm
+
+    import ctc_drafter.cli.report as report
+
+    def interrupted_run(args):
+        if closed_by_with:
+            with tqdm(total=10, desc="working") as bar:
+                bar.update(3)
+                raise KeyboardInterrupt
+        bar = tqdm(total=10, desc="working")  # updated by hand, as train's: the traceback keeps it open
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run", interrupted_run)
+    assert main(["report", "a.jsonl", "--baseline", "b.jsonl"]) == 130
+    err = capsys.readouterr().err
+    lines = err.split("\n")  # (tqdm redraws with \r: a bar's line ends only at \n)
+    assert lines[-1] == "" and lines[-2] == "ctc-drafter: interrupted", repr(err)
+    assert "working" in lines[-3]

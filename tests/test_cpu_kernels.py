@@ -11,6 +11,7 @@ from ctc_drafter.decoding import CTCDrafter
 from ctc_drafter.draft import new_draft_for
 from ctc_drafter.models.base import BaseModel
 from ctc_drafter.models.cpu_kernels import PackedLinear, pack_linears, packed_linear_available
+from ctc_drafter.testing import FAKE_CPUS
 
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN")
 
@@ -110,19 +111,16 @@ def test_bf16_speculative_equals_hf_generate(generator, budget):
         assert spec == van == hf
 
 
-def test_dtype_auto_on_cpu_is_bf16_only_with_amx(monkeypatch):
+@pytest.mark.parametrize("kind", FAKE_CPUS)
+def test_dtype_auto_on_cpu_is_bf16_only_with_amx(kind):
     """auto: bf16 where the CPU has AMX (faster there, and exact against its own bf16 baseline), fp32
     elsewhere: with AVX512-BF16 alone an exact bf16 tree needs one row per linear call, and without
     either bf16 is emulated; an explicit choice always stands."""
-    import ctc_drafter.models.cpu_info as cpu_info
     from ctc_drafter.models.base import resolve_dtype
 
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: True)
-    assert resolve_dtype("auto", cpu) == torch.bfloat16
-    assert resolve_dtype("float32", cpu) == torch.float32
-    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: False)
-    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)  # AVX512-BF16 alone
-    assert resolve_dtype("auto", cpu) == torch.float32
-    assert resolve_dtype(None, cpu) == torch.float32
-    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    cpu, dev = FAKE_CPUS[kind], torch.device("cpu")
+    want = torch.bfloat16 if kind == "amx" else torch.float32
+    assert resolve_dtype("auto", dev, cpu) == want
+    assert resolve_dtype(None, dev, cpu) == want
+    assert resolve_dtype("float32", dev, cpu) == torch.float32
+    assert resolve_dtype("bfloat16", dev, cpu) == torch.bfloat16

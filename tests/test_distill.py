@@ -412,6 +412,7 @@ def single_process_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # worker processes
 def test_workers_make_the_same_shards_and_resume(tiny_model_dir, single_process_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned workers inherit it
     out = tmp_path / "w"
@@ -459,6 +460,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # accelerate launch: two processes
 def test_accelerate_launch_makes_the_same_shards(tiny_model_dir, single_process_run, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up; the torchrun
     # launcher (--multi_gpu) with --device cpu runs two real processes over gloo on a machine without GPUs

@@ -9,6 +9,25 @@ from ctc_drafter.draft import new_draft_for
 from ctc_drafter.models.base import BaseModel
 
 
+def count_passes(base) -> list[int]:
+    """Make base.forward count its calls in the returned one-element list (an independent count of passes)."""
+    calls, forward = [0], base.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    base.forward = counted
+    return calls
+
+
+def passes_of(calls: list[int], run):
+    """(run's result, base passes it made)."""
+    calls[0] = 0
+    res = run()
+    return res, calls[0]
+
+
 def hf_greedy(model, ids, n):
     out = model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
     return out[0, ids.shape[1]:].tolist()
@@ -19,6 +38,7 @@ def hf_greedy(model, ids, n):
                                               ("prefix", 4), ("prefix", 24)])
 def test_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
     base = BaseModel(tiny_llama(dtype=dtype, seed=1), None, "toy")
+    calls = count_passes(base)
     g = torch.Generator().manual_seed(budget)
     merged_tree_seen = False
     longest = 1
@@ -27,12 +47,13 @@ def test_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
         drafter = CTCDrafter(base, draft, generator=generator, budget=budget)
         ids = torch.randint(0, 64, (1, int(torch.randint(1, 12, (), generator=g))), generator=g)
         n = 30
-        spec = drafter.generate(ids, max_new_tokens=n)
-        van = drafter.generate(ids, max_new_tokens=n, speculative=False)
+        spec, spec_passes = passes_of(calls, lambda: drafter.generate(ids, max_new_tokens=n))
+        van, van_passes = passes_of(calls, lambda: drafter.generate(ids, max_new_tokens=n, speculative=False))
         assert spec.tokens == van.tokens == hf_greedy(base.model, ids, n)
-        assert len(spec.tokens) == n and van.steps == n
-        assert spec.steps <= van.steps
+        assert len(spec.tokens) == n and van.steps == van_passes == n and spec.steps == spec_passes
         assert sum(spec.accept_lengths) == n and len(spec.accept_lengths) == spec.steps
+        # a step that accepted draft tokens saved base passes, counted at the base itself
+        assert (spec_passes < van_passes) == (max(spec.accept_lengths) > 1)
         longest = max(longest, max(spec.accept_lengths))
         merged_tree_seen |= generator == "medusa" and any(t < min(budget, 64) for t in spec.tree_sizes)
     assert longest > 1, "no step accepted a draft token: the multi-token path is untested"
@@ -69,7 +90,7 @@ def test_context_limit_stops_like_vanilla():
 
 def test_kv_cache_holds_exactly_the_accepted_tokens():
     """After every step the compacted cache equals a fresh prefill of prompt + emitted tokens (bonus excluded)."""
-    from ctc_drafter.decoding.kv_cache import new_kv_cache
+    from ctc_drafter.models.kv_cache import new_kv_cache
 
     base = BaseModel(tiny_llama(seed=5), None, "toy")
     drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64)

@@ -3,6 +3,7 @@ per machine fingerprint, and still lossless."""
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ctc_drafter.models import cpu_kernels, kernel_choice
 from ctc_drafter.models.base import BaseModel
 from ctc_drafter.models.cpu_kernels import DispatchLinear, PackedLinear, kernel_label, packed_linear_available
 from ctc_drafter.models.kernel_choice import REPS, SIZES, apply_cpu_kernels, choose_table
+from ctc_drafter.testing import FAKE_CPUS
 from test_cpu_kernels import assert_swapped_kernels_lossless
 
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch build has no oneDNN")
@@ -41,8 +43,8 @@ def never_measure(base, plan, sizes):
     raise AssertionError("a cached decision must not be timed again")
 
 
-def tiny_base(dtype=torch.float32, seed=1):
-    return BaseModel(tiny_llama(dtype=dtype, seed=seed), None, "toy")
+def tiny_base(dtype=torch.float32, seed=1, **kw):
+    return BaseModel(tiny_llama(dtype=dtype, seed=seed), None, "toy", **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -107,14 +109,14 @@ def test_auto_picks_the_faster_kernel_per_size_and_reuses_the_cache(cache_root, 
     assert again.measure_s == 0.0
 
 
-def test_a_changed_fingerprint_measures_again(cache_root, monkeypatch):
+def test_a_changed_fingerprint_measures_again(cache_root):
     first = FakeMeasure(STOCK_FOR_ONE_ROW)
-    r1 = apply_cpu_kernels(tiny_base(), "auto", measure=first)
-    real = kernel_choice.cpu_identity()
-    monkeypatch.setattr(kernel_choice, "cpu_identity", lambda: {**real, "flags": real["flags"] + ["new_isa"]})
+    cpu = FAKE_CPUS["avx512_bf16"]
+    r1 = apply_cpu_kernels(tiny_base(cpu=cpu), "auto", measure=first)
+    assert apply_cpu_kernels(tiny_base(cpu=cpu), "auto", measure=never_measure).cache_hit
     packed_everywhere = {"stock": {n: 90.0 for n in SIZES}, "packed": {n: 50.0 for n in SIZES}}
     second = FakeMeasure(packed_everywhere)
-    base2 = tiny_base()
+    base2 = tiny_base(cpu=replace(cpu, flags=cpu.flags | {"new_isa"}))  # the same CPU name, a new feature
     r2 = apply_cpu_kernels(base2, "auto", measure=second)
     assert second.calls == first.calls and not r2.cache_hit and r2.cache_file != r1.cache_file
     assert r2.label == "packed" and any(isinstance(m, PackedLinear) for m in base2.model.modules())

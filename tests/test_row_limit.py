@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from ctc_drafter.decoding.kv_cache import new_kv_cache
+from ctc_drafter.models.kv_cache import new_kv_cache
 from ctc_drafter.decoding.tree import TokenTree
 from ctc_drafter.models.base import BaseModel
 from ctc_drafter.models.cpu_kernels import dispatch_linears, pack_linears, KernelPlan, PACKED, STOCK
 from ctc_drafter.models.row_limit import linear_rows_at_most, row_invariant_rows
+from ctc_drafter.testing import FAKE_CPUS
 
 
 def rows_alone(fn, x):
@@ -77,17 +78,23 @@ def test_a_wide_bf16_tree_pass_is_the_one_token_steps_bit_for_bit(kernels):
         assert torch.equal(h[0, -1], hidden[0, i]), f"node {i}: hidden state"
 
 
-def test_without_amx_every_tree_call_takes_one_row(monkeypatch):
+@pytest.mark.parametrize("kind", FAKE_CPUS)
+def test_without_amx_every_tree_call_takes_one_row(monkeypatch, kind):
     """On AVX512-BF16 without AMX (an AMD EPYC) a 6-row bf16 linear call rounded one near-tie output apart
     from the 1-row call, and no random probe found it: there no size is trusted, whatever a probe says.
-    With AMX the probe decides (here it finds every size invariant, the limit is then None: one call)."""
-    from ctc_drafter.models import base as base_module, cpu_info
+    With AMX the probe decides: a probe that finds every size invariant leaves one call (None), one that
+    finds 4 rows invariant splits wider passes into calls of 4 rows."""
+    from ctc_drafter.models import base as base_module
 
     model = tiny_llama(vocab_size=256, hidden=64, dtype=torch.bfloat16, seed=0)
-    monkeypatch.setattr(base_module, "row_invariant_rows", lambda model, up_to: up_to)
-    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: False)
-    base = BaseModel(model, None, "toy")
-    assert [base.tree_row_limit(n) for n in (1, 2, 6, 64)] == [None, 1, 1, 1]
-    monkeypatch.setattr(cpu_info, "cpu_has_amx", lambda: True)
-    base = BaseModel(model, None, "toy")
-    assert [base.tree_row_limit(n) for n in (1, 2, 6, 64)] == [None, None, None, None]
+    probed = []
+    monkeypatch.setattr(base_module, "row_invariant_rows", lambda model, up_to: probed.append(up_to) or up_to)
+    base = BaseModel(model, None, "toy", cpu=FAKE_CPUS[kind])
+    sizes = (1, 2, 6, 64)
+    if kind != "amx":
+        assert [base.tree_row_limit(n) for n in sizes] == [None, 1, 1, 1] and not probed
+        return
+    assert [base.tree_row_limit(n) for n in sizes] == [None, None, None, None] and probed == [16, 64]
+    monkeypatch.setattr(base_module, "row_invariant_rows", lambda model, up_to: 4)
+    base = BaseModel(model, None, "toy", cpu=FAKE_CPUS[kind])
+    assert [base.tree_row_limit(n) for n in sizes] == [None, None, 4, 4]

@@ -57,8 +57,13 @@ def chi2_critical(dof, z=3.719):  # Wilson-Hilferty upper quantile, z for alpha 
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-@pytest.mark.parametrize("proposer,temperature,top_k,top_p", [("ctc", 1.0, 0, 1.0), ("ctc", 0.7, 5, 0.9),
-                                                                ("ngram", 1.0, 0, 1.0), ("hybrid", 0.7, 5, 0.9)])
+# ~45 s each: the fast tier keeps the hybrid with every warper (both proposers, temperature, top-k, top-p)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("proposer,temperature,top_k,top_p", [
+    pytest.param("ctc", 1.0, 0, 1.0, marks=SLOW), pytest.param("ctc", 0.7, 5, 0.9, marks=SLOW),
+    pytest.param("ngram", 1.0, 0, 1.0, marks=SLOW), ("hybrid", 0.7, 5, 0.9)])
 def test_speculative_sampling_matches_base_distribution(proposer, temperature, top_k, top_p):
     model = tiny_llama(vocab_size=V, seed=11)
     with torch.no_grad():

@@ -95,7 +95,10 @@ def test_a_cut_last_line_is_dropped_and_other_settings_refused(base, tmp_path):
     rec = {"question_id": "self-0", "turns": ["Hello there friend"], "seed": 0, "settings": {"temperature": 1.0,
            "top_p": 0.95, "max_new_tokens": 256}}
     out.write_text(json.dumps(rec) + "\n" + '{"question_id": "self-1", "tu')
-    assert [r["seed"] for r in S.read_progress(out, rec["settings"]).kept] == [0]
+    done = S.read_progress(out, rec["settings"])
+    assert [r["seed"] for r in done.kept] == [0]
+    assert out.read_text().endswith('"tu')  # reading writes nothing
+    done.drop_cut_lines()
     assert out.read_text() == json.dumps(rec) + "\n"
     with pytest.raises(CTCDrafterError, match="other settings"):
         S.read_progress(out, {**rec["settings"], "temperature": 0.7})

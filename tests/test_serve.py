@@ -27,6 +27,7 @@ import pytest
 import uvicorn
 
 from ctc_drafter.decoding import CTCDrafter
+from ctc_drafter.decoding.verify import MIN_TEMPERATURE
 from ctc_drafter.models.templates import build_prompt_ids
 from ctc_drafter.serving import ServeSettings, create_app
 from ctc_drafter.serving.stops import StopText, partial_stop_len
@@ -259,6 +260,27 @@ def test_bad_requests_get_openai_style_errors(engine, server):
     assert bad.value.body["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=HI)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", float("nan"), "temperature: Input should be a finite number"),  # JSON NaN: not "<= 2"
+    ("temperature", float("inf"), "temperature: Input should be a finite number"),
+    ("top_p", float("nan"), "top_p: Input should be a finite number"),
+    ("top_p", -float("inf"), "top_p: Input should be a finite number"),
+    ("temperature", 2.5, "temperature: Input should be less than or equal to 2"),
+    ("temperature", -0.5, "temperature: Input should be greater than or equal to 0"),
+    ("temperature", "hot", "temperature: Input should be a valid number"),
+    ("top_p", 0, "top_p: Input should be greater than 0"),
+    ("top_p", 1.5, "top_p: Input should be less than or equal to 1"),
+    ("top_k", -1, "top_k: Input should be greater than or equal to 0"),
+    ("max_tokens", 0, "max_tokens: Input should be greater than 0"),
+    ("seed", 2**70, "seed: Input should be less than 18446744073709551616"),
+    ("n", 2, "n: only n=1 is supported (requests are decoded one at a time, batch 1)"),
+    ("temperature", 1e-9, f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE:g}, got 1e-09"),
+])
+def test_each_validation_message_names_its_rule(server, field, value, message):
+    status, err = post(server, "/v1/chat/completions", {"model": MODEL, "messages": HI, field: value})
+    assert status == 400 and err["error"]["message"] == message, err
 
 
 def got_code(server, body) -> str | None:

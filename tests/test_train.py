@@ -20,6 +20,7 @@ from ctc_drafter.cli.main import main as cli_main
 from ctc_drafter.data.shards import Sequence, write_manifest, write_shard
 from ctc_drafter.errors import CTCDrafterError
 from ctc_drafter.models.base import load_base_model
+from ctc_drafter.testing import FAKE_CPUS
 from ctc_drafter.training import (compute_losses, ctc_loss, evaluate_draft, label_window_lengths, load_sequences,
                                   make_batch, sample_positions)
 from ctc_drafter.training.metrics import DraftMetrics
@@ -244,6 +245,7 @@ def test_interrupt_then_recover_equals_uninterrupted_run(small_model_dir, data_d
     assert train_cli(small_model_dir, data_dir, broken, *common, "--recover", 1, "--frames", 5) == 2
 
 
+@pytest.mark.slow  # accelerate launch: two processes
 def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up; torchrun's
     # launcher (--multi_gpu) with --device cpu runs real 2-process DDP over gloo on a machine without GPUs.
@@ -522,23 +524,24 @@ def test_loader_workers_give_the_same_run(small_model_dir, data_dir, tmp_path):
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
 
 
-def test_auto_precision_is_bf16_autocast_on_a_cpu_with_bf16_units(monkeypatch):
+@pytest.mark.parametrize("kind", FAKE_CPUS)
+def test_auto_precision_is_bf16_autocast_on_a_cpu_with_bf16_units(monkeypatch, kind):
+    """auto trains in bf16 autocast on a CPU with AMX or AVX512-BF16 (no tree pass to keep exact), in fp32
+    without either (bf16 is emulated there); an explicit dtype and `accelerate launch`'s choice stand."""
     import argparse
 
-    import ctc_drafter.models.cpu_info as cpu_info
     import ctc_drafter.training.options as tr
 
-    cpu = torch.device("cpu")
+    cpu, dev = FAKE_CPUS[kind], torch.device("cpu")
     auto = argparse.Namespace(dtype="auto")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: True)
-    assert tr.precision(auto, cpu) == (torch.bfloat16, "bf16")
-    assert tr.precision(argparse.Namespace(dtype="float32"), cpu) == (torch.float32, "no")  # asked: kept
+    want = (torch.bfloat16, "bf16") if kind in ("amx", "avx512_bf16") else (torch.float32, "no")
+    assert tr.precision(auto, dev, cpu) == want
+    assert tr.precision(argparse.Namespace(dtype=None), dev, cpu) == want
+    assert tr.precision(argparse.Namespace(dtype="float32"), dev, cpu) == (torch.float32, "no")  # asked: kept
+    assert tr.precision(argparse.Namespace(dtype="bfloat16"), dev, cpu) == (torch.bfloat16, "bf16")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision no` decides
-    assert tr.precision(auto, cpu) == (torch.float32, "no")
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
-    monkeypatch.setattr(cpu_info, "cpu_has_bf16", lambda: False)  # no bf16 units: bf16 matmuls are slow, keep fp32
-    assert tr.precision(auto, cpu) == (torch.float32, "no")
+    assert tr.precision(auto, dev, cpu) == (torch.float32, "no")
 
 
 def test_train_options_are_defined_once_for_the_cli_and_the_api():

@@ -5,7 +5,7 @@ import torch
 
 from ctc_drafter.decoding.proposers import MEDUSA_63, BeamTree, MedusaTree
 from ctc_drafter.decoding.tree import TokenTree
-from ctc_drafter.decoding.kv_cache import compact_kv
+from ctc_drafter.models.kv_cache import compact_kv
 from ctc_drafter.draft.ctc import collapse
 
 
@@ -89,7 +89,7 @@ def test_growing_cache_writes_each_pass_in_place_and_survives_compaction():
     """new_kv_cache's layers append without copying the past (DynamicLayer's torch.cat copies it every pass)."""
     from transformers import DynamicCache
 
-    from ctc_drafter.decoding.kv_cache import new_kv_cache
+    from ctc_drafter.models.kv_cache import new_kv_cache
 
     base = type("B", (), {"attention_layout": None})()
     grow, plain = new_kv_cache(base), DynamicCache()

@@ -1,56 +1,20 @@
-"""Command-line input, checked where it enters: argparse types for numbers and devices, and the
-checks of a whole parsed command (text that is not UTF-8, a base folder that would run its own code).
-
-A bad value becomes argparse's one-line error (`ctc-drafter: error: argument --budget: ...`, exit 2)
-before any model loads. The caps below are resource limits, not tuning advice: a value past them
-asks for memory no run needs (a node budget of 100000 is a 100000² attention mask).
+"""Command-line input, checked where it enters: the argparse types that need the decoder's or the
+models' rules, and the checks of a whole parsed command (text that is not UTF-8, a base folder that would
+run its own code). Number, seed and thread-count types live in ctc_drafter/validate.py (shared with
+training's options); they are re-exported here for the parsers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-from ..errors import CTCDrafterError
-
 from ..decoding.generate import MAX_BUDGET  # noqa: F401 - the decoder's limits, one home
-from ..decoding.verify import MIN_TEMPERATURE  # noqa: F401
-
-MAX_SEED = 2**62  # torch generators take 64-bit seeds; eval adds 1000 * choice + turn to the seed
-
-
-def int_in(low: int, high: int | None = None, what: str = ""):
-    """argparse type: an integer in [low, high]."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < low or (high is not None and v > high):
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{v} is out of range: must be {bound}{what}")
-        return v
-    return parse
-
-
-def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False):
-    """argparse type: a finite float in [low, high] ((low, high] with low_open)."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        too_low = low is not None and (v <= low if low_open else v < low)
-        if too_low or (high is not None and v > high):
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f"<= {high:g}"
-            raise argparse.ArgumentTypeError(f"{v:g} is out of range: must be {' and '.join(x for x in (lo, hi) if x)}")
-        return v
-    return parse
+from ..decoding.verify import MIN_TEMPERATURE
+from ..errors import CTCDrafterError
+from ..models.base import resolve_device
+from ..validate import MAX_SEED, accepted_by, finite_float, int_in, threads  # noqa: F401 - the parsers' types
 
 
 def temperature(text: str) -> float:
@@ -61,16 +25,8 @@ def temperature(text: str) -> float:
     return v
 
 
-def device(text: str) -> str:
-    """argparse type: auto, cpu, cuda[:N] or mps, present in this build and on this machine
-    (the rules are models/base.py's resolve_device, which the Python API applies too)."""
-    from ..models.base import resolve_device
-
-    try:
-        resolve_device(text)
-    except CTCDrafterError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+# argparse type: auto, cpu, cuda[:N] or mps, present in this build and on this machine (resolve_device's rules)
+device = accepted_by(resolve_device)
 
 
 # ---- a parsed command --------------------------------------------------------------------------
@@ -143,15 +99,3 @@ def check_max_new_tokens(max_new_tokens: int, base) -> None:
         raise CTCDrafterError(f"--max-new-tokens {max_new_tokens} is more than the base's context "
                               f"({base.max_length} tokens, prompt included)")
 
-
-def threads(text: str):
-    """--threads: 'auto' or a positive thread count."""
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
-    return n

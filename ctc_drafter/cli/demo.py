@@ -74,7 +74,8 @@ def run(args) -> int:
     d, kernels = load_drafter(args, args.draft_model)
     kw = dict(template=args.template, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    label = "shipped trained draft" if d.draft_trained else "UNTRAINED draft (no trained draft ships yet)"
+    label = ("UNTRAINED draft (random init: expect little or no speedup)" if not d.draft_trained
+             else "shipped trained draft" if args.draft_model == "default" else f"trained draft {args.draft_model}")
     dtype = str(d.base.dtype).replace("torch.", "")
     print(f"base {d.base.name} on {d.base.device} ({dtype}, {torch.get_num_threads()} threads); {label}; {d.label()}")
     print(kernels.describe())

@@ -70,8 +70,19 @@ def main(argv=None) -> int:
         print(f"ctc-drafter: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ctc-drafter: interrupted", file=sys.stderr)
+        print(f"{_end_progress_lines()}ctc-drafter: interrupted", file=sys.stderr)
         return 130
+
+
+def _end_progress_lines() -> str:
+    """Close the progress bars an interrupt left open (their loops' frames live on in the traceback), so
+    that the next line starts a line of its own; on a terminal without a bar, after the echoed ^C, a newline."""
+    from tqdm import tqdm
+
+    bars = [b for b in list(getattr(tqdm, "_instances", ())) if not b.disable]
+    for bar in bars:
+        bar.close()
+    return "" if bars or not sys.stderr.isatty() else "\n"
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..data.self_prompts import PromptOptions, make_prompts
+    from ..data.self_prompts import PromptOptions, make_prompts, read_progress
     from ..errors import CTCDrafterError
     from ..models.base import load_base_model
 
@@ -50,7 +50,8 @@ def run(args) -> int:
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, min_words=args.min_words,
                          max_words=args.max_words, min_ascii=args.min_ascii, min_english=args.min_english,
                          dedup_threshold=args.dedup_threshold)
-    opts.validate()  # before the (slow) model load
+    opts.validate()  # before the (slow) model load, as is the --out file's format (only read)
+    read_progress(Path(args.out))
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
     summary = make_prompts(base, Path(args.out), opts, progress=not args.json)
     if args.json:

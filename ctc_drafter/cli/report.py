@@ -61,6 +61,9 @@ def run(args) -> int:
             raise CTCDrafterError(f"{flag} {path} not found")
     if args.plot:
         plot_format(args.plot)  # a file type matplotlib cannot write fails now, not after the report
+        inputs = [args.spec, args.baseline, args.question_file, args.gsm8k_file]
+        if any(p and Path(p).resolve() == Path(args.plot).resolve() for p in inputs):
+            raise CTCDrafterError(f"--plot {args.plot} is one of report's input files; give another file name")
     tok = args.tokenizer or args.base_model
     r = build_report(args.spec, args.baseline, load_tokenizer=tokenizer_loader(tok, args.trust_remote_code),
                      question_file=args.question_file, gsm8k_file=args.gsm8k_file, tokenizer_name=tok or "")

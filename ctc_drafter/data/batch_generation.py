@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..decoding.kv_cache import GrowingLayer
-from ..models.base import _cache_kwarg
+from ..models.base import cache_kwarg
+from ..models.kv_cache import GrowingLayer
 
 LOGIT_ELEMS = 1 << 26  # LM-head rows per chunk * vocab: bounds a [rows, V] logits block (256 MB fp32)
 
@@ -133,7 +133,7 @@ def _backbone_pass(base, input_ids, cache, attention_mask=None, position_ids=Non
     dev = base.device
     out = backbone(input_ids=input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev),
                    position_ids=None if position_ids is None else position_ids.to(dev),
-                   **{_cache_kwarg(backbone): cache}, use_cache=True)
+                   **{cache_kwarg(backbone): cache}, use_cache=True)
     return out.last_hidden_state
 
 

@@ -109,38 +109,56 @@ def rejected_path(out: Path) -> Path:
     return out.with_name(out.name + ".rejected.jsonl")
 
 
-def _read_lines(path: Path) -> list[dict]:
-    """JSON lines of a file this module wrote; a last line cut by a crash is dropped from the file."""
+# How every record this module writes begins (json.dumps of _verdicts' dicts): a kept one, a rejected one.
+RECORD_STARTS = (b'{"question_id": "self-', b'{"seed": ')
+
+
+def _read_lines(path: Path) -> tuple[list[dict], int]:
+    """(records, bytes that hold them) of a JSON-lines file this module wrote. Reads only: the file is
+    refused untouched (CTCDrafterError) unless every complete line is one of its records; a last line
+    without its newline is left out only if it begins as its records do (an append cut by a crash)."""
     if not path.is_file():
-        return []
+        return [], 0
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # an interrupted append: drop the partial line
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
+    complete = raw.rfind(b"\n") + 1
+    cut = raw[complete:].lstrip()
+    if cut and not any(r.startswith(cut) or cut.startswith(r) for r in RECORD_STARTS):
+        raise CTCDrafterError(f"{path} is not a file make-prompts wrote; give a new --out")
     try:
-        return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
-    except ValueError as e:
-        raise CTCDrafterError(f"{path} is not a file make-prompts wrote ({e})") from e
+        records = [json.loads(line) for line in raw[:complete].decode("utf-8").splitlines() if line.strip()]
+    except ValueError as e:  # (UnicodeDecodeError is a ValueError)
+        raise CTCDrafterError(f"{path} is not a file make-prompts wrote ({e}); give a new --out") from None
+    if not all(isinstance(r, dict) and "seed" in r and "settings" in r for r in records):
+        raise CTCDrafterError(f"{path} holds records make-prompts did not write; give a new --out")
+    return records, complete
 
 
 @dataclass
 class Progress:
     kept: list[dict]  # records of the question file
     rejected: list[dict]
+    lengths: dict  # path -> bytes of complete records (less than its size after an interrupted append)
 
     def seeds_done(self) -> set[int]:
         return {r["seed"] for r in self.kept + self.rejected}
 
+    def drop_cut_lines(self) -> None:
+        """Cut each file back to its complete records (the files are make-prompts' own: checked by reading)."""
+        for path, n in self.lengths.items():
+            if path.is_file() and path.stat().st_size > n:
+                os.truncate(path, n)
 
-def read_progress(out: Path, settings: dict) -> Progress:
-    """What earlier runs wrote to `out` and its rejected file; refuses other settings or foreign files."""
-    p = Progress(_read_lines(out), _read_lines(rejected_path(out)))
-    for r in p.kept + p.rejected:
-        if "seed" not in r or "settings" not in r:
-            raise CTCDrafterError(f"{out} holds records make-prompts did not write; give a new --out")
+
+def read_progress(out: Path, settings: dict | None = None) -> Progress:
+    """What earlier runs wrote to `out` and its rejected file, read without writing; refuses files that
+    make-prompts did not write and (given `settings`) records sampled with other settings."""
+    if out.is_dir():
+        raise CTCDrafterError(f"--out {out} is a folder; give a .jsonl file")
+    (kept, n_out), (rejected, n_rej) = _read_lines(out), _read_lines(rejected_path(out))
+    for r in kept + rejected if settings is not None else ():
         if r["settings"] != settings:
             raise CTCDrafterError(f"{out} was sampled with other settings ({r['settings']}); give another --out")
-    return p
+    return Progress(kept, rejected, {out: n_out, rejected_path(out): n_rej})
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -190,14 +208,13 @@ def make_prompts(base, out: Path, opts: PromptOptions, progress: bool = True) ->
     if base.tokenizer is None:
         raise CTCDrafterError("make-prompts needs a base model with a tokenizer")
     out = Path(out)
-    if out.is_dir():
-        raise CTCDrafterError(f"--out {out} is a folder; give a .jsonl file")
+    settings = {**opts.sampling_settings(), "dtype": str(base.dtype).removeprefix("torch.")}  # bf16 samples differ
+    done = read_progress(out, settings)  # before any write: a file that is not its own is refused untouched
+    header, closing = user_header(base.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
+    done.drop_cut_lines()
     out.touch()
     rejected_path(out).touch()
-    settings = {**opts.sampling_settings(), "dtype": str(base.dtype).removeprefix("torch.")}  # bf16 samples differ
-    done = read_progress(out, settings)
-    header, closing = user_header(base.tokenizer)
     index, kept_seeds = NearDuplicateIndex(opts.dedup_threshold), []
     for r in sorted(done.kept, key=lambda r: r["seed"]):
         index.add(r["turns"][0])
@@ -222,7 +239,8 @@ def make_prompts(base, out: Path, opts: PromptOptions, progress: bool = True) ->
 
 def summarize(out: Path) -> dict:
     """Counts of a question file and its rejected file: kept, rejected by reason."""
-    kept, rejected = _read_lines(out), _read_lines(rejected_path(out))
+    done = read_progress(out)
+    kept, rejected = done.kept, done.rejected
     reasons: dict[str, int] = {}
     for r in rejected:
         key = "near-duplicate" if r["reason"].startswith("near-duplicate") else r["reason"]

@@ -19,11 +19,11 @@ from ..draft.model import CTCDraftModel
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear
+from ..models.kv_cache import compact_kv, new_kv_cache
 from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, make_proposer
 from .proposers.base import Backlog
 from .switch import PLAIN, SpeculationSwitch
 from .tree import TokenTree
-from .kv_cache import compact_kv, new_kv_cache
 from .verify import accept_greedy, accept_sampling, check_sampling, warp_probs
 
 

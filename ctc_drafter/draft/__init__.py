@@ -42,9 +42,10 @@ def load_draft_folder(directory, device="cpu", dtype=None) -> CTCDraftModel:
 def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftModel, bool]:
     """Resolve --draft-model for `base` (a BaseModel). Returns (draft bound to base, trained?).
 
-    'default': the draft shipped for the embedded default base (an untrained, deterministically
-    initialised one while none ships); 'untrained' / 'untrained-ar' / 'untrained-eagle1': a fresh NAR /
-    AR / reference-layout draft (seed 0) for any base; else a folder (any architecture).
+    'default': the draft shipped for the embedded default base (assets/default_draft; an untrained,
+    deterministically initialised one if a checkout lacks its weights); 'untrained' / 'untrained-ar' /
+    'untrained-eagle1': a fresh NAR / AR / reference-layout draft (seed 0) for any base; else a folder (any
+    architecture).
     """
     from ..models.base import DEFAULT_NAME
 

@@ -71,6 +71,7 @@ def run_eval(drafter, questions: list[Question], answer_file: str | Path, model_
         raise CTCDrafterError(f"cannot create the answer folder {path.parent}: {e.strerror}") from e
     if path.is_dir():
         raise CTCDrafterError(f"answer file {path} is a folder")
+    check_answer_file(path)  # before the lock file is made beside it (and again under the lock)
     with answer_file_lock(path):
         return _answer_missing(drafter, questions, path, model_id, meta, speculative, gen_kwargs, template, seed,
                                num_choices, progress)

@@ -3,7 +3,7 @@
 A tree pass hands the base its own 4D additive mask (each node sees the past and its ancestors).
 transformers uses such a mask as given, so everything the base would have added itself must be in
 it: for sliding-window layers, the window. The speculative KV cache keeps every past token in every
-layer (plain `DynamicLayer`s, see decoding/kv_cache.py), so cache row j holds position j and the
+layer (plain `DynamicLayer`s, see models/kv_cache.py), so cache row j holds position j and the
 window is a condition on positions alone: query at q may see key at k iff q - window < k <= q
 (transformers' `sliding_window_overlay`).
 """

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CTCDrafterError
 from .attention import AttentionLayout, attention_layout, ensure_mask_attention, layer_masks
-from . import cpu_info
+from .cpu_info import CPU, host_cpu
 from .row_limit import linear_rows_at_most, row_invariant_rows
 from .tree_attention import exact_tree_pass, use_exact_tree_attention
 
@@ -71,11 +71,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that have it, else fp16; on a CPU bf16 where it has AMX, else fp32. On the Intel
-    Xeon with AMX, bf16 with packed layers decodes 1.26x faster than fp32 and speculates 1.5x faster
-    (BENCHMARKS.md, "bf16 on CPU"). With AVX512-BF16 alone (AMD EPYC) an exact bf16 tree pass needs one row
-    per linear call (BaseModel.tree_row_limit), which costs more than bf16 saves; without either it is emulated."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cpu: CPU | None = None) -> torch.dtype:
+    """auto: bf16 on GPUs that have it, else fp16; on a CPU (`cpu`, default the host) bf16 where it has AMX,
+    where bf16 decodes and speculates faster than fp32 (BENCHMARKS.md, "bf16 on CPU"), else fp32. With
+    AVX512-BF16 alone (AMD EPYC) an exact bf16 tree pass needs one row per linear call
+    (BaseModel.tree_row_limit), which costs more than bf16 saves; without either it is emulated."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -83,7 +83,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.bfloat16 if cpu_info.cpu_has_amx() else torch.float32
+        return torch.bfloat16 if (cpu or host_cpu()).has_amx else torch.float32
     if dtype not in _DTYPES:
         raise CTCDrafterError(f"unknown dtype {dtype!r} (use auto, float32, float16, bfloat16)")
     return _DTYPES[dtype]
@@ -96,6 +96,7 @@ class BaseModel:
     model: torch.nn.Module
     tokenizer: object
     name: str
+    cpu: CPU = field(default_factory=host_cpu, repr=False)  # the CPU whose facts its choices follow
     # Tree passes up to this many nodes were measured to round every linear row as a 1-row call does;
     # row_limit: the measured limit once a wider size failed (models/row_limit.py).
     rows_checked: int = field(default=1, init=False, repr=False)
@@ -142,7 +143,7 @@ class BaseModel:
         # SmolLM2). fp32 keeps one masked call (its rounding flips no measured token); CUDA too.
         half = self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cpu"
         self.exact_tree = half and use_exact_tree_attention(self.model)
-        self.rows_probed = cpu_info.cpu_has_amx()
+        self.rows_probed = self.cpu.has_amx
 
     @cached_property
     def attention_layout(self) -> AttentionLayout:
@@ -171,7 +172,7 @@ class BaseModel:
                     linear_rows_at_most(rows) if rows is not None else nullcontext():
                 out = self.model(
                     input_ids=input_ids,
-                    **{_cache_kwarg(self.model): past_key_values},
+                    **{cache_kwarg(self.model): past_key_values},
                     position_ids=position_ids,
                     attention_mask=attention_mask,
                     use_cache=past_key_values is not None,
@@ -219,7 +220,7 @@ def _logits_to_keep(logits_at, length: int, device):
     return torch.as_tensor(logits_at, dtype=torch.long, device=device).reshape(-1)
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` in late 5.x; use whichever forward takes."""
     import inspect
 

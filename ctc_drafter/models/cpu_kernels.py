@@ -4,10 +4,9 @@ a per-call choice between them by row count.
 Why: which kernel is fastest depends on the CPU and on the rows per call (1 for a vanilla step, the
 node count for a tree pass). PyTorch's default fp32 CPU matmul (MKL) re-packs the weight on every
 call, which makes a few rows far dearer than one; oneDNN's packed-weight kernel (the one
-torch.compile's CPU backend uses) packs once at load. Measured (all of SmolLM2-135M's linear layers,
-1 thread): on an AMD EPYC packed wins for 1 and 4 rows; on an Intel Xeon with AMX stock wins for 1
-row in fp32 (43 vs 53 ms) and packed for 4 (70 vs 110 ms), while in bf16 packed wins at every size
-(1 row 29 vs 42 ms). `kernel_choice.py` measures and picks per size class; this file only runs them.
+torch.compile's CPU backend uses) packs once at load. Which wins differs by CPU, dtype and rows
+(BENCHMARKS.md, sections "CPU kernels: why a tree is affordable on this CPU" and "CPU kernels chosen by
+measurement, per CPU"): `kernel_choice.py` measures and picks per size class; this file only runs them.
 
 fp32: packed output differs from stock by float rounding (~1e-6 relative), like any change of matmul
 kernel (MKL itself uses different kernels for 1 and 4 rows). bf16: both run oneDNN and agree bit for

@@ -43,9 +43,9 @@ import torch
 
 from ..errors import CTCDrafterError
 from .base import BaseModel, cache_dir
-from .cpu_info import cpu_identity
 from .cpu_kernels import (PACKED, STOCK, DispatchLinear, KernelPlan, PackedLinear, dispatch_linears, pack_linears,
                           packable, plan_label, settle_linears)
+from .kv_cache import compact_kv, new_kv_cache
 from .pass_cost import PassCostModel
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def fingerprint(base: BaseModel, sizes: tuple[int, ...] = SIZES, threads: tuple[
     shape = {k: int(getattr(c, k, 0) or 0)
              for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "vocab_size")}
-    return {"schema": SCHEMA, **cpu_identity(), "threads": list(threads or (torch.get_num_threads(),)),
+    return {"schema": SCHEMA, **base.cpu.identity(), "threads": list(threads or (torch.get_num_threads(),)),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "model": base.name, "dtype": str(base.dtype).replace("torch.", ""), "shape": shape,
             "sizes": list(sizes), "past": PAST, "kernels": list(KERNELS)}
@@ -195,8 +195,6 @@ def measure_passes(base: BaseModel, plan: KernelPlan, sizes: tuple[int, ...] = S
     `past`-token cache, per kernel (forced through `plan`) and n. Kernels and sizes are interleaved
     within each repetition so that a burst of load from other processes hits all of them alike; after
     `budget_s` no further repetition starts (at least one is timed)."""
-    from ..decoding.kv_cache import compact_kv, new_kv_cache
-
     past = max(1, min(past, base.max_length - max(sizes) - 1))
     cache = new_kv_cache(base)
     vocab = int(base.config.vocab_size)

@@ -48,7 +48,7 @@ def _check(messages: list[dict]) -> None:
             raise CTCDrafterError(f"message {i} has no text")
 
 
-def _render_builtin(kind: str, messages: list[dict], open_assistant: bool, eos: str,
+def _render_builtin(kind: str, messages: list[dict], eos: str,
                     bos_ids: list[int]) -> list[tuple[str | list[int], bool]]:
     """Segments (text or token ids, is_assistant) for the built-in templates, after the leading BOS.
 
@@ -109,7 +109,7 @@ def build_prompt_ids(tokenizer, messages: list[dict], template: str = "auto") ->
     kind = _resolve(tokenizer, template)
     if kind == "chat":
         return _chat_ids(tokenizer, messages, add_generation_prompt=True)
-    segs = _render_builtin(kind, messages, True, tokenizer.eos_token or "</s>", _bos(tokenizer))
+    segs = _render_builtin(kind, messages, tokenizer.eos_token or "</s>", _bos(tokenizer))
     return _encode_segments(tokenizer, segs)[0]
 
 
@@ -123,7 +123,7 @@ def encode_conversation(tokenizer, messages: list[dict], template: str = "auto")
     _check(messages)
     kind = _resolve(tokenizer, template)
     if kind != "chat":
-        segs = _render_builtin(kind, messages, False, tokenizer.eos_token or "</s>", _bos(tokenizer))
+        segs = _render_builtin(kind, messages, tokenizer.eos_token or "</s>", _bos(tokenizer))
         return _encode_segments(tokenizer, segs)
     ids: list[int] = []
     mask: list[bool] = []

@@ -35,7 +35,9 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # allow_inf_nan=False: a NaN or infinite number (JSON's NaN / Infinity) is refused as "not a finite number"
+    # before any range check, whose message would name the wrong rule ("should be <= 2")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Request):

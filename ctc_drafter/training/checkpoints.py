@@ -12,6 +12,18 @@ from ..errors import CTCDrafterError, read_json_object
 from .run_log import LOG
 
 TRAINER_STATE = "trainer_state.json"
+RUN_ARGS = "train_args.json"  # written first: marks a folder as a training run's
+
+
+def check_out_folder(out: Path) -> None:
+    """An existing --out must be empty or a training run's own folder: train writes config.json and
+    model.safetensors at its top, which would replace another folder's (a base's, a draft's) files."""
+    if not out.is_dir() or (out / RUN_ARGS).is_file() or (out / LOG).is_file() or existing_states(out):
+        return
+    other = next(iter(sorted(out.iterdir())), None)
+    if other is not None:
+        raise CTCDrafterError(f"--out {out} holds files train did not write (e.g. {other.name}); "
+                              "give an empty or new folder")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -58,7 +70,6 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
     for name in (LOG, "config.json", "model.safetensors"):
         (out / name).unlink(missing_ok=True)
-
 
 
 def read_trainer_state(state_dir: Path) -> dict:

@@ -4,16 +4,19 @@ made from it), their checks (before the base loads), the draft config they make 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from ..cli import checks
+from .. import validate
 from ..data.shards import check_shard_plan, plan_shards, read_manifest
 from ..draft.config import ARCHITECTURES, LAYOUTS
 from ..errors import CTCDrafterError, read_json_object
+from ..models.base import resolve_device
+from ..models.cpu_info import CPU, host_cpu
 from .losses import AR_LOSS_WEIGHTS, LOSSES
 
 MAX_BATCH = 4096  # sequences per step: an epoch's batch plan is bs x steps indices
@@ -30,7 +33,7 @@ def _opt(default, *flags, **argparse_kw):
 
 def _ar_weight(part: str):
     extra = "; 0 trains an EAGLE-style head without a blank" if part == "ctc" else ""
-    return _opt(None, type=checks.finite_float(0.0),
+    return _opt(None, type=validate.finite_float(0.0),
                 help=f"with --arch ar: weight of the {part} loss (default {AR_LOSS_WEIGHTS[part]}{extra})")
 
 
@@ -52,25 +55,25 @@ class TrainOptions:
     config: str | None = _opt(None, metavar="JSON",
                               help="DraftConfig overrides: inline JSON, e.g. '{\"num_context_layers\": 2}', or a "
                                    "JSON file (a draft's config.json works)")
-    epochs: int = _opt(2, type=checks.int_in(1, 100_000))
-    bs: int = _opt(4, type=checks.int_in(1, MAX_BATCH), help=f"sequences per process and step (1..{MAX_BATCH})")
-    lr: float = _opt(3e-4, type=checks.finite_float(0.0, low_open=True),
+    epochs: int = _opt(2, type=validate.int_in(1, 100_000))
+    bs: int = _opt(4, type=validate.int_in(1, MAX_BATCH), help=f"sequences per process and step (1..{MAX_BATCH})")
+    lr: float = _opt(3e-4, type=validate.finite_float(0.0, low_open=True),
                      help="peak learning rate (AdamW, warmup then --lr-schedule)")
-    weight_decay: float = _opt(0.0, type=checks.finite_float(0.0))
-    warmup: float = _opt(0.03, type=checks.finite_float(0.0), help="warmup: a fraction of all steps (<1) or a step count")
-    grad_clip: float = _opt(1.0, type=checks.finite_float(0.0),
+    weight_decay: float = _opt(0.0, type=validate.finite_float(0.0))
+    warmup: float = _opt(0.03, type=validate.finite_float(0.0), help="warmup: a fraction of all steps (<1) or a step count")
+    grad_clip: float = _opt(1.0, type=validate.finite_float(0.0),
                             help="max gradient norm, or each element's with --clip value (0: off)")
     clip: str = _opt("norm", choices=["norm", "value"], help="clip the gradient's norm, or each element's value")
     lr_schedule: str = _opt("cosine", choices=["cosine", "linear"],
                             help="after warmup: cosine, or linear (transformers' get_linear_schedule_with_warmup) to 0")
-    schedule_steps: int | None = _opt(None, type=checks.int_in(1, 1 << 40), metavar="N",
+    schedule_steps: int | None = _opt(None, type=validate.int_in(1, 1 << 40), metavar="N",
                                       help="the step at which the schedule reaches 0 (default: the run's last step)")
     loss: str | None = _opt(None, choices=LOSSES, help="ctc (default), ce (Medusa-style heads, no blank) or ctc+ce")
     frames: int | None = _opt(None, type=int, help="L, draft frames (default 8; with --arch ar: levels, 4)")
     layout: str | None = _opt(None, choices=LAYOUTS,
                               help="with --arch ar: standard (this project's layers and blank head) or eagle1 (the "
                                    "reference code's: no input/final norm, the base's head, blank = token 0)")
-    input_noise: float = _opt(0.0, type=checks.finite_float(0.0),
+    input_noise: float = _opt(0.0, type=validate.finite_float(0.0),
                               help="eagle1 layout: uniform noise on the input hidden states, amplitude x 512 / "
                                    "sequence length (the reference's data_noise: 0.2)")
     arch: str | None = _opt(None, choices=ARCHITECTURES,
@@ -80,24 +83,25 @@ class TrainOptions:
     token_weight: float | None = _ar_weight("token")
     ctc_weight: float | None = _ar_weight("ctc")
     label_len: int | None = _opt(None, type=int, help="k, tokens the frames are trained to emit (default 6)")
-    positions: int = _opt(32, type=checks.int_in(1, 1 << 16), help="P, positions trained per sequence and epoch")
+    positions: int = _opt(32, type=validate.int_in(1, 1 << 16), help="P, positions trained per sequence and epoch")
     draft_vocab: int | None = _opt(None, type=int, metavar="N",
                                    help="propose from the N tokens most frequent in the training targets (0: the "
                                         "whole vocabulary, the default); the frame head shrinks from V to N rows, "
                                         "lossless")
     max_len: int = _opt(2048, type=int, help="truncate sequences to this many tokens")
     recover: int | None = _opt(None, type=int, metavar="N", help="resume from CKPT/state_N")
-    first_epoch: int = _opt(1, type=checks.int_in(0, 1),
+    first_epoch: int = _opt(1, type=validate.int_in(0, 1),
                             help="the first epoch's number: 1, or 0 as the seed's train/main.py counts (state_0 after "
                                  "the first epoch); --epochs is the last one's number")
     overwrite: bool = _opt(False, action="store_true", help="start afresh even if CKPT holds an earlier run")
-    seed: int = _opt(0, type=checks.int_in(0, checks.MAX_SEED))
-    eval_frac: float = _opt(0.02, type=checks.finite_float(0.0, 1.0), help="fraction of sequences held out for evaluation")
+    seed: int = _opt(0, type=validate.int_in(0, validate.MAX_SEED))
+    eval_frac: float = _opt(0.02, type=validate.finite_float(0.0, 1.0), help="fraction of sequences held out for evaluation")
     log_every: int = _opt(10, type=int, help="steps between log.jsonl lines")
     loader_workers: int | None = _opt(None, type=int, metavar="N",
                                       help="DataLoader processes that read and pad the next batches during a step (0: "
                                            "in the training process; default: 1 when a core is free)")
-    device: str = _opt("auto", type=checks.device, help="auto, cpu, cuda (several GPUs: accelerate launch)")
+    device: str = _opt("auto", type=validate.accepted_by(resolve_device),
+                      help="auto, cpu, cuda (several GPUs: accelerate launch)")
     allow_incomplete: bool = _opt(False, action="store_true",
                                   help="train on a data folder whose distill run is unfinished or lacks shards (warns "
                                        "how much is missing) instead of refusing")
@@ -230,27 +234,32 @@ def _ar_loss_weights(opts: TrainOptions, over: dict) -> str:
             weights[part] = getattr(opts, f"{part}_weight")
     if opts.loss == "ce":
         weights["ctc"] = 0.0
-    over["extra"] = {**(over.get("extra") or {}), "ar_loss_weights": {**AR_LOSS_WEIGHTS, **weights}}
-    over["loss"] = "ce" if over["extra"]["ar_loss_weights"]["ctc"] == 0 else "ctc"
+    weights = {**AR_LOSS_WEIGHTS, **weights}
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights.values()):
+        raise CTCDrafterError(f"the AR loss weights must be finite numbers >= 0, got {weights}")
+    if sum(weights.values()) == 0:  # the loss would be 0 at every step: nothing trains, yet it would "succeed"
+        raise CTCDrafterError("--feature-weight, --token-weight and --ctc-weight are all 0: the total loss weight "
+                              "must be positive (give at least one a weight > 0)")
+    over["extra"] = {**(over.get("extra") or {}), "ar_loss_weights": weights}
+    over["loss"] = "ce" if weights["ctc"] == 0 else "ctc"
     return over["loss"]
 
 
-def precision(opts: TrainOptions, device: torch.device) -> tuple[torch.dtype, str]:
+def precision(opts: TrainOptions, device: torch.device, cpu: CPU | None = None) -> tuple[torch.dtype, str]:
     """(base dtype, accelerate mixed precision). For auto: `accelerate launch --mixed_precision` decides, else
-    bf16 on GPUs and on CPUs with native bf16 matmuls, else fp32."""
+    bf16 on GPUs and on CPUs (`cpu`, default the host) with native bf16 matmuls, else fp32."""
     from ..models.base import resolve_dtype
 
     env = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set (always) by `accelerate launch`: it decides then
     if opts.dtype in (None, "auto") and env is not None:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env, torch.float32)
     else:
-        # auto on a CPU with AMX / AVX512-BF16: bf16, whose autocast trained 1.3x faster than fp32 with the
-        # same loss curve (BENCHMARKS.md). Wider than decoding's auto (AMX only): training needs no tree
-        # pass that rounds as a 1-token step does.
-        from ..models import cpu_info
-
-        cpu_bf16 = opts.dtype in (None, "auto") and device.type == "cpu" and cpu_info.cpu_has_bf16()
-        dtype = torch.bfloat16 if cpu_bf16 else resolve_dtype(opts.dtype, device)
+        # auto on a CPU with AMX / AVX512-BF16: bf16, whose autocast trained faster than fp32 with the
+        # same loss curve (BENCHMARKS.md, "Training throughput on CPU"). Wider than decoding's auto (AMX
+        # only): training needs no tree pass that rounds as a 1-token step does.
+        cpu = cpu or host_cpu()
+        cpu_bf16 = opts.dtype in (None, "auto") and device.type == "cpu" and cpu.has_bf16
+        dtype = torch.bfloat16 if cpu_bf16 else resolve_dtype(opts.dtype, device, cpu)
     if dtype == torch.float16 and device.type == "cpu":
         raise CTCDrafterError("float16 training needs a GPU; on CPU use float32 or bfloat16")
     return dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CTCDrafterError, fault_reason, write_json_atomic, writing
-from .checkpoints import TRAINER_STATE, clear_run, existing_states
+from .checkpoints import RUN_ARGS, TRAINER_STATE, check_out_folder, clear_run, existing_states
 from .data import data_fingerprint, load_sequences, most_frequent_targets, split_eval
 from .evaluate import evaluate_draft
 from .options import GIVEN, TrainOptions, add_train_args, check_options, config_overrides, precision
@@ -84,6 +84,7 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
     out = Path(opts.out).expanduser()
     if out.exists() and not out.is_dir():
         raise CTCDrafterError(f"--out {opts.out} exists and is not a folder")
+    check_out_folder(out)
     if opts.recover is not None:
         have = existing_states(out) if out.is_dir() else []
         if opts.recover not in have or not (out / f"state_{opts.recover}" / TRAINER_STATE).is_file():
@@ -132,11 +133,11 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
                 raise CTCDrafterError(f"cannot create --out {opts.out}: {e.strerror}") from e
             if opts.recover is None:
                 clear_run(out)  # --overwrite: no stale epochs, states or log lines of the earlier run
-            with writing(out / "train_args.json"):
-                write_json_atomic(out / "train_args.json", {**asdict(opts), "loss_kind": kind,
-                                                       "data_summary": summaries, "train_sequences": len(train_seqs),
-                                                       "eval_sequences": len(eval_seqs),
-                                                       "num_processes": acc.num_processes, "mixed_precision": mixed})
+            with writing(out / RUN_ARGS):
+                write_json_atomic(out / RUN_ARGS, {**asdict(opts), "loss_kind": kind,
+                                                   "data_summary": summaries, "train_sequences": len(train_seqs),
+                                                   "eval_sequences": len(eval_seqs),
+                                                   "num_processes": acc.num_processes, "mixed_precision": mixed})
             arch = " AR" if draft.config.architecture == "ar" else ""
             log.info(f"training a {kind}{arch} draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M "
                      f"params) on {len(train_seqs)} sequences ({len(eval_seqs)} held out), {trainer.steps_per_epoch} "

@@ -1,4 +1,5 @@
-"""The base model's KV cache during speculation: how it is made, and how a verified tree is compacted.
+"""KV caches in place: the storage both the base's and the draft's caches grow in (KVBuffer), the base
+model's cache during speculation (how it is made), and how a verified tree is compacted.
 
 A tree pass appends every node's keys/values; after acceptance only the past plus the accepted path
 may stay, in path order, so the next pass sees exactly what a vanilla loop would have cached.
@@ -6,10 +7,11 @@ may stay, in path order, so the next pass sees exactly what a vanilla loop would
 Every layer is a `GrowingLayer` (a `DynamicLayer` whose rows live in storage that doubles when full),
 sliding-window layers included: row j then always holds position j, which compaction and the tree
 mask rely on, and a pass writes only its own rows (DynamicLayer's torch.cat copies the whole cache
-every pass: 8 ms a step at 2k tokens for SmolLM2 in bf16 on one core, `scripts/kv_append_cost.py`).
+every pass, a cost that grows with the context: BENCHMARKS.md, section "The base's KV append").
 transformers' `DynamicSlidingWindowLayer` keeps only the last window - 1 rows and counts positions in
-its own `cumulative_length`, so rows could not be dropped from its middle; the window is applied by the mask instead (models/attention.py),
-at the price of keeping the whole context for those layers, as a full-attention layer does.
+its own `cumulative_length`, so rows could not be dropped from its middle; the window is applied by the
+mask instead (models/attention.py), at the price of keeping the whole context for those layers, as a
+full-attention layer does.
 """
 
 from __future__ import annotations
@@ -17,8 +19,34 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..draft.cache import KVBuffer
 from ..errors import CTCDrafterError
+
+
+class KVBuffer:
+    """keys/values [B, H, capacity, hd], valid up to whatever length the caller tracks."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put k, v [B,H,n,hd] at positions start..start+n-1; return views of positions 0..start+n-1."""
+        end = start + k.shape[2]
+        if self.k is None or self.k.shape[2] < end or self.k.shape[:2] != k.shape[:2] or self.k.dtype != k.dtype:
+            self._grow(start, end, k, v)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _grow(self, keep: int, end: int, k, v) -> None:
+        B, H, _, hd = k.shape
+        cap = max(64, 2 * end)
+        nk = k.new_empty(B, H, cap, hd)
+        nv = v.new_empty(B, H, cap, v.shape[-1])
+        if self.k is not None and keep:
+            nk[:, :, :keep] = self.k[:, :, :keep]
+            nv[:, :, :keep] = self.v[:, :, :keep]
+        self.k, self.v = nk, nv
 
 
 class GrowingLayer(DynamicLayer):
