@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_llama
 from ctc_drafter.cli.main import main as cli_main
-from ctc_drafter.decoding import CTCDrafter
+from ctc_drafter.decoding import CTCDrafter, DecodeState
 from ctc_drafter.decoding.proposers import ARProposer, CTCProposer, make_proposer
 from ctc_drafter.draft import (ARDraftModel, CTCDraftModel, DraftCache, DraftConfig, load_draft_folder,
                                new_ar_draft_for, new_draft_for)
@@ -80,14 +80,15 @@ def test_levels_stop_below_the_path_cut_off_and_keep_the_rows_they_drafted():
 def test_ar_proposer_cut_off_is_settable_and_zero_drafts_every_level():
     base, draft = _toy_ar()
     p = ARProposer(draft, "prefix", min_path_prob=0.0)
-    p.start([1, 2, 3], torch.randn(1, 3, draft.config.hidden_size, dtype=torch.float64), 4)
+    state = DecodeState([1, 2, 3], 4, torch.randn(1, 3, draft.config.hidden_size, dtype=torch.float64))
+    p.start(state)
     rows = []
     real = draft.levels
     draft.levels = lambda *a: rows.append(real(*a)) or rows[-1]
-    p.propose([1, 2, 3, 4], 4, 8, 64)
+    p.propose(state, 8, 64)
     assert rows[-1].shape[1] == 4  # 0: every level
     p.min_path_prob = 1.0  # any path is below certainty: only level 0
-    p.propose([1, 2, 3, 4], 4, 8, 64)
+    p.propose(state, 8, 64)
     assert rows[-1].shape[1] == 1 and p.describe()["min_path_prob"] == 1.0
 
 

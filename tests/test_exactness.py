@@ -86,7 +86,9 @@ def test_kv_cache_holds_exactly_the_accepted_tokens(first_arm):
         new, hid, n = orig(state, cache, picker, max_depth)
         ref = new_kv_cache(base)
         base.forward(torch.tensor([ids[0].tolist() + emitted + new[:-1]]), ref)
-        assert cache.get_seq_length() == ref.get_seq_length() == drafter.proposer.cache.length + len(new)
+        assert cache.get_seq_length() == ref.get_seq_length()
+        if max_depth > 0:  # it proposed: the draft had read every position before the root
+            assert drafter.proposer.cache.length + len(new) == ref.get_seq_length()
         for a, b in zip(cache.layers, ref.layers):
             torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-9)

@@ -2,10 +2,11 @@
 
     prefill            prompt -> base KV cache, first token
     decode_one_token   vanilla step: 1 token in, 1 token out
-    speculative_step   proposer's token tree -> one base pass over the tree (4D tree mask)
+    speculative_step   proposer's token tree (checked: tree.py check_tree) -> one base pass over the tree (4D mask)
                        -> accept the longest matching path + the base's bonus token -> compact KV
 
-Shapes are for batch 1, the setting of the paper and of interactive use.
+The request's tokens and accepted hidden states live in one DecodeState (state.py), which proposers
+read from their own cursors. Shapes are for batch 1, the setting of the paper and of interactive use.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class GenerationResult:
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per speculative step
     arm_steps: dict[str, int] = field(default_factory=dict)  # steps per arm the switch chose (decoding/switch.py)
     text: str | None = None
-    stop_reason: str = ""  # eos | length | context
+    stop_reason: str = ""  # eos | length | context | stop
 
     @property
     def new_tokens(self) -> int:

@@ -45,6 +45,8 @@ class DecodeState:
     def append(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
         """The loop's step: the emitted tokens, and hidden [1,m,d] at the positions that produced them
         (the old root and the accepted draft tokens, m = len(tokens))."""
+        if hidden is not None and hidden.shape[1] != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens but hidden states at {hidden.shape[1]} positions")
         self.tokens.extend(tokens)
         if hidden is not None:
             self._add_hidden(hidden)

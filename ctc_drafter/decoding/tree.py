@@ -27,6 +27,7 @@ class TokenTree:
     scores: list[float] = field(default_factory=list)
     depths: list[int] = field(default_factory=list, init=False)  # derived from parents
     children: list[list[int]] = field(default_factory=list, init=False)  # derived from parents
+    derived_from: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.scores:
@@ -38,6 +39,7 @@ class TokenTree:
         problem = shape_problem(self.tokens, self.parents, self.scores)
         if problem:
             raise TreeError(problem)
+        self.derived_from = list(self.parents)
         self.depths = [0] * len(self.tokens)
         self.children = [[] for _ in self.tokens]
         for i in range(1, len(self.tokens)):
@@ -130,9 +132,14 @@ def shape_problem(tokens, parents, scores) -> str:
         return f"tokens, parents and scores have different lengths ({n}, {len(parents)}, {len(scores)})"
     if parents[0] != -1:
         return f"node 0 is the root: its parent must be -1, not {parents[0]}"
+    rest = parents[1:]
+    if not rest or (set(map(type, rest)) == {int} and min(rest) >= 0 and all(map(int.__lt__, rest, range(1, n)))):
+        return ""  # the common case, at C speed
     for i in range(1, n):
         p = parents[i]
-        if not (isinstance(p, int) and 0 <= p < i):
+        if type(p) is not int:
+            return f"node {i}'s parent {p!r} is a {type(p).__name__}, not an int"
+        if not 0 <= p < i:
             return (f"node {i}'s parent is {p}: each parent must be an earlier node (0..{i - 1}), "
                     "listed before its children")
     return ""
@@ -140,29 +147,34 @@ def shape_problem(tokens, parents, scores) -> str:
 
 def check_tree(tree, root: int, budget: int, max_depth: int, vocab_size: int, who: str) -> None:
     """The proposer contract, checked on every tree before the base verifies it: TreeError naming `who`
-    (the proposer) and the rule broken. Verification is lossless for any tree that passes."""
+    (the proposer) and the rule broken. Verification is lossless for any tree that passes. Host work
+    only, linear in the nodes."""
     def refuse(rule: str):
         raise TreeError(f"proposer {who} broke the tree contract: {rule}")
 
     if not isinstance(tree, TokenTree):
         refuse(f"propose returned a {type(tree).__name__}, not a TokenTree")
-    problem = shape_problem(tree.tokens, tree.parents, tree.scores)
+    tokens, parents = tree.tokens, tree.parents
+    problem = shape_problem(tokens, parents, tree.scores)
     if problem:
         refuse(problem)
-    if tree.tokens[0] != root:
-        refuse(f"the tree is rooted at token {tree.tokens[0]}, not at the newest token {root}")
-    if len(tree) > budget:
-        refuse(f"{len(tree)} nodes, over the budget of {budget} (root included)")
-    tree.derive()  # depths and children from parents, in case the lists were changed after construction
+    if tokens[0] != root:
+        refuse(f"the tree is rooted at token {tokens[0]}, not at the newest token {root}")
+    if len(tokens) > budget:
+        refuse(f"{len(tokens)} nodes, over the budget of {budget} (root included)")
+    if parents != tree.derived_from:  # the lists were changed after construction
+        tree.derive()
     if max(tree.depths) > max_depth:
         refuse(f"depth {max(tree.depths)}, over the max_depth of {max_depth}")
-    seen = set()
-    for i, t in enumerate(tree.tokens):
-        if not (isinstance(t, int) and 0 <= t < vocab_size):
-            refuse(f"node {i}'s token {t!r} is not an id of the base's vocabulary (0..{vocab_size - 1})")
-        if i and (tree.parents[i], t) in seen:
-            refuse(f"node {i} repeats a sibling's token {t} (siblings must differ)")
-        seen.add((tree.parents[i], t))
+    if min(tokens) < 0 or max(tokens) >= vocab_size:
+        i, t = next((i, t) for i, t in enumerate(tokens) if not 0 <= t < vocab_size)
+        refuse(f"node {i}'s token {t!r} is not an id of the base's vocabulary (0..{vocab_size - 1})")
+    if len(set(zip(parents, tokens))) < len(tokens):
+        seen = set()
+        for i, key in enumerate(zip(parents, tokens)):
+            if key in seen:
+                refuse(f"node {i} repeats a sibling's token {key[1]} (siblings must differ)")
+            seen.add(key)
 
 
 @lru_cache(maxsize=512)

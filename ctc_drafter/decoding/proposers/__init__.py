@@ -1,4 +1,5 @@
-"""Proposers: who suggests the draft tokens the base verifies (decoding/proposers/base.py)."""
+"""Proposers: who suggests the draft tokens the base verifies (the interface and its contract:
+decoding/proposers/base.py), by name: the registry below, or a plugin package.module:Class."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .frame_trees import MEDUSA_63, POLICIES, BeamTree, FrameTreePolicy, MedusaT
 from .ngram import NgramMemory, NgramProposer
 from .union import UnionProposer
 
-DEFAULT_PROPOSER = "hybrid"  # what from_pretrained and the CLI use: it accepts the most (BENCHMARKS.md)
+DEFAULT_PROPOSER = "hybrid"  # the engine's, from_pretrained's and the CLI's: it accepts the most (BENCHMARKS.md)
 
 # Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
 # forward costs about the same for 1 or 256 tokens) but not on a CPU, where scripts/budget_sweep.py
