@@ -288,10 +288,28 @@ def test_names_and_defaults(toy_base):
     from ctc_drafter.draft import new_draft_for
 
     assert CTCDrafter is SpeculativeDecoder
-    draft = new_draft_for(toy_base, seed=0)
+    draft = new_draft_for(toy_base, seed=0)  # bound to the base by new_draft_for
+    assert draft.bound_to(toy_base.model)
+    bind = draft.bind
+    draft.bind = lambda lm: pytest.fail("a draft already bound to this base was bound again")
     d = SpeculativeDecoder(toy_base, draft, tree_policy="medusa")
     assert d.settings()["proposer"] == DEFAULT_PROPOSER and d.settings()["generator"] == "medusa"
-    assert d.draft is draft  # already bound to this base: not bound again
+    draft.bind = bind
     assert SpeculativeDecoder(toy_base, draft, generator="beam", proposer="ctc").settings()["generator"] == "beam"
     with pytest.raises(CTCDrafterError, match="disagree"):
         SpeculativeDecoder(toy_base, draft, tree_policy="beam", generator="prefix")
+
+
+def test_evaluation_exports_the_hf_engine_and_the_answer_meta_builder(toy_base, tmp_path):
+    from ctc_drafter.evaluation import HFEngine, answer_meta
+    from ctc_drafter.evaluation.hf_engine import HFEngine as defined
+
+    assert HFEngine is defined
+    q = tmp_path / "q.jsonl"
+    ours = answer_meta(SpeculativeDecoder(toy_base, proposer="ngram", budget=8), "gsm8k", q, draft_model="x")
+    assert ours["proposer"] == "ngram" and ours["budget"] == 8 and ours["speculative"] is True
+    assert ours["draft_model"] == "x" and ours["question_file"] == str(q.resolve()) and ours["engine"] == "ours"
+    base = answer_meta(SpeculativeDecoder(toy_base), "gsm8k", q, speculative=False)
+    assert base["proposer"] is None and base["budget"] is None and base["speculative"] is False
+    hf = answer_meta(HFEngine(toy_base), "mt_bench", q, engine_kind="hf")
+    assert hf["engine"] == "hf" and hf["speculative"] is False and hf["kernels"] == "stock"
