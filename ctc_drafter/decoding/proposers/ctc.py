@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ...draft.model import CTCDraftModel, DraftCache
-from ..tree import TokenTree
 from .base import Proposer
 from .frame_trees import FrameTreePolicy, make_policy
 
