@@ -75,7 +75,7 @@ def proposer_kind(name: str) -> ProposerKind:
     if name in REGISTRY:
         return REGISTRY[name]
     if not isinstance(name, str) or ":" not in name:
-        raise CTCDrafterError(f"unknown proposer {name!r} (use {', '.join(PROPOSERS)}, or package.module:Class)")
+        raise CTCDrafterError(f"unknown proposer {name!r} (use {', '.join(REGISTRY)}, or package.module:Class)")
     cls = load_plugin(name)
     takes_draft = "draft" in inspect.signature(cls).parameters
 
