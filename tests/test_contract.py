@@ -319,9 +319,14 @@ def test_evaluation_exports_the_hf_engine_and_the_answer_meta_builder(toy_base, 
 
     assert HFEngine is defined
     q = tmp_path / "q.jsonl"
-    ours = answer_meta(SpeculativeDecoder(toy_base, proposer="ngram", budget=8), "gsm8k", q, draft_model="x")
-    assert ours["proposer"] == "ngram" and ours["budget"] == 8 and ours["speculative"] is True
+    from ctc_drafter.draft import new_draft_for
+
+    ours = answer_meta(SpeculativeDecoder(toy_base, new_draft_for(toy_base), proposer="ctc", budget=8), "gsm8k", q,
+                       draft_model="x")
+    assert ours["proposer"] == "ctc" and ours["budget"] == 8 and ours["speculative"] is True
     assert ours["draft_model"] == "x" and ours["question_file"] == str(q.resolve()) and ours["engine"] == "ours"
+    ngram = answer_meta(SpeculativeDecoder(toy_base, proposer="ngram"), "gsm8k", q, draft_model="default")
+    assert ngram["proposer"] == "ngram" and ngram["draft_model"] is None and ngram["draft_trained"] is None
     base = answer_meta(SpeculativeDecoder(toy_base), "gsm8k", q, speculative=False)
     assert base["proposer"] is None and base["budget"] is None and base["speculative"] is False
     hf = answer_meta(HFEngine(toy_base), "mt_bench", q, engine_kind="hf")

@@ -45,11 +45,12 @@ def answer_meta(engine, bench: str, question_file, *, engine_kind: str = "ours",
 
     engine: a SpeculativeDecoder (engine_kind "ours"; speculative=False for its vanilla loop) or an
     HFEngine (engine_kind "hf" or "hf-prompt-lookup", whose speculation is HF's own). draft_model: the
-    draft's name or folder as given (recorded for our speculative runs only).
+    draft's name or folder as given (recorded where our speculative run loaded a draft).
     """
     ours = engine_kind == "ours"
     spec = speculative if ours else engine_kind == "hf-prompt-lookup"  # lookup drafts and verifies too
     draft = ours and spec
+    has_draft = draft and engine.draft is not None  # n-gram lookup and draft-less plugins load none
     settings = engine.settings() if draft else {}
     return {
         "format": ANSWER_FORMAT,
@@ -61,8 +62,8 @@ def answer_meta(engine, bench: str, question_file, *, engine_kind: str = "ours",
         "budget": settings.get("budget"),
         "adaptive": settings.get("adaptive"),
         "prompt_lookup_tokens": engine.prompt_lookup_tokens if engine_kind == "hf-prompt-lookup" else None,
-        "draft_model": str(draft_model) if draft and draft_model is not None else None,
-        "draft_trained": engine.draft_trained if draft else None,
+        "draft_model": str(draft_model) if has_draft and draft_model is not None else None,
+        "draft_trained": engine.draft_trained if has_draft else None,
         "draft_sha256": getattr(engine.draft, "fingerprint", None) if draft else None,
         "base_model": engine.base.name,
         "device": str(engine.base.device),
