@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ctc_drafter.decoding import CTCDrafter  # noqa: E402
+from ctc_drafter.decoding import CTCDrafter, DecodeState  # noqa: E402
 from ctc_drafter.decoding.proposers import CTCProposer, Proposer  # noqa: E402
 from ctc_drafter.decoding.proposers.frame_trees import make_policy  # noqa: E402
 from ctc_drafter.decoding.generate import TokenPicker  # noqa: E402
@@ -139,11 +139,11 @@ class FixedTreeProposer(Proposer):
 
     def __init__(self, budget: int, vocab_size: int, width: int = 8, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.tokens = torch.randint(0, vocab_size, (budget,), generator=g).tolist()
+        self.tokens = torch.randperm(vocab_size, generator=g)[:budget].tolist()  # distinct: siblings differ
         self.parents = [-1] + [max(0, i - width) for i in range(1, budget)]
 
-    def propose(self, context, root, max_depth, budget):
-        return TokenTree([root] + self.tokens[1:], list(self.parents))
+    def propose(self, state, max_depth, budget):
+        return TokenTree([state.root] + self.tokens[1:], list(self.parents))
 
 
 # ---- timing helpers ----------------------------------------------------------------------------
@@ -330,7 +330,8 @@ def exactness_fp32(a, device) -> dict:
         g = torch.Generator().manual_seed(budget)
         runs = []
         for trial in range(trials):
-            drafter = CTCDrafter(base, new_draft_for(base, seed=trial), generator=generator, budget=budget)
+            drafter = CTCDrafter(base, new_draft_for(base, seed=trial), proposer="ctc", tree_policy=generator,
+                                 budget=budget)
             ids = torch.randint(0, 64, (1, int(torch.randint(1, 12, (), generator=g))), generator=g).to(device)
             spec = drafter.generate(ids, max_new_tokens=n)
             van = drafter.generate(ids, max_new_tokens=n, speculative=False)
@@ -368,7 +369,8 @@ def agreement(a, device) -> dict:
             base = BaseModel(tiny_llama(dtype=dtype, seed=7, **shape).to(device), None, tname)
             g = torch.Generator().manual_seed(11)
             for generator in ("beam", "medusa"):
-                drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator=generator, budget=64)
+                drafter = CTCDrafter(base, new_draft_for(base, seed=0), proposer="ctc", tree_policy=generator,
+                                     budget=64)
                 for p in range(prompts):
                     ids = torch.randint(0, shape["vocab_size"], (1, int(torch.randint(4, 24, (), generator=g))),
                                         generator=g).to(device)
@@ -445,7 +447,7 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     clock.sync()
     res["draft_build_s"] = round(time.perf_counter() - t1, 2)
     res["draft_params"] = sum(p.numel() for p in draft.parameters())
-    drafter = CTCDrafter(base, draft, generator="beam", budget=64)
+    drafter = CTCDrafter(base, draft, proposer="ctc", tree_policy="beam", budget=64)
     picker = TokenPicker(0.0, 0, 1.0, seed=0)
     cache = new_kv_cache(base)
     hidden, logits = drafter.prefill(prompt, cache)
@@ -458,9 +460,9 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
                                                        device, reps, after=trim)}
 
     # The draft's context over the prompt (what generate does after prefill): one CTC proposer, shared.
-    context = prompt[0].tolist() + [root]
+    state = DecodeState(prompt[0].tolist(), root, hidden)
     ctc = CTCProposer(draft, "beam")
-    ctc.start(context[:-1], hidden, root)
+    ctc.start(state)
     dcache = ctc.cache
     saved = (dcache.length, ctc.s_last)
 
@@ -470,9 +472,10 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
         dcache.length, ctc.s_last = saved
 
     def spec_full(d: CTCDrafter):
-        """One speculative step as generate runs it: the step, then the proposer's context update."""
-        new, path_hidden, nodes = d.speculative_step(context, cache, picker, max_depth=64)
-        d.proposer.accept(new, path_hidden)
+        """One speculative step as generate runs it: the step, then the draft's catch-up on what it accepted."""
+        new, path_hidden, nodes = d.speculative_step(state, cache, picker, max_depth=64)
+        if d.proposer is ctc:
+            ctc.s_last = draft.extend(path_hidden, torch.tensor([new], device=device), dcache)
         sizes.append(nodes)
 
     res["spec"] = {}
@@ -483,12 +486,12 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
             sizes: list[int] = []
             full = clock.times_ms(lambda: spec_full(d), warm, reps, after=restore)
             step = clock.times_ms(
-                lambda: d.speculative_step(context, cache, picker, max_depth=64), warm, reps, after=restore)
+                lambda: d.speculative_step(state, cache, picker, max_depth=64), warm, reps, after=restore)
             entry = {"step_with_extend_ms": med(full), "step_ms": med(step), "nodes_mean": round(sum(sizes) / len(sizes), 2),
                      "nodes_min": min(sizes), "nodes_max": max(sizes),
                      "over_hf": round(med(full) / hf_ms, 4), "over_vanilla": round(med(full) / med(van), 4)}
             if kind == "fixed":
-                tree = d.proposer.propose(context, root, 64, budget)
+                tree = d.proposer.propose(state, 64, budget)
                 ids, pos, mask = tree.verify_inputs(past, device, dtype)
                 entry["verify_only_ms"] = med(clock.times_ms(
                     lambda: base.forward(ids, cache, position_ids=pos, attention_mask=mask), warm, reps, after=trim))
@@ -520,7 +523,7 @@ def time_shape(a, name: str, shape: dict, device, peak_gbps: float | None) -> di
     for b in (16, 128):
         d = CTCDrafter(base, draft, budget=b, proposer=ctc, adaptive=False)
         res["syncs_per_step"][f"beam{b}"] = count_syncs(
-            lambda: d.speculative_step(context, cache, picker, max_depth=64), device)
+            lambda: d.speculative_step(state, cache, picker, max_depth=64), device)
         restore()
     res["syncs_per_step"]["vanilla"] = count_syncs(lambda: picker.pick(drafter.decode_one_token(root, cache)[0]), device)
     trim()

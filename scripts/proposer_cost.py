@@ -12,6 +12,7 @@ import random
 import statistics
 import time
 
+from ctc_drafter.decoding import DecodeState
 from ctc_drafter.decoding.proposers import NgramProposer, UnionProposer
 
 
@@ -38,17 +39,16 @@ def main():
         text = synthetic_text(n + a.steps * 4, rng)
         for name in ("ngram", "union of ngram + ngram"):
             p = NgramProposer() if name == "ngram" else UnionProposer([NgramProposer(), NgramProposer()])
-            ctx = text[:n]
-            p.start(ctx[:-1], None, ctx[-1])
+            state = DecodeState(text[:n - 1], text[n - 1])
+            p.start(state)
             times, pos = [], n
             for _ in range(a.steps):
                 t0 = time.perf_counter()
-                tree = p.propose(ctx, ctx[-1], max_depth=10, budget=a.budget)
+                tree = p.propose(state, max_depth=10, budget=a.budget)
                 emitted = text[pos: pos + 2]  # the base's next tokens
                 p.feedback(tree, emitted)
-                p.accept(emitted, None)
+                state.append(emitted, None)
                 times.append((time.perf_counter() - t0) * 1e6)
-                ctx += emitted
                 pos += 2
             times.sort()
             print(f"| {n} | {name} | {statistics.median(times):.0f} | {times[int(0.99 * len(times))]:.0f} |")

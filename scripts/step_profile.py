@@ -1,10 +1,10 @@
-"""Where a speculative step's time goes: the parts of `CTCDrafter.generate`, timed by wrapping them.
+"""Where a speculative step's time goes: the parts of `SpeculativeDecoder.generate`, timed by wrapping them.
 
     OMP_NUM_THREADS=1 python scripts/step_profile.py [--proposer ctc|ngram|hybrid] [--generator beam] \
         [--budget 4] [--threads 1] [--max-new-tokens 128] [--cpu-kernels packed|stock]
 
 Prints ms per call of the whole step, the base forward (tree verification, or one token for vanilla),
-the proposer (for the CTC draft: its frames, tree policy and context update), the tree's verify
+the proposer (for the CTC draft: its context update, frames and tree policy), the tree's verify
 inputs, acceptance and the KV compaction, and the host time the step spends outside the base pass;
 then the same prompt without speculation. On a GPU the numbers include no synchronisation: use scripts/gpu_check.py there.
 """
@@ -48,12 +48,11 @@ def main():
     ap.add_argument("--cpu-kernels", default="auto", choices=["auto", "packed", "stock"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, generator=a.generator, budget=a.budget,
+    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, tree_policy=a.generator, budget=a.budget,
                                    cpu_kernels=a.cpu_kernels, proposer=a.proposer, adaptive=False)
     t = defaultdict(list)
     wrap(t, d, "speculative_step", "whole step")
-    wrap(t, d.proposer, "propose", "propose")
-    wrap(t, d.proposer, "accept", "proposer accept")
+    wrap(t, d.proposer, "propose", "propose")  # its catch-up on the accepted tokens included
     if d.draft is not None:
         wrap(t, d.draft, "frames", "  draft frames")
         wrap(t, d.draft, "extend", "  draft extend")

@@ -47,10 +47,10 @@ def tiny_arch(arch: str, vocab_size=64, hidden=32, layers=2, dtype=torch.float64
     return getattr(transformers, model_cls)(cfg).to(dtype).eval()
 
 
-class _AlwaysSpeculate:
-    """The speculation switch (decoding/switch.py) decides by wall time; in tests that would make step
-    counts depend on the machine's load, so every step takes the first arm (the proposer's full mode)
-    unless a test installs its own switch."""
+class FirstArm:
+    """A speculation switch that always takes the first arm (the proposer's full mode). The real switch
+    (decoding/switch.py) decides by wall time, which would make step counts depend on the machine's load:
+    tests that count steps pass this one through the engine's `switch` parameter."""
 
     def __init__(self, arms):
         self.arm = arms[0]
@@ -62,11 +62,10 @@ class _AlwaysSpeculate:
         pass
 
 
-@pytest.fixture(autouse=True)
-def speculate_every_step(monkeypatch):
-    from ctc_drafter.decoding import generate
-
-    monkeypatch.setattr(generate, "SpeculationSwitch", _AlwaysSpeculate)
+@pytest.fixture(scope="session")
+def first_arm():
+    """The engine's `switch=` for tests that count steps: every step takes the first arm."""
+    return FirstArm
 
 
 @pytest.fixture

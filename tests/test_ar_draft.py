@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_llama
 from ctc_drafter.cli.main import main as cli_main
-from ctc_drafter.decoding import CTCDrafter
+from ctc_drafter.decoding import CTCDrafter, DecodeState
 from ctc_drafter.decoding.proposers import ARProposer, CTCProposer, make_proposer
 from ctc_drafter.draft import (ARDraftModel, CTCDraftModel, DraftCache, DraftConfig, load_draft_folder,
                                new_ar_draft_for, new_draft_for)
@@ -80,14 +80,15 @@ def test_levels_stop_below_the_path_cut_off_and_keep_the_rows_they_drafted():
 def test_ar_proposer_cut_off_is_settable_and_zero_drafts_every_level():
     base, draft = _toy_ar()
     p = ARProposer(draft, "prefix", min_path_prob=0.0)
-    p.start([1, 2, 3], torch.randn(1, 3, draft.config.hidden_size, dtype=torch.float64), 4)
+    state = DecodeState([1, 2, 3], 4, torch.randn(1, 3, draft.config.hidden_size, dtype=torch.float64))
+    p.start(state)
     rows = []
     real = draft.levels
     draft.levels = lambda *a: rows.append(real(*a)) or rows[-1]
-    p.propose([1, 2, 3, 4], 4, 8, 64)
+    p.propose(state, 8, 64)
     assert rows[-1].shape[1] == 4  # 0: every level
     p.min_path_prob = 1.0  # any path is below certainty: only level 0
-    p.propose([1, 2, 3, 4], 4, 8, 64)
+    p.propose(state, 8, 64)
     assert rows[-1].shape[1] == 1 and p.describe()["min_path_prob"] == 1.0
 
 
@@ -140,12 +141,13 @@ def test_make_proposer_picks_the_architectures_proposer():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("generator,budget", [("medusa", 64), ("medusa", 20), ("prefix", 6), ("prefix", 24),
                                               ("beam", 12)])
-def test_ar_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
+def test_ar_speculative_equals_vanilla_equals_hf(dtype, generator, budget, first_arm):
     base = BaseModel(tiny_llama(dtype=dtype, seed=1), None, "toy")
     g = torch.Generator().manual_seed(budget)
     longest = 1
     for trial in range(3):
-        drafter = CTCDrafter(base, new_ar_draft_for(base, seed=trial), generator=generator, budget=budget)
+        drafter = CTCDrafter(base, new_ar_draft_for(base, seed=trial), generator=generator, budget=budget,
+                             proposer="ctc", switch=first_arm)
         drafter.proposer.min_path_prob = (0.0, 0.1, 0.5)[trial]  # every level / the default cut / an earlier one
         ids = torch.randint(0, 64, (1, int(torch.randint(1, 12, (), generator=g))), generator=g)
         spec = drafter.generate(ids, max_new_tokens=30)
@@ -156,14 +158,15 @@ def test_ar_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
     assert longest > 1, "no step accepted a draft token: the multi-token path is untested"
 
 
-def test_hybrid_with_the_ar_draft_is_lossless():
+def test_hybrid_with_the_ar_draft_is_lossless(first_arm):
     base = BaseModel(tiny_llama(seed=1), None, "toy")
     ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])  # repetitive: the n-gram part has matches too
-    drafter = CTCDrafter(base, new_ar_draft_for(base), generator="prefix", budget=12, proposer="hybrid")
+    drafter = CTCDrafter(base, new_ar_draft_for(base), generator="prefix", budget=12, proposer="hybrid",
+                         switch=first_arm)
     assert drafter.generate(ids, max_new_tokens=30).tokens == hf_greedy(base.model, ids, 30)
 
 
-def test_ar_without_blank_and_with_a_proposal_vocabulary_is_lossless():
+def test_ar_without_blank_and_with_a_proposal_vocabulary_is_lossless(first_arm):
     """EAGLE-style (loss ce: no blank) and a shortlist whose symbols are not token ids."""
     base = BaseModel(tiny_llama(seed=2), None, "toy")
     ids = torch.tensor([[4, 8, 15, 16, 23]])
@@ -173,10 +176,11 @@ def test_ar_without_blank_and_with_a_proposal_vocabulary_is_lossless():
         if "draft_vocab" in over:
             draft.set_vocab(torch.randperm(64, generator=torch.Generator().manual_seed(0))[:40])
         for generator in ("medusa", "prefix"):
-            assert CTCDrafter(base, draft, generator=generator, budget=16).generate(ids, 25).tokens == ref
+            drafter = CTCDrafter(base, draft, generator=generator, budget=16, proposer="ctc", switch=first_arm)
+            assert drafter.generate(ids, 25).tokens == ref
 
 
-def test_ar_speculative_sampling_matches_base_distribution():
+def test_ar_speculative_sampling_matches_base_distribution(first_arm):
     """tests/test_sampling.py's chi-square check with the AR draft proposing (one setting: 2500 runs)."""
     import test_sampling as ts
 
@@ -185,7 +189,8 @@ def test_ar_speculative_sampling_matches_base_distribution():
         model.lm_head.weight.mul_(4)
         exact = ts.exact_joint(model, 0.7, 5, 0.9)
     base = BaseModel(model, None, "toy")
-    drafter = CTCDrafter(base, new_ar_draft_for(base, seed=0), generator="medusa", budget=64)
+    drafter = CTCDrafter(base, new_ar_draft_for(base, seed=0), generator="medusa", budget=64, proposer="ctc",
+                         switch=first_arm)
     counts, multi = {}, 0
     for i in range(ts.N):
         r = drafter.generate(ts.PROMPT, max_new_tokens=3, temperature=0.7, top_k=5, top_p=0.9, seed=i)

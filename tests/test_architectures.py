@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 
-from conftest import TINY_ARCHS, tiny_arch
+from conftest import TINY_ARCHS, FirstArm, tiny_arch
 from test_exactness import count_passes, passes_of
 from test_sampling import PROMPT, V, chi2_critical, chi2_stat, exact_joint
 from ctc_drafter.decoding import CTCDrafter
@@ -36,7 +36,7 @@ EXACT = dict(rtol=1e-9, atol=1e-9)
 
 def drafter_for(base, proposer, generator, seed=0, budget=16):
     draft = None if proposer == "ngram" else new_draft_for(base, seed=seed)
-    return CTCDrafter(base, draft, generator=generator, budget=budget, proposer=proposer)
+    return CTCDrafter(base, draft, generator=generator, budget=budget, proposer=proposer, switch=FirstArm)
 
 
 def hf_greedy(model, ids, n):
@@ -48,8 +48,9 @@ def check_kv_after_each_step(drafter, checked):
     """Wrap speculative_step: after it, the cache must equal a fresh prefill of context + accepted tokens."""
     base, step = drafter.base, drafter.speculative_step
 
-    def spy(context, cache, *rest, **kw):
-        new, hidden, n = step(context, cache, *rest, **kw)
+    def spy(state, cache, *rest, **kw):
+        context = list(state.tokens)  # prompt + tokens so far (the root last)
+        new, hidden, n = step(state, cache, *rest, **kw)
         ref = new_kv_cache(base)
         # the bonus token is not cached yet; the class's forward: count_passes counts the loop's at base.forward
         type(base).forward(base, torch.tensor([context + new[:-1]]), ref)
@@ -97,9 +98,9 @@ def test_tree_logits_are_the_base_distribution(arch, proposer, generator):
     drafter = drafter_for(base, proposer, generator, seed=1, budget=8)
     forward, step, now, nodes = base.forward, drafter.speculative_step, {}, []
 
-    def step_spy(context, *rest, **kw):
-        now["context"] = list(context)  # prompt + tokens so far; all but the root are cached
-        return step(context, *rest, **kw)
+    def step_spy(state, *rest, **kw):
+        now["context"] = list(state.tokens)  # prompt + tokens so far; all but the root are cached
+        return step(state, *rest, **kw)
 
     def forward_spy(ids, cache, position_ids=None, attention_mask=None, logits_at=None):
         past = cache.get_seq_length()
@@ -124,7 +125,7 @@ def test_tree_logits_are_the_base_distribution(arch, proposer, generator):
 
 
 @pytest.mark.slow  # a chi-square test (~40 s); test_sampling's fast one covers sampling itself
-def test_speculative_sampling_keeps_logit_post_processing():
+def test_speculative_sampling_keeps_logit_post_processing(first_arm):
     """The chi-square test of tests/test_sampling.py, end to end, on the base whose distribution is not
     its head's output (Gemma-2 soft-capping); medusa tree: rejection over many siblings every step.
     The negative control is the same base without the capping, which the test must tell apart."""
@@ -134,7 +135,8 @@ def test_speculative_sampling_keeps_logit_post_processing():
         model.lm_head.weight.mul_(16)  # raw logits well beyond the cap, so capping changes the distribution
         exact = exact_joint(model, 1.0, 0, 1.0)
     base = BaseModel(model, None, "toy")
-    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64)
+    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64, proposer="ctc",
+                         switch=first_arm)
     counts, multi = {}, 0
     for i in range(n):
         r = drafter.generate(PROMPT, max_new_tokens=3, temperature=1.0, seed=i)
@@ -169,7 +171,7 @@ def test_forward_matches_the_models_own_outputs(arch):
 
 
 @pytest.mark.parametrize("arch,expected", [("llama", "sdpa"), ("gemma2", "eager")])
-def test_attention_that_ignores_the_tree_mask_is_switched(arch, expected, caplog):
+def test_attention_that_ignores_the_tree_mask_is_switched(arch, expected, caplog, first_arm):
     model = tiny_arch(arch, seed=5)
     model.set_attn_implementation("flex_attention")
     with caplog.at_level(logging.WARNING, logger="ctc_drafter.models.attention"):
@@ -177,7 +179,8 @@ def test_attention_that_ignores_the_tree_mask_is_switched(arch, expected, caplog
     assert model.config._attn_implementation == expected
     assert "flex_attention" in caplog.text and expected in caplog.text
     ids = torch.tensor([[7, 3, 9, 9, 1, 4, 4]])
-    drafter = CTCDrafter(base, new_draft_for(base, seed=2), generator="medusa", budget=64)
+    drafter = CTCDrafter(base, new_draft_for(base, seed=2), generator="medusa", budget=64, proposer="ctc",
+                         switch=first_arm)
     assert drafter.generate(ids, max_new_tokens=20).tokens == hf_greedy(model, ids, 20)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from conftest import FirstArm, tiny_llama
 from ctc_drafter.decoding import CTCDrafter
 from ctc_drafter.draft import new_draft_for
 from ctc_drafter.models.base import BaseModel
@@ -49,7 +49,8 @@ def assert_swapped_kernels_lossless(base, stock, generator, budget, kernels=None
     with multi-token acceptance exercised (shared by the kernel-choice tests)."""
     longest = 1
     for trial in range(3):
-        drafter = CTCDrafter(base, new_draft_for(base, seed=trial), generator=generator, budget=budget)
+        drafter = CTCDrafter(base, new_draft_for(base, seed=trial), generator=generator, budget=budget,
+                             proposer="ctc", switch=FirstArm)
         assert kernels is None or drafter.kernels == kernels
         ids = torch.randint(0, 64, (1, 5 + trial), generator=torch.Generator().manual_seed(trial))
         spec = drafter.generate(ids, max_new_tokens=30)
@@ -85,7 +86,8 @@ def bf16_greedy_trials(attn, kernels, generator, budget, seeds=range(6)):
         base = BaseModel(copy.deepcopy(stock), None, "toy")
         if kernels == "packed":
             pack_linears(base.model)
-        drafter = CTCDrafter(base, new_draft_for(base, seed=seed), generator=generator, budget=budget)
+        drafter = CTCDrafter(base, new_draft_for(base, seed=seed), generator=generator, budget=budget,
+                             proposer="ctc", switch=FirstArm)
         ids = torch.randint(0, 64, (1, 3 + seed), generator=torch.Generator().manual_seed(seed))
         spec = drafter.generate(ids, max_new_tokens=40)
         out.append((spec.tokens, drafter.generate(ids, max_new_tokens=40, speculative=False).tokens,

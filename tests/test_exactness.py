@@ -36,7 +36,7 @@ def hf_greedy(model, ids, n):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("generator,budget", [("beam", 12), ("beam", 40), ("medusa", 64), ("medusa", 20),
                                               ("prefix", 4), ("prefix", 24)])
-def test_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
+def test_speculative_equals_vanilla_equals_hf(dtype, generator, budget, first_arm):
     base = BaseModel(tiny_llama(dtype=dtype, seed=1), None, "toy")
     calls = count_passes(base)
     g = torch.Generator().manual_seed(budget)
@@ -44,7 +44,7 @@ def test_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
     longest = 1
     for trial in range(4):
         draft = new_draft_for(base, seed=trial)
-        drafter = CTCDrafter(base, draft, generator=generator, budget=budget)
+        drafter = CTCDrafter(base, draft, generator=generator, budget=budget, proposer="ctc", switch=first_arm)
         ids = torch.randint(0, 64, (1, int(torch.randint(1, 12, (), generator=g))), generator=g)
         n = 30
         spec, spec_passes = passes_of(calls, lambda: drafter.generate(ids, max_new_tokens=n))
@@ -61,7 +61,7 @@ def test_speculative_equals_vanilla_equals_hf(dtype, generator, budget):
         assert merged_tree_seen, "CTC-collapsed duplicate paths never merged"
 
 
-def test_eos_and_max_new_tokens_match_hf():
+def test_eos_and_max_new_tokens_match_hf(first_arm):
     model = tiny_llama(seed=3)
     base = BaseModel(model, None, "toy")
     ids = torch.tensor([[5, 9, 2, 7]])
@@ -69,17 +69,19 @@ def test_eos_and_max_new_tokens_match_hf():
     eos = free[7]  # a token the model emits at position 7 (and maybe earlier)
     model.config.eos_token_id = eos
     model.generation_config.eos_token_id = eos
-    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64)
+    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64, proposer="ctc",
+                         switch=first_arm)
     spec = drafter.generate(ids, max_new_tokens=40)
     ref = hf_greedy(model, ids, 40)
     assert spec.tokens == ref and spec.tokens[-1] == eos and spec.stop_reason == "eos"
     assert drafter.generate(ids, max_new_tokens=3).tokens == ref[:3]
 
 
-def test_context_limit_stops_like_vanilla():
+def test_context_limit_stops_like_vanilla(first_arm):
     model = tiny_llama(seed=4, max_pos=24)
     base = BaseModel(model, None, "toy")
-    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64)
+    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64, proposer="ctc",
+                         switch=first_arm)
     ids = torch.arange(1, 17)[None]  # 16 of 24 positions used
     spec = drafter.generate(ids, max_new_tokens=50)
     van = drafter.generate(ids, max_new_tokens=50, speculative=False)
@@ -88,23 +90,26 @@ def test_context_limit_stops_like_vanilla():
         drafter.generate(torch.arange(1, 25)[None], max_new_tokens=5)
 
 
-def test_kv_cache_holds_exactly_the_accepted_tokens():
+def test_kv_cache_holds_exactly_the_accepted_tokens(first_arm):
     """After every step the compacted cache equals a fresh prefill of prompt + emitted tokens (bonus excluded)."""
     from ctc_drafter.models.kv_cache import new_kv_cache
 
     base = BaseModel(tiny_llama(seed=5), None, "toy")
-    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64)
+    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=64, proposer="ctc",
+                         switch=first_arm)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     emitted, checked = [], []
     orig = drafter.speculative_step
 
-    def spy(context, cache, picker, max_depth):
+    def spy(state, cache, picker, max_depth):
         if not emitted:
-            emitted.append(context[-1])  # the prefill's token
-        new, hid, n = orig(context, cache, picker, max_depth)
+            emitted.append(state.root)  # the prefill's token
+        new, hid, n = orig(state, cache, picker, max_depth)
         ref = new_kv_cache(base)
         base.forward(torch.tensor([ids[0].tolist() + emitted + new[:-1]]), ref)
-        assert cache.get_seq_length() == ref.get_seq_length() == drafter.proposer.cache.length + len(new)
+        assert cache.get_seq_length() == ref.get_seq_length()
+        if max_depth > 0:  # it proposed: the draft had read every position before the root
+            assert drafter.proposer.cache.length + len(new) == ref.get_seq_length()
         for a, b in zip(cache.layers, ref.layers):
             torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-9)
@@ -118,13 +123,14 @@ def test_kv_cache_holds_exactly_the_accepted_tokens():
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_tree_mask_exact_for_each_attention_implementation(attn):
+def test_tree_mask_exact_for_each_attention_implementation(attn, first_arm):
     """The custom 4D tree mask must be honoured by both attention back ends transformers offers on CPU."""
     model = tiny_llama(seed=6)
     model.set_attn_implementation(attn)
     assert model.config._attn_implementation == attn
     base = BaseModel(model, None, "toy")
-    drafter = CTCDrafter(base, new_draft_for(base, seed=2), generator="medusa", budget=64)
+    drafter = CTCDrafter(base, new_draft_for(base, seed=2), generator="medusa", budget=64, proposer="ctc",
+                         switch=first_arm)
     ids = torch.tensor([[7, 3, 9, 9, 1]])
     spec = drafter.generate(ids, max_new_tokens=25)
     assert spec.tokens == hf_greedy(model, ids, 25)
@@ -132,7 +138,7 @@ def test_tree_mask_exact_for_each_attention_implementation(attn):
 
 
 @pytest.mark.parametrize("generator", ["beam", "medusa", "prefix"])
-def test_lossless_with_a_proposal_vocabulary(generator):
+def test_lossless_with_a_proposal_vocabulary(generator, first_arm):
     """A draft that can only propose 24 of the 64 tokens: the base still emits the others, output unchanged."""
     base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")
     g = torch.Generator().manual_seed(7)
@@ -141,7 +147,7 @@ def test_lossless_with_a_proposal_vocabulary(generator):
         draft = new_draft_for(base, seed=trial, draft_vocab=24)
         listed = torch.randperm(64, generator=g)[:24].sort().values
         draft.set_vocab(listed)
-        drafter = CTCDrafter(base, draft, generator=generator, budget=16)
+        drafter = CTCDrafter(base, draft, generator=generator, budget=16, proposer="ctc", switch=first_arm)
         ids = torch.randint(0, 64, (1, 6), generator=g)
         spec = drafter.generate(ids, max_new_tokens=30)
         assert spec.tokens == drafter.generate(ids, max_new_tokens=30, speculative=False).tokens \

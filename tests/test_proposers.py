@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from ctc_drafter.decoding import CTCDrafter, Proposer, TokenTree, UnionProposer
+from ctc_drafter.decoding import CTCDrafter, DecodeState, Proposer, TokenTree, UnionProposer
 from ctc_drafter.decoding.calibration import Calibration
 from ctc_drafter.decoding.proposers.ngram import NgramIndex, NgramMemory, NgramProposer, continuation_scores
 from ctc_drafter.decoding.tree_size import best_tree_size
@@ -27,11 +27,11 @@ def test_index_finds_the_most_recent_continuations_and_never_the_suffix_itself()
 def test_proposer_uses_the_longest_match():
     p = NgramProposer(max_n=3)
     ctx = [5, 6, 7, 1, 8, 6, 7, 2, 6, 7]  # "6 7" is followed by 1 and by 2, "8 6 7" only by 2 ... but the
-    p.start(ctx[:-1], None, ctx[-1])      # suffix is "2 6 7"; its longest earlier match is "6 7"
+    p.start(DecodeState(ctx[:-1], ctx[-1]))  # suffix is "2 6 7"; its longest earlier match is "6 7"
     conts, n = p.match(ctx, depth=3)
     assert n == 2 and conts == [[2, 6, 7], [1, 8, 6]]
     ctx2 = [4, 6, 7, 3, 0, 4, 6, 7]  # suffix "4 6 7" was seen: the 3-gram wins over "6 7"
-    p.start(ctx2[:-1], None, ctx2[-1])
+    p.start(DecodeState(ctx2[:-1], ctx2[-1]))
     assert p.match(ctx2, depth=2) == ([[3, 0]], 3)
 
 
@@ -48,15 +48,16 @@ def test_tree_scores_are_continuation_shares():
 def test_memory_remembers_earlier_requests_but_not_across_their_boundary():
     mem = NgramMemory(max_n=3)
     p = NgramProposer(max_n=3, memory=mem)
-    p.start([10, 11, 12, 13, 14], None, 15)
-    p.accept([16, 17], None)
-    p.finish()
+    state = DecodeState([10, 11, 12, 13, 14], 15)
+    p.start(state)
+    state.append([16, 17], None)
+    p.finish(state)  # remembers the whole request, the tokens since its last read included
     assert mem.documents == 1
-    p.start([30, 12, 13], None, 14)  # "12 13 14" was seen in the earlier request
-    tree = p.propose([30, 12, 13, 14], 14, max_depth=4, budget=8)
+    p.start(state := DecodeState([30, 12, 13], 14))  # "12 13 14" was seen in the earlier request
+    tree = p.propose(state, max_depth=4, budget=8)
     assert [tree.tokens[i] for i in tree.path_to(len(tree) - 1)][1:] == [15, 16, 17]  # stops at the boundary
-    p.start([1, 2], None, 17)
-    assert p.propose([1, 2, 17], 17, 4, 8).tokens == [17]  # a 1-gram is not looked up in the memory
+    p.start(state := DecodeState([1, 2], 17))
+    assert p.propose(state, 4, 8).tokens == [17]  # a 1-gram is not looked up in the memory
 
 
 def test_memory_stays_bounded():
@@ -87,23 +88,23 @@ class FixedProposer(Proposer):
     def __init__(self, name, chain, raw):
         self.name, self.chain, self.raw = name, chain, raw
 
-    def propose(self, context, root, max_depth, budget):
+    def propose(self, state, max_depth, budget):
         chain = self.chain[:max_depth]
         scores = [1.0] + [self.raw ** (d + 1) for d in range(len(chain))]
-        return TokenTree([root] + chain, list(range(-1, len(chain))), scores=scores)
+        return TokenTree([state.root] + chain, list(range(-1, len(chain))), scores=scores)
 
 
 def test_union_learns_which_source_to_trust():
     """Source a is always right but modest (raw 0.3), b always wrong but confident (0.9): after
     feedback the union's small budget goes to a's chain."""
     a, b = FixedProposer("a", [1, 2, 3], 0.3), FixedProposer("b", [7, 8, 9], 0.9)
-    u = UnionProposer([a, b])
-    first = u.propose([0], 0, max_depth=3, budget=4)
+    u, state = UnionProposer([a, b]), DecodeState([], 0)
+    first = u.propose(state, max_depth=3, budget=4)
     assert first.tokens[1:] == [7, 8, 9]  # uncalibrated: b looks better
     for _ in range(30):
-        tree = u.propose([0], 0, 3, 4)
+        tree = u.propose(state, 3, 4)
         u.feedback(tree, emitted=[1, 2, 3, 4])
-    assert u.propose([0], 0, 3, 4).tokens[1:] == [1, 2, 3]
+    assert u.propose(state, 3, 4).tokens[1:] == [1, 2, 3]
 
 
 def test_tree_size_trades_expected_tokens_against_cost():
@@ -126,14 +127,15 @@ def repetitive_prompt(g, length=14):
 
 
 @pytest.mark.parametrize("proposer,sized", [("ngram", False), ("hybrid", False), ("hybrid", True)])
-def test_every_proposer_is_lossless(proposer, sized):
+def test_every_proposer_is_lossless(proposer, sized, first_arm):
     base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")
     g = torch.Generator().manual_seed(3)
     cost = (lambda n: 10.0 + 0.5 * n) if sized else None
     longest, sizes = 1, set()
     for trial in range(4):
         draft = new_draft_for(base, seed=trial)
-        drafter = CTCDrafter(base, draft, generator="prefix", budget=12, proposer=proposer, cost_ms=cost)
+        drafter = CTCDrafter(base, draft, generator="prefix", budget=12, proposer=proposer, cost_ms=cost,
+                             switch=first_arm)
         ids = repetitive_prompt(g) if trial % 2 else torch.randint(0, 64, (1, 9), generator=g)
         spec = drafter.generate(ids, max_new_tokens=40)
         van = drafter.generate(ids, max_new_tokens=40, speculative=False)
@@ -146,9 +148,9 @@ def test_every_proposer_is_lossless(proposer, sized):
         assert len(sizes) > 1, "the per-step tree size never varied"
 
 
-def test_ngram_needs_no_draft_and_remembers_across_requests():
+def test_ngram_needs_no_draft_and_remembers_across_requests(first_arm):
     base = BaseModel(tiny_llama(dtype=torch.float64, seed=2), None, "toy")
-    drafter = CTCDrafter(base, None, proposer="ngram", budget=8)
+    drafter = CTCDrafter(base, None, proposer="ngram", budget=8, switch=first_arm)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     first = drafter.generate(ids, max_new_tokens=30)
     again = drafter.generate(ids, max_new_tokens=30)  # the same request: its earlier answer is in the memory
@@ -163,17 +165,17 @@ class RepeatLast(Proposer):
 
     name = "repeat"
 
-    def propose(self, context, root, max_depth, budget):
+    def propose(self, state, max_depth, budget):
         n = min(3, max_depth, budget - 1)
-        return TokenTree([root] * (n + 1), list(range(-1, n)))
+        return TokenTree([state.root] * (n + 1), list(range(-1, n)))
 
 
-def test_readme_custom_proposer_is_lossless():
+def test_readme_custom_proposer_is_lossless(first_arm):
     model = tiny_llama(dtype=torch.float64, seed=7)
     with torch.no_grad():  # make repeats likely: the model copies its input token
         model.lm_head.weight.copy_(model.model.embed_tokens.weight * 20)
     base = BaseModel(model, None, "toy")
-    drafter = CTCDrafter(base, proposer=RepeatLast(), budget=4)
+    drafter = CTCDrafter(base, proposer=RepeatLast(), budget=4, switch=first_arm)
     ids = torch.tensor([[5, 5, 5, 2]])
     spec = drafter.generate(ids, max_new_tokens=20)
     assert spec.tokens == hf_greedy(model, ids, 20) and spec.steps < 20

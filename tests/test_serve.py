@@ -113,10 +113,12 @@ def complete(c, stream: bool, prompt: str, **kw):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def engine(tiny_model_dir, first_arm):
     # The CTC draft alone: with the hybrid's n-gram memory the *step counts* of a repeated request depend on
-    # the requests before it (the text never does), and these tests compare step counts with `generate`'s.
-    return CTCDrafter.from_pretrained(str(tiny_model_dir), "untrained", device="cpu", proposer="ctc")
+    # the requests before it (the text never does), and these tests compare step counts with `generate`'s
+    # (so every step takes the same arm, whatever the machine's timing).
+    return CTCDrafter.from_pretrained(str(tiny_model_dir), "untrained", device="cpu", proposer="ctc",
+                                      switch=first_arm)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import torch
 
 from conftest import tiny_llama
 from ctc_drafter.decoding import CTCDrafter, CTCProposer, NgramProposer, Proposer, UnionProposer, make_proposer
-from ctc_drafter.decoding import generate as generate_module
 from ctc_drafter.decoding.switch import SpeculationSwitch
 from ctc_drafter.draft import new_ar_draft_for, new_draft_for
 from ctc_drafter.models.base import BaseModel
@@ -84,40 +83,45 @@ class Alternating:
 
 
 class Recording(Proposer):
-    """Wraps a proposer; checks that at every propose it has been told exactly the context so far."""
+    """Wraps a proposer; reads the decode state from its own cursor and checks, at every propose, that the
+    reads add up to exactly the sequence so far (tokens, and one hidden state per position before the root)."""
 
     def __init__(self, inner):
         self.inner, self.name, self.seen = inner, inner.name, []
 
-    def start(self, prompt_ids, prompt_hidden, first_token):
-        self.tokens, self.hidden = list(prompt_ids) + [first_token], [prompt_hidden]
-        self.inner.start(prompt_ids, prompt_hidden, first_token)
+    def _read(self, state):
+        self.tokens += state.read_tokens(self)
+        hidden, next_ids = state.read_hidden(self)
+        if hidden is not None:
+            assert next_ids == state.tokens[len(self.next_ids) + 1: len(self.next_ids) + 1 + len(next_ids)]
+            self.hidden.append(hidden)
+            self.next_ids += next_ids
 
-    def propose(self, context, root, max_depth, budget):
-        assert self.tokens == list(context), "the proposer missed or repeated tokens"
+    def start(self, state):
+        self.tokens, self.hidden, self.next_ids = [], [], []
+        self._read(state)
+        self.inner.start(state)
+
+    def propose(self, state, max_depth, budget):
+        self._read(state)
+        assert self.tokens == state.tokens, "the proposer missed or repeated tokens"
         hidden = torch.cat(self.hidden, 1)
-        assert hidden.shape[1] == len(context) - 1  # one hidden state per input token before the root
-        self.seen.append((list(context), hidden))
-        return self.inner.propose(context, root, max_depth, budget)
+        assert hidden.shape[1] == len(state.tokens) - 1  # one hidden state per input token before the root
+        self.seen.append((list(state.tokens), hidden))
+        return self.inner.propose(state, max_depth, budget)
 
     def feedback(self, tree, emitted):
         self.inner.feedback(tree, emitted)
 
-    def accept(self, new_tokens, path_hidden):
-        assert path_hidden.shape[1] == len(new_tokens)
-        self.tokens += new_tokens
-        self.hidden.append(path_hidden)
-        self.inner.accept(new_tokens, path_hidden)
-
-    def finish(self):
-        self.inner.finish()
+    def finish(self, state):
+        self.inner.finish(state)
 
 
-def toy_drafter(proposer, arch, pattern, monkeypatch):
-    monkeypatch.setattr(generate_module, "SpeculationSwitch", lambda arms: Alternating(arms, pattern))
+def toy_drafter(arch, pattern):
+    """A float64 toy base, a draft of `arch` (None, "nar", "ar"), and a switch that runs `pattern`."""
     base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")
-    draft = None if arch is None else (new_ar_draft_for if arch == "ar" else new_draft_for)(base, seed=0).bind(base.model)
-    return base, draft
+    draft = None if arch is None else (new_ar_draft_for if arch == "ar" else new_draft_for)(base, seed=0)
+    return base, draft, lambda arms: Alternating(arms, pattern)
 
 
 def check_lossless_and_caught_up(base, drafter, rec):
@@ -135,20 +139,19 @@ def check_lossless_and_caught_up(base, drafter, rec):
 
 
 @pytest.mark.parametrize("proposer,arch", [("ctc", "nar"), ("ctc", "ar"), ("ngram", None)])
-def test_plain_steps_between_speculative_ones_are_lossless_and_the_proposer_catches_up(monkeypatch, proposer, arch):
-    base, draft = toy_drafter(proposer, arch, ["full", "full", "plain", "plain", "plain"], monkeypatch)
+def test_plain_steps_between_speculative_ones_are_lossless_and_the_proposer_catches_up(proposer, arch):
+    base, draft, switch = toy_drafter(arch, ["full", "full", "plain", "plain", "plain"])
     rec = Recording(make_proposer(proposer, draft, "prefix"))
-    spec = check_lossless_and_caught_up(base, CTCDrafter(base, draft, budget=8, proposer=rec), rec)
+    spec = check_lossless_and_caught_up(base, CTCDrafter(base, draft, budget=8, proposer=rec, switch=switch), rec)
     assert spec.plain_steps > 0 and max(spec.accept_lengths) > 1
 
 
-def test_the_hybrid_without_its_draft_on_some_steps_is_lossless_and_the_draft_catches_up(monkeypatch):
-    pattern = ["full", "cheap", "cheap", "full", "cheap", "full"]
-    base, draft = toy_drafter("hybrid", "nar", pattern, monkeypatch)
+def test_the_hybrid_without_its_draft_on_some_steps_is_lossless_and_the_draft_catches_up():
+    base, draft, switch = toy_drafter("nar", ["full", "cheap", "cheap", "full", "cheap", "full"])
     rec = Recording(CTCProposer(draft, "prefix"))  # the draft inside the union: skipped on cheap and plain steps
     hybrid = UnionProposer([rec, NgramProposer()], name="hybrid")
     assert hybrid.modes == ("full", "cheap")
-    spec = check_lossless_and_caught_up(base, CTCDrafter(base, draft, budget=8, proposer=hybrid), rec)
+    spec = check_lossless_and_caught_up(base, CTCDrafter(base, draft, budget=8, proposer=hybrid, switch=switch), rec)
     assert spec.arm_steps["cheap"] > 0
     assert len(rec.seen) == spec.arm_steps["full"]  # the draft ran on full steps only
 
@@ -162,13 +165,50 @@ def test_arms_plain_steps_only_where_no_mode_is_nearly_free(toy_base):
     assert CTCDrafter(toy_base, None, proposer="ngram").generate([1, 2, 3], max_new_tokens=5).arm_steps == {}
 
 
-def test_sampling_speculates_on_every_step(monkeypatch):
-    monkeypatch.setattr(generate_module, "SpeculationSwitch", lambda arms: Alternating(arms, ["full"] + ["plain"] * 5))
-    base = BaseModel(tiny_llama(dtype=torch.float64, seed=1), None, "toy")
-    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="prefix", budget=4)
+def test_sampling_speculates_on_every_step():
+    base, draft, switch = toy_drafter("nar", ["full"] + ["plain"] * 5)
+    drafter = CTCDrafter(base, draft, proposer="ctc", tree_policy="prefix", budget=4, switch=switch)
     out = drafter.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=20, temperature=1.0, seed=5)
     assert out.plain_steps == 0  # a seed gives the same text whatever the machine's timing
     greedy = drafter.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=20)
     assert greedy.plain_steps > 0
     drafter.adaptive = False
     assert drafter.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=20).plain_steps == 0
+
+
+class FakeClock:
+    """Seconds that pass only in base passes: 10 ms, plus 100 ms per tree node after the first (a pass
+    whose cost grows steeply with its width, where plain steps are the faster way)."""
+
+    def __init__(self, base):
+        self.now, forward = 0.0, base.forward
+
+        def timed_forward(input_ids, *a, **kw):
+            self.now += 0.010 + 0.100 * (input_ids.shape[1] - 1) * (kw.get("attention_mask") is not None)
+            return forward(input_ids, *a, **kw)
+
+        base.forward = timed_forward
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_real_switch_drives_generate_on_a_fake_clock():
+    base, draft, _ = toy_drafter("nar", [])
+    arms_taken = []
+
+    def logged_switch(arms):
+        switch = SpeculationSwitch(arms)  # the real one, its default window, probe and back-off
+        choose = switch.choose
+        switch.choose = lambda: arms_taken.append(choose()) or arms_taken[-1]
+        return switch
+
+    drafter = CTCDrafter(base, draft, proposer="ctc", tree_policy="prefix", budget=4, switch=logged_switch,
+                         clock=FakeClock(base))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    res = drafter.generate(ids, max_new_tokens=60)
+    assert res.tokens == hf_greedy(base.model, ids, 60)
+    # a window of 4 speculative steps; plain tried for 2 and faster, so it runs; speculation is tried again
+    # after 8 steps (OFF_MIN), loses again, and next waits 16
+    assert arms_taken[:34] == ["full"] * 4 + ["plain"] * 10 + ["full"] * 4 + ["plain"] * 16
+    assert res.arm_steps == {a: arms_taken.count(a) for a in ("full", "plain")} and res.wall_s > 0

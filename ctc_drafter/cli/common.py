@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from ..decoding.proposers import DEFAULT_PROPOSER, PROPOSERS
+import argparse
+
+from ..decoding.proposers import DEFAULT_PROPOSER, PROPOSERS, proposer_kind
+from ..errors import CTCDrafterError
 from ..models.templates import TEMPLATES
 from . import checks
+
+
+def proposer_name(text: str) -> str:
+    """--proposer: a registered name, or a plugin package.module:Class (imported now, so that a typo fails first)."""
+    try:
+        proposer_kind(text)
+    except CTCDrafterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_model_args(p, draft: bool = True) -> None:
@@ -31,11 +43,12 @@ def add_decoding_args(p) -> None:
     p.add_argument("--top-p", type=checks.finite_float(0.0, 1.0, low_open=True), default=1.0)
     p.add_argument("--top-k", type=checks.int_in(0), default=0)
     p.add_argument("--seed", type=checks.int_in(0, checks.MAX_SEED), default=None)
-    p.add_argument("--proposer", default=DEFAULT_PROPOSER, choices=PROPOSERS,
-                   help="who proposes draft tokens: both the CTC draft and n-gram lookup, merged by calibrated "
-                        "acceptance, each step's tree sized by this machine's measured pass cost (hybrid, the "
-                        "default); the CTC draft alone; or n-gram lookup alone in the prompt, the output and earlier "
-                        "requests (no draft needed)")
+    p.add_argument("--proposer", default=DEFAULT_PROPOSER, type=proposer_name,
+                   help=f"who proposes draft tokens ({', '.join(PROPOSERS)}, or package.module:Class): both the CTC "
+                        "draft and n-gram lookup, merged by calibrated acceptance, each step's tree sized by this "
+                        "machine's measured pass cost (hybrid, the default); the CTC draft alone; n-gram lookup alone "
+                        "in the prompt, the output and earlier requests (no draft needed); or your own Proposer "
+                        "subclass, importable from PYTHONPATH")
     p.add_argument("--generator", "--tree-choices", dest="generator", default=None,
                    choices=["beam", "medusa", "prefix"],
                    help="the CTC draft's tree policy: the most likely prefixes by exact CTC prefix probability (default "
@@ -56,11 +69,13 @@ def add_decoding_args(p) -> None:
 
 
 def load_drafter(args, draft_model):
-    """CTCDrafter.from_pretrained from the parsed options; -> (drafter, its KernelReport: the CPU kernel choice)."""
-    from ..decoding import CTCDrafter
+    """SpeculativeDecoder.from_pretrained from the parsed options; -> (drafter, its KernelReport: the CPU kernel
+    choice)."""
+    from ..decoding import SpeculativeDecoder
 
-    d = CTCDrafter.from_pretrained(args.base_model, draft_model, device=args.device, dtype=args.dtype,
-                                   generator=args.generator, budget=args.budget, cpu_kernels=args.cpu_kernels,
-                                   proposer=args.proposer, trust_remote_code=args.trust_remote_code,
-                                   cpu_threads=args.threads, adaptive=not args.always_speculate)
+    d = SpeculativeDecoder.from_pretrained(args.base_model, draft_model, device=args.device, dtype=args.dtype,
+                                           tree_policy=args.generator, budget=args.budget,
+                                           cpu_kernels=args.cpu_kernels, proposer=args.proposer,
+                                           trust_remote_code=args.trust_remote_code, cpu_threads=args.threads,
+                                           adaptive=not args.always_speculate)
     return d, d.kernel_report

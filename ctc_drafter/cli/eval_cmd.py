@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CTCDrafterError
+from ..evaluation.answer_files import answer_meta
 from ..evaluation.hf_engine import DEFAULT_PROMPT_LOOKUP_TOKENS, ENGINES
 from .checks import MAX_BUDGET, check_max_new_tokens
 from .common import add_decoding_args, add_model_args
@@ -63,48 +64,18 @@ def _check_args(args) -> None:
 
 
 def _meta(args, engine) -> dict:
-    from ..evaluation.eval import ANSWER_FORMAT
-
-    ours = args.engine == "ours"
-    spec = not args.baseline if ours else args.engine == "hf-prompt-lookup"  # lookup drafts and verifies too
-    draft = ours and spec
-    return {
-        "format": ANSWER_FORMAT,
-        "bench": args.bench,
-        "engine": args.engine,
-        "speculative": spec,
-        "proposer": engine.settings()["proposer"] if draft else None,
-        "generator": engine.settings().get("generator") if draft else None,
-        "budget": engine.settings()["budget"] if draft else None,
-        "adaptive": engine.settings()["adaptive"] if draft else None,
-        "prompt_lookup_tokens": engine.prompt_lookup_tokens if args.engine == "hf-prompt-lookup" else None,
-        "draft_model": args.draft_model if draft else None,
-        "draft_trained": engine.draft_trained if draft else None,
-        "draft_sha256": getattr(engine.draft, "fingerprint", None) if draft else None,
-        "base_model": engine.base.name,
-        "device": str(engine.base.device),
-        "dtype": str(engine.base.dtype).replace("torch.", ""),
-        "kernels": engine.kernels if ours else "stock",  # HF engines always run the stock layers
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "max_new_tokens": args.max_new_tokens,
-        "template": args.template,
-        "seed": args.seed,
-        "question_file": str(Path(args.question_file).resolve()),
-    }
+    return answer_meta(engine, args.bench, args.question_file, engine_kind=args.engine,
+                       speculative=not args.baseline,
+                       draft_model=args.draft_model, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, max_new_tokens=args.max_new_tokens, template=args.template, seed=args.seed)
 
 
 def _load_engine(args):
-    """Our CTCDrafter (draft loaded only when speculating), or HF generate on the same base (no draft)."""
+    """Our SpeculativeDecoder (draft loaded only when speculating), or HF generate on the same base (no draft)."""
     if args.engine == "ours":
-        from ..decoding import CTCDrafter
+        from .common import load_drafter
 
-        return CTCDrafter.from_pretrained(args.base_model, None if args.baseline else args.draft_model,
-                                          device=args.device, dtype=args.dtype, generator=args.generator,
-                                          budget=args.budget, cpu_kernels=args.cpu_kernels,
-                                          proposer=args.proposer, trust_remote_code=args.trust_remote_code,
-                                          cpu_threads=args.threads, adaptive=not args.always_speculate)
+        return load_drafter(args, None if args.baseline else args.draft_model)[0]
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 

@@ -2,10 +2,11 @@
 
     prefill            prompt -> base KV cache, first token
     decode_one_token   vanilla step: 1 token in, 1 token out
-    speculative_step   proposer's token tree -> one base pass over the tree (4D tree mask)
+    speculative_step   proposer's token tree (checked: tree.py check_tree) -> one base pass over the tree (4D mask)
                        -> accept the longest matching path + the base's bonus token -> compact KV
 
-Shapes are for batch 1, the setting of the paper and of interactive use.
+The request's tokens and accepted hidden states live in one DecodeState (state.py), which proposers
+read from their own cursors. Shapes are for batch 1, the setting of the paper and of interactive use.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from ..draft.model import CTCDraftModel
 from ..errors import CTCDrafterError
 from ..models.base import BaseModel
 from ..models.cpu_kernels import PackedLinear
-from ..models.kv_cache import compact_kv, new_kv_cache
-from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, make_proposer
-from .proposers.base import Backlog
+from .proposers import DEFAULT_PROPOSER, Proposer, default_budget, default_generator, make_proposer, proposer_kind
+from .proposers.base import is_cheap, modes_of
+from .state import DecodeState
 from .switch import PLAIN, SpeculationSwitch
-from .tree import TokenTree
+from .tree import TokenTree, TreeError, check_tree
+from ..models.kv_cache import compact_kv, new_kv_cache
 from .verify import accept_greedy, accept_sampling, check_sampling, warp_probs
 
 
@@ -40,7 +42,7 @@ class GenerationResult:
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per speculative step
     arm_steps: dict[str, int] = field(default_factory=dict)  # steps per arm the switch chose (decoding/switch.py)
     text: str | None = None
-    stop_reason: str = ""  # eos | length | context
+    stop_reason: str = ""  # eos | length | context | stop
 
     @property
     def new_tokens(self) -> int:
@@ -135,25 +137,37 @@ class ChatMixin:
         return self.base.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-class CTCDrafter(ChatMixin):
-    """A frozen base model plus a proposer (the CTC draft, n-gram lookup, or both); `generate` is
-    lossless with respect to the base whatever the proposer suggests."""
+class SpeculativeDecoder(ChatMixin):
+    """A frozen base model plus a proposer (the CTC draft, n-gram lookup, both, or a plugin); `generate` is
+    lossless with respect to the base whatever the proposer suggests (every tree is checked against the
+    proposer contract, decoding/tree.py `check_tree`)."""
 
-    def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, generator: str | None = None,
-                 budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = "ctc",
-                 cost_ms=None, adaptive: bool = True):
+    def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, tree_policy: str | None = None,
+                 budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = DEFAULT_PROPOSER,
+                 cost_ms=None, adaptive: bool = True, switch=SpeculationSwitch, clock=time.perf_counter,
+                 generator: str | None = None):
+        """proposer: a Proposer, a name (ctc, ngram, hybrid) or a plugin 'package.module:Class'.
+        tree_policy: the CTC draft's (beam, medusa, prefix; None: the device's default); `generator` is its
+        old name. switch: arms -> an object with choose() and record(arm, tokens, seconds), made per greedy
+        request to choose how each step is taken (decoding/switch.py); clock: seconds, for the switch's
+        step timings and the result's wall times."""
+        tree_policy = _policy_alias(tree_policy, generator)
         self.base = base
         self.adaptive = adaptive  # greedy requests take each step the way measured fastest (decoding/switch.py)
+        self.switch, self.clock = switch, clock
         self.kernel_report = None  # set by from_pretrained: the CPU kernel choice and pass cost model
-        self.draft = draft.bind(base.model) if draft is not None else None
+        self.draft = None if draft is None else draft if draft.bound_to(base.model) else draft.bind(base.model)
         self.draft_trained = draft_trained
+        self.vocab_size = int(base.config.vocab_size)
         if isinstance(proposer, Proposer):
             self.proposer = proposer
         else:
-            self.proposer = make_proposer(proposer, self.draft, generator, cost_ms=cost_ms) if (
-                self.draft is not None or proposer == "ngram") else None
+            kind = proposer_kind(proposer)
+            self.proposer = make_proposer(proposer, self.draft, tree_policy, cost_ms=cost_ms) if (
+                self.draft is not None or not kind.needs_draft) else None
         name = getattr(self.proposer, "name", "ctc")
-        self.budget = budget if budget is not None else default_budget(base.device, name, generator,
+        policy = tree_policy or default_generator(base.device, self.draft)  # an eagle1 draft's is medusa
+        self.budget = budget if budget is not None else default_budget(base.device, name, policy,
                                                                        sized=cost_ms is not None)
         if not 1 <= self.budget <= MAX_BUDGET:
             raise CTCDrafterError(f"node budget must be in 1..{MAX_BUDGET}, got {self.budget}")
@@ -179,11 +193,12 @@ class CTCDrafter(ChatMixin):
 
     @classmethod
     def from_pretrained(cls, base_model: str = "default", draft_model: str | None = "default", device="auto",
-                        dtype="auto", generator: str | None = None, budget: int | None = None,
+                        dtype="auto", tree_policy: str | None = None, budget: int | None = None,
                         cpu_kernels: str = "auto", proposer: str | Proposer = DEFAULT_PROPOSER,
                         trust_remote_code: bool = False, cpu_threads: int | str = "auto",
-                        adaptive: bool = True) -> "CTCDrafter":
-        """Load base and draft.
+                        adaptive: bool = True, switch=SpeculationSwitch,
+                        generator: str | None = None) -> "SpeculativeDecoder":
+        """Load base and draft (the draft only where the proposer takes one).
 
         cpu_kernels (CPU fp32/bf16 bases): 'auto' gives each pass size the linear kernel measured
         fastest on this machine (timed at first load, cached; models/kernel_choice.py), 'packed' /
@@ -198,14 +213,16 @@ class CTCDrafter(ChatMixin):
         from ..models.base import load_base_model
         from ..models.kernel_choice import apply_cpu_kernels
 
+        tree_policy = _policy_alias(tree_policy, generator)
+        kind = None if isinstance(proposer, Proposer) else proposer_kind(proposer)  # a bad name fails before loading
         base = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         kernels = apply_cpu_kernels(base, cpu_kernels, threads=cpu_threads)
-        if proposer == "ngram":
-            draft_model = None  # n-gram lookup needs no draft
+        if kind is not None and not kind.takes_draft:
+            draft_model = None  # n-gram lookup (or a plugin without `draft`) needs no draft
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
-        cost = kernels.cost.pass_ms if kernels.cost is not None and proposer == "hybrid" else None
-        drafter = cls(base, draft, generator=generator, budget=budget, draft_trained=trained, proposer=proposer,
-                      cost_ms=cost, adaptive=adaptive)
+        sized = kernels.cost is not None and kind is not None and kind.sized_by_cost
+        drafter = cls(base, draft, tree_policy=tree_policy, budget=budget, draft_trained=trained, proposer=proposer,
+                      cost_ms=kernels.cost.pass_ms if sized else None, adaptive=adaptive, switch=switch)
         drafter.kernel_report = kernels
         return drafter
 
@@ -213,8 +230,8 @@ class CTCDrafter(ChatMixin):
         """The ways the speculation switch may take a step: the proposer's modes, plus plain 1-token steps
         unless a mode costs next to nothing (n-gram lookup proposes a root-only tree where it finds
         nothing, which is run as a plain step: a separate plain arm would only take its matches away)."""
-        modes = tuple(self.proposer.modes)
-        return modes if self.proposer.cheap or "cheap" in modes else modes + (PLAIN,)
+        modes = modes_of(self.proposer)
+        return modes if is_cheap(self.proposer) or "cheap" in modes else modes + (PLAIN,)
 
     # ---- the steps -----------------------------------------------------------------------------
 
@@ -230,14 +247,24 @@ class CTCDrafter(ChatMixin):
         hidden, logits = self.base.forward(ids, cache)
         return logits[0, -1], hidden
 
-    def speculative_step(self, context: list[int], cache, picker: TokenPicker, max_depth: int):
+    def propose(self, state: DecodeState, max_depth: int) -> TokenTree:
+        """The proposer's tree under the newest token, checked against the contract (TreeError naming the
+        proposer: a malformed tree is never verified)."""
+        root, who = state.root, proposer_label(self.proposer)  # root read first: the state is the loop's
+        try:
+            tree = self.proposer.propose(state, max_depth, self.budget)
+        except TreeError as e:  # a TokenTree it built was malformed
+            raise TreeError(f"proposer {who} broke the tree contract: {e}") from None
+        check_tree(tree, root, self.budget, max_depth, self.vocab_size, who)
+        return tree
+
+    def speculative_step(self, state: DecodeState, cache, picker: TokenPicker, max_depth: int):
         """Propose a tree under the newest token, verify it in one base pass, accept.
 
-        context: prompt + tokens so far (the root, the base's newest token, is last).
         Returns (new tokens, base hidden states at the accepted path [1,m,d], nodes verified).
         """
-        root, past = context[-1], cache.get_seq_length()
-        tree = self.proposer.propose(context, root, max_depth, self.budget) if max_depth > 0 else TokenTree([root], [-1])
+        root, past = state.root, cache.get_seq_length()
+        tree = self.propose(state, max_depth) if max_depth > 0 else TokenTree([root], [-1])
         if len(tree) == 1:  # nothing proposed (no n-gram match): a plain step, without tree mask or compaction
             logits, hidden = self.decode_one_token(root, cache)
             new = [picker.pick(logits)]
@@ -278,8 +305,9 @@ class CTCDrafter(ChatMixin):
         should_stop(tokens) -> bool is called with all new tokens after every step (and after the
         prefill); True ends generation there with stop_reason "stop" (stop strings, a cancelled client).
         Greedy speculation takes each step the way measured fastest on this request (the engine's
-        `adaptive`; decoding/switch.py): the tokens are the same, only the speed differs. Sampling asks
-        the whole proposer on every step, so that a seed gives the same text whatever the machine's timing.
+        `adaptive` and `switch`; decoding/switch.py): the tokens are the same, only the speed differs.
+        Sampling asks the whole proposer on every step, so that a seed gives the same text whatever the
+        machine's timing.
         """
         if max_new_tokens < 1:
             raise CTCDrafterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -290,68 +318,79 @@ class CTCDrafter(ChatMixin):
         eos = self.base.eos_token_ids
         if streamer is not None:
             streamer.put(prompt.cpu())
-        t0 = time.perf_counter()
+        t0 = self.clock()
         cache = new_kv_cache(self.base)
         hidden, logits = self.prefill(prompt, cache)
         token = picker.pick(logits[0])
-        prefill_s = time.perf_counter() - t0
-        res = GenerationResult(tokens=[token], steps=1, accept_lengths=[1], prefill_s=prefill_s)
+        res = GenerationResult(tokens=[], steps=1, accept_lengths=[1], prefill_s=self.clock() - t0)
         if streamer is not None:
             streamer.put(torch.tensor([token]))
         limit = min(max_new_tokens, self.base.max_length - prompt.shape[1])
-        context = prompt[0].tolist() + [token]
+        state = DecodeState(prompt[0].tolist(), token, hidden)
         arms = self.arms() if speculative and self.adaptive and picker.greedy else ()
-        switch = SpeculationSwitch(arms) if len(arms) > 1 else None
-        pending = Backlog()  # plain steps' tokens, given to the proposer when it next speculates
+        switch = self.switch(arms) if len(arms) > 1 else None
         if speculative:
-            self.proposer.start(context[:-1], hidden, token)
+            self.proposer.start(state)
         mode = "full"
-        while not self._finished(res, eos, limit, should_stop):
-            remaining, t_step = limit - len(res.tokens), time.perf_counter()
+        stop = self._stop_reason(state, eos, limit, max_new_tokens, should_stop)
+        while not stop:
+            remaining, t_step = limit - state.num_new, self.clock()
             arm = switch.choose() if switch is not None else mode
-            spec_step = speculative and arm != PLAIN
-            if spec_step:
+            if speculative and arm != PLAIN:
                 if arm != mode:
                     self.proposer.set_mode(arm)
                     mode = arm
-                pending.flush_into(self.proposer)
-                new, path_hidden, n = self.speculative_step(context, cache, picker, max_depth=remaining - 1)
+                new, path_hidden, n = self.speculative_step(state, cache, picker, max_depth=remaining - 1)
                 res.tree_sizes.append(n)
             else:
-                logits, path_hidden = self.decode_one_token(res.tokens[-1], cache)
+                logits, path_hidden = self.decode_one_token(state.root, cache)
                 new = [picker.pick(logits)]
             new = truncate_new_tokens(new, eos, remaining)
-            res.tokens += new
-            context += new
+            state.append(new, path_hidden[:, :len(new)])
             res.steps += 1
             res.accept_lengths.append(len(new))
             if streamer is not None:
                 streamer.put(torch.tensor(new))
-            if speculative and not self._finished(res, eos, limit):
-                if spec_step:
-                    self.proposer.accept(new, path_hidden)
-                else:
-                    pending.add(new, path_hidden)
             if switch is not None:
-                switch.record(arm, len(new), time.perf_counter() - t_step)
+                switch.record(arm, len(new), self.clock() - t_step)
                 res.arm_steps[arm] = res.arm_steps.get(arm, 0) + 1
+            stop = self._stop_reason(state, eos, limit, max_new_tokens, should_stop)
         if speculative:
-            self.proposer.finish()
+            self.proposer.finish(state)
         if streamer is not None:
             streamer.end()
-        res.wall_s = time.perf_counter() - t0
-        res.stop_reason = res.stop_reason or ("eos" if res.tokens[-1] in eos else
-                           "length" if len(res.tokens) >= max_new_tokens else "context")
+        res.wall_s = self.clock() - t0
+        res.tokens, res.stop_reason = state.new_tokens, stop
         return res
 
     @staticmethod
-    def _finished(res: GenerationResult, eos: set[int], limit: int, should_stop=None) -> bool:
-        if res.tokens[-1] in eos or len(res.tokens) >= limit:
-            return True
-        if should_stop is not None and should_stop(res.tokens):
-            res.stop_reason = "stop"
-            return True
-        return False
+    def _stop_reason(state: DecodeState, eos: set[int], limit: int, max_new_tokens: int, should_stop=None) -> str:
+        """'' while generation goes on, else why it ends: eos, length, context (the base's limit) or stop."""
+        if state.root in eos:
+            return "eos"
+        if state.num_new >= limit:
+            return "length" if state.num_new >= max_new_tokens else "context"
+        if should_stop is not None and should_stop(state.new_tokens):
+            return "stop"
+        return ""
+
+
+CTCDrafter = SpeculativeDecoder  # the first name: it also runs n-gram lookup and plugins, with no draft
+
+
+def _policy_alias(tree_policy: str | None, generator: str | None) -> str | None:
+    """`generator` is the tree policy's old keyword; both may be given only if they agree."""
+    if generator is not None and tree_policy is not None and generator != tree_policy:
+        raise CTCDrafterError(f"tree_policy={tree_policy!r} and generator={generator!r} disagree (generator is "
+                              "tree_policy's old name: give one)")
+    return tree_policy if tree_policy is not None else generator
+
+
+def proposer_label(proposer) -> str:
+    """How errors name a proposer: its name and class."""
+    cls = type(proposer)
+    return f"{getattr(proposer, 'name', '?')!r} ({cls.__module__}.{cls.__qualname__})"
+
 
 def truncate_new_tokens(new: list[int], eos: set[int], remaining: int) -> list[int]:
     new = new[:remaining]

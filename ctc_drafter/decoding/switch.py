@@ -9,7 +9,7 @@ to machine, so the switch compares rates actually measured in this request betwe
     the proposer's modes, dearest first   e.g. the hybrid with its draft ("full"), then n-gram lookup
                                           alone ("cheap", no draft layers to run)
     "plain"                               the vanilla loop's 1-token step, unless a mode is nearly
-                                          free (CTCDrafter.arms: lookup that finds nothing already
+                                          free (SpeculativeDecoder.arms: lookup that finds nothing already
                                           runs a plain step)
 
 An arm's rate is tokens emitted / wall time over its last WINDOW steps (proposer, tree pass,

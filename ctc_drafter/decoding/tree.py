@@ -12,27 +12,39 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import CTCDrafterError
+
+
+class TreeError(CTCDrafterError):
+    """A malformed token tree (from a proposer): the message says which rule it breaks."""
+
 
 @dataclass
 class TokenTree:
     tokens: list[int]  # node -> token id (node 0 is the root)
-    parents: list[int]  # node -> parent node (-1 for the root)
-    depths: list[int] = field(default_factory=list)
-    children: list[list[int]] = field(default_factory=list)
+    parents: list[int]  # node -> parent node (-1 for the root); a parent comes before its children
     # node -> the proposer's estimate that the base accepts the path to it (root 1.0); never rises along a path
     scores: list[float] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list, init=False)  # derived from parents
+    children: list[list[int]] = field(default_factory=list, init=False)  # derived from parents
+    derived_from: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.scores:
             self.scores = [1.0] * len(self.tokens)
-        if not self.depths:
-            self.depths = [0] * len(self.tokens)
-            for i in range(1, len(self.tokens)):
-                self.depths[i] = self.depths[self.parents[i]] + 1
-        if not self.children:
-            self.children = [[] for _ in self.tokens]
-            for i in range(1, len(self.tokens)):
-                self.children[self.parents[i]].append(i)
+        self.derive()
+
+    def derive(self) -> None:
+        """Check the shape (TreeError) and compute depths and children from `parents`."""
+        problem = shape_problem(self.tokens, self.parents, self.scores)
+        if problem:
+            raise TreeError(problem)
+        self.derived_from = list(self.parents)
+        self.depths = [0] * len(self.tokens)
+        self.children = [[] for _ in self.tokens]
+        for i in range(1, len(self.tokens)):
+            self.depths[i] = self.depths[self.parents[i]] + 1
+            self.children[self.parents[i]].append(i)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -109,6 +121,60 @@ class TokenTree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+def shape_problem(tokens, parents, scores) -> str:
+    """'' if the lists describe a tree (one root first, each parent before its children), else what is wrong."""
+    n = len(tokens)
+    if n == 0:
+        return "the tree is empty (it needs at least the root)"
+    if len(parents) != n or len(scores) != n:
+        return f"tokens, parents and scores have different lengths ({n}, {len(parents)}, {len(scores)})"
+    if parents[0] != -1:
+        return f"node 0 is the root: its parent must be -1, not {parents[0]}"
+    rest = parents[1:]
+    if not rest or (set(map(type, rest)) == {int} and min(rest) >= 0 and all(map(int.__lt__, rest, range(1, n)))):
+        return ""  # the common case, at C speed
+    for i in range(1, n):
+        p = parents[i]
+        if type(p) is not int:
+            return f"node {i}'s parent {p!r} is a {type(p).__name__}, not an int"
+        if not 0 <= p < i:
+            return (f"node {i}'s parent is {p}: each parent must be an earlier node (0..{i - 1}), "
+                    "listed before its children")
+    return ""
+
+
+def check_tree(tree, root: int, budget: int, max_depth: int, vocab_size: int, who: str) -> None:
+    """The proposer contract, checked on every tree before the base verifies it: TreeError naming `who`
+    (the proposer) and the rule broken. Verification is lossless for any tree that passes. Host work
+    only, linear in the nodes."""
+    def refuse(rule: str):
+        raise TreeError(f"proposer {who} broke the tree contract: {rule}")
+
+    if not isinstance(tree, TokenTree):
+        refuse(f"propose returned a {type(tree).__name__}, not a TokenTree")
+    tokens, parents = tree.tokens, tree.parents
+    problem = shape_problem(tokens, parents, tree.scores)
+    if problem:
+        refuse(problem)
+    if tokens[0] != root:
+        refuse(f"the tree is rooted at token {tokens[0]}, not at the newest token {root}")
+    if len(tokens) > budget:
+        refuse(f"{len(tokens)} nodes, over the budget of {budget} (root included)")
+    if parents != tree.derived_from:  # the lists were changed after construction
+        tree.derive()
+    if max(tree.depths) > max_depth:
+        refuse(f"depth {max(tree.depths)}, over the max_depth of {max_depth}")
+    if min(tokens) < 0 or max(tokens) >= vocab_size:
+        i, t = next((i, t) for i, t in enumerate(tokens) if not 0 <= t < vocab_size)
+        refuse(f"node {i}'s token {t!r} is not an id of the base's vocabulary (0..{vocab_size - 1})")
+    if len(set(zip(parents, tokens))) < len(tokens):
+        seen = set()
+        for i, key in enumerate(zip(parents, tokens)):
+            if key in seen:
+                refuse(f"node {i} repeats a sibling's token {key[1]} (siblings must differ)")
+            seen.add(key)
 
 
 @lru_cache(maxsize=512)

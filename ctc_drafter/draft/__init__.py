@@ -54,14 +54,12 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
             raise CTCDrafterError(
                 f"--draft-model default is the draft for {DEFAULT_NAME}; base {base.name} needs a trained draft "
                 "folder (ctc-drafter train), or 'untrained' for a random one")
-        if name_or_path == "default" and (SHIPPED_DRAFT / "model.safetensors").is_file():
-            draft = load_draft_folder(SHIPPED_DRAFT, device=base.device, dtype=base.dtype)
-            return draft.bind(base.model), True
-        if not quiet:
-            log.warning("using an UNTRAINED draft (deterministic init, seed 0); expect little or no speedup")
-        return UNTRAINED.get(name_or_path, new_draft_for)(base, seed=0), False
-    draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype)
-    draft.bind(base.model)
+        if name_or_path != "default" or not (SHIPPED_DRAFT / "model.safetensors").is_file():
+            if not quiet:
+                log.warning("using an UNTRAINED draft (deterministic init, seed 0); expect little or no speedup")
+            return UNTRAINED.get(name_or_path, new_draft_for)(base, seed=0), False
+        name_or_path = SHIPPED_DRAFT
+    draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype).bind(base.model)
     if draft.config.base_model and draft.config.base_model != base.name and not quiet:
         log.warning("draft was trained for %s, base is %s", draft.config.base_model, base.name)
     return draft, True

@@ -141,6 +141,11 @@ class CTCDraftModel(nn.Module):
         self._bf16_head = None
         return self
 
+    def bound_to(self, lm) -> bool:
+        """Whether `bind(lm)` has been done (the same embedding and head modules are attached)."""
+        return self._base is not None and self._base[0] is lm.get_input_embeddings() \
+            and self._base[1] is lm.get_output_embeddings()
+
     def set_vocab(self, token_ids) -> "CTCDraftModel":
         """Choose the proposal vocabulary (draft_vocab distinct base token ids)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()

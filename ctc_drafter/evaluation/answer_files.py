@@ -38,6 +38,47 @@ ANSWER_FORMAT = "ctc-drafter-answers/1"
 
 # ---- writing and continuing a file (eval) ------------------------------------------------------
 
+def answer_meta(engine, bench: str, question_file, *, engine_kind: str = "ours", speculative: bool = True,
+                draft_model: str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                max_new_tokens: int = 256, template: str = "auto", seed: int | None = None) -> dict:
+    """The `meta` of every record `eval` writes: what answered and with which settings.
+
+    engine: a SpeculativeDecoder (engine_kind "ours"; speculative=False for its vanilla loop) or an
+    HFEngine (engine_kind "hf" or "hf-prompt-lookup", whose speculation is HF's own). draft_model: the
+    draft's name or folder as given (recorded where our speculative run loaded a draft).
+    """
+    ours = engine_kind == "ours"
+    spec = speculative if ours else engine_kind == "hf-prompt-lookup"  # lookup drafts and verifies too
+    draft = ours and spec
+    has_draft = draft and engine.draft is not None  # n-gram lookup and draft-less plugins load none
+    settings = engine.settings() if draft else {}
+    return {
+        "format": ANSWER_FORMAT,
+        "bench": bench,
+        "engine": engine_kind,
+        "speculative": spec,
+        "proposer": settings.get("proposer"),
+        "generator": settings.get("generator"),
+        "budget": settings.get("budget"),
+        "adaptive": settings.get("adaptive"),
+        "prompt_lookup_tokens": engine.prompt_lookup_tokens if engine_kind == "hf-prompt-lookup" else None,
+        "draft_model": str(draft_model) if has_draft and draft_model is not None else None,
+        "draft_trained": engine.draft_trained if has_draft else None,
+        "draft_sha256": getattr(engine.draft, "fingerprint", None) if draft else None,
+        "base_model": engine.base.name,
+        "device": str(engine.base.device),
+        "dtype": str(engine.base.dtype).replace("torch.", ""),
+        "kernels": engine.kernels if ours else "stock",  # HF engines always run the stock layers
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "template": template,
+        "seed": seed,
+        "question_file": str(Path(question_file).resolve()),
+    }
+
+
 def new_choice(index: int) -> dict:
     """One choice of an answer record, before its turns."""
     return {"index": index, "turns": [], "idxs": [], "new_tokens": [], "wall_time": [], "accept_lengths": [],

@@ -1,21 +1,24 @@
-"""Proposers: who suggests the draft tokens the base verifies (decoding/proposers/base.py)."""
+"""Proposers: who suggests the draft tokens the base verifies (the interface and its contract:
+decoding/proposers/base.py), by name: the registry below, or a plugin package.module:Class."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ...errors import CTCDrafterError
 from .ar import ARProposer
-from .base import Proposer
+from .base import Proposer, SwitchModes
 from .ctc import CTCProposer
 from .frame_trees import MEDUSA_63, POLICIES, BeamTree, FrameTreePolicy, MedusaTree, PrefixTree, make_policy
 from .ngram import NgramMemory, NgramProposer
 from .union import UnionProposer
 
-PROPOSERS = ("ctc", "ngram", "hybrid")
-DEFAULT_PROPOSER = "hybrid"  # what from_pretrained and the CLI use: it accepts the most (BENCHMARKS.md)
+DEFAULT_PROPOSER = "hybrid"  # the engine's, from_pretrained's and the CLI's: it accepts the most (BENCHMARKS.md)
 
 # Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
 # forward costs about the same for 1 or 256 tokens) but not on a CPU, where scripts/budget_sweep.py
@@ -47,24 +50,88 @@ def default_budget(device, proposer: str = "ctc", generator: str | None = None, 
     return (SIZED_BUDGET if sized else DEFAULT_BUDGET).get(kind, 16)
 
 
+@dataclass(frozen=True)
+class ProposerKind:
+    """A named proposer: factory(draft, policy, cost_ms, memory) -> Proposer."""
+
+    factory: Callable[..., Proposer]
+    takes_draft: bool  # from_pretrained loads the draft model for it
+    needs_draft: bool  # none is built without a draft model (a --baseline run builds none)
+    sized_by_cost: bool = False  # takes the measured pass cost (from_pretrained passes it)
+
+
+REGISTRY: dict[str, ProposerKind] = {
+    "ctc": ProposerKind(lambda draft, policy, cost_ms, memory: draft_proposer(draft, policy),
+                        takes_draft=True, needs_draft=True),
+    "ngram": ProposerKind(lambda draft, policy, cost_ms, memory: NgramProposer(memory=memory),
+                          takes_draft=False, needs_draft=False),
+    "hybrid": ProposerKind(lambda draft, policy, cost_ms, memory: UnionProposer(
+        [draft_proposer(draft, policy), NgramProposer(memory=memory)], cost_ms=cost_ms, name="hybrid"),
+        takes_draft=True, needs_draft=True, sized_by_cost=True),
+}
+PROPOSERS = tuple(REGISTRY)
+
+
+def proposer_kind(name: str) -> ProposerKind:
+    """A registered name, or 'package.module:Class' (a plugin: see proposers/base.py); CTCDrafterError else."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if not isinstance(name, str) or ":" not in name:
+        raise CTCDrafterError(f"unknown proposer {name!r} (use {', '.join(REGISTRY)}, or package.module:Class)")
+    cls = load_plugin(name)
+    takes_draft = "draft" in inspect.signature(cls).parameters
+
+    def factory(draft, policy, cost_ms, memory):
+        try:
+            proposer = cls(draft=draft) if takes_draft else cls()
+        except TypeError as e:
+            raise CTCDrafterError(f"proposer {name}: cannot construct it with "
+                                  f"{'draft=' if takes_draft else 'no arguments'}: {e}") from e
+        if proposer.name == Proposer.name:  # unnamed: answer files and logs name it by its spec
+            proposer.name = name
+        return proposer
+
+    # draft=None where no draft is loaded (--baseline): the plugin decides what it does without one
+    return ProposerKind(factory, takes_draft=takes_draft, needs_draft=False)
+
+
+def load_plugin(spec: str) -> type[Proposer]:
+    """'package.module:Class' -> the class, importable from sys.path (PYTHONPATH), a Proposer subclass."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CTCDrafterError(f"proposer plugin {spec!r}: write it as package.module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise CTCDrafterError(f"proposer plugin {spec}: no module named {e.name!r} on the Python path "
+                                  "(set PYTHONPATH to the folder that holds it)") from None
+        raise CTCDrafterError(f"proposer plugin {spec}: importing {module_name} failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the plugin's own import-time error, in one line
+        raise CTCDrafterError(f"proposer plugin {spec}: importing {module_name} failed: "
+                              f"{type(e).__name__}: {e}") from e
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise CTCDrafterError(f"proposer plugin {spec}: module {module_name} has no {attr!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Proposer)):
+        raise CTCDrafterError(f"proposer plugin {spec}: {attr} is not a subclass of "
+                              "ctc_drafter.decoding.Proposer")
+    return cls
+
+
 def make_proposer(name: str, draft=None, generator: str | None = None,
                   cost_ms: Callable[[int], float] | None = None, memory: NgramMemory | None = None) -> Proposer:
     """'ctc' (the draft with tree policy `generator`; None: the device's default), 'ngram' (prompt lookup +
-    memory, no draft needed), or 'hybrid' (both, merged by calibrated acceptance, sized by `cost_ms` when given)."""
+    memory, no draft needed), 'hybrid' (both, merged by calibrated acceptance, sized by `cost_ms` when given),
+    or a plugin 'package.module:Class'."""
+    kind = proposer_kind(name)
     if generator is None:
         generator = default_generator(next(draft.parameters()).device if draft is not None else "cpu", draft)
-    if name not in PROPOSERS:
-        raise CTCDrafterError(f"unknown proposer {name!r} (use {', '.join(PROPOSERS)})")
     if generator not in POLICIES:
         raise CTCDrafterError(f"unknown tree policy {generator!r} (use {' or '.join(POLICIES)})")
-    if name in ("ctc", "hybrid") and draft is None:
+    if kind.needs_draft and draft is None:
         raise CTCDrafterError(f"proposer {name!r} needs a draft model (or use --proposer ngram)")
-    if name == "ctc":
-        return draft_proposer(draft, generator)
-    if name == "ngram":
-        return NgramProposer(memory=memory)
-    return UnionProposer([draft_proposer(draft, generator), NgramProposer(memory=memory)], cost_ms=cost_ms,
-                         name="hybrid")
+    return kind.factory(draft, generator, cost_ms, memory)
 
 
 def draft_proposer(draft, generator: str = "beam") -> Proposer:
@@ -76,6 +143,7 @@ def draft_proposer(draft, generator: str = "beam") -> Proposer:
     return ARProposer(draft, generator) if ar else CTCProposer(draft, generator)
 
 
-__all__ = ["Proposer", "CTCProposer", "ARProposer", "draft_proposer", "NgramProposer", "NgramMemory", "UnionProposer",
+__all__ = ["Proposer", "SwitchModes", "ProposerKind", "REGISTRY", "proposer_kind", "load_plugin", "CTCProposer",
+           "ARProposer", "draft_proposer", "NgramProposer", "NgramMemory", "UnionProposer",
            "FrameTreePolicy", "MedusaTree", "BeamTree", "PrefixTree", "MEDUSA_63", "POLICIES", "PROPOSERS",
            "make_policy", "make_proposer", "default_budget", "default_generator", "DEFAULT_PROPOSER"]

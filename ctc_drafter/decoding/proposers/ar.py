@@ -1,8 +1,8 @@
 """The autoregressive CTC draft as a proposer: per step, `levels` log-prob rows from the head run on
 its own top-1 path, laid out as a tree by the same policies as the NAR draft's frames.
 
-Start, accept and finish are the NAR proposer's: the draft's cache holds accepted positions only
-and grows with `accept`; each step's speculative levels are scratch past its end.
+Start, catch-up and finish are the NAR proposer's: the draft's cache holds accepted positions only;
+each step's speculative levels are scratch past its end.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ class ARProposer(CTCProposer):
         self.levels = levels or draft.config.num_frames  # config default: the reference's 4
         self.min_path_prob = min_path_prob  # 0: every level
 
-    def propose(self, context, root, max_depth, budget):
+    def propose(self, state, max_depth, budget):
+        self.catch_up(state)
         # Levels past the depth the loop can still verify, or below an unlikely top-1 path, would only
         # cost draft passes.
         n = max(1, min(self.levels, max_depth))
         rows = self.draft.levels(self.s_last, self.cache, n, self.min_path_prob)[0]  # [m <= n, N+1]
-        return self.policy.build(root, rows, max_depth, budget, symbols=self.draft.symbol_tokens())
+        return self.policy.build(state.root, rows, max_depth, budget, symbols=self.draft.symbol_tokens())
 
     def describe(self):
         return {**super().describe(), "architecture": "ar", "levels": self.levels,

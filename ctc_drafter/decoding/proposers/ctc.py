@@ -1,7 +1,7 @@
 """The CTC draft as a proposer: it owns the draft's KV cache and newest state, and a tree policy.
 
-The draft reads the base's hidden states of accepted positions only (never speculative ones), so
-its cache grows with `accept` and never rolls back.
+The draft reads the base's hidden states of accepted positions only (never speculative ones), from
+its cursor in the decode state, so its cache grows as the request does and never rolls back.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ...draft.model import CTCDraftModel, DraftCache
-from ..tree import TokenTree
 from .base import Proposer
 from .frame_trees import FrameTreePolicy, make_policy
 
@@ -24,21 +23,23 @@ class CTCProposer(Proposer):
         self.cache: DraftCache | None = None
         self.s_last: torch.Tensor | None = None  # [1,d] draft state of the newest accepted position
 
-    def start(self, prompt_ids, prompt_hidden, first_token):
-        self.cache = DraftCache()
-        dev = prompt_hidden.device
-        next_ids = torch.tensor([list(prompt_ids[1:]) + [first_token]], device=dev)  # token after each position
-        self.s_last = self.draft.extend(prompt_hidden, next_ids, self.cache)
+    def start(self, state):
+        self.cache, self.s_last = DraftCache(), None
+        self.catch_up(state)
 
-    def propose(self, context, root, max_depth, budget):
+    def catch_up(self, state) -> None:
+        """Extend the draft's cache over the positions accepted since its last read (the prompt at start)."""
+        hidden, next_ids = state.read_hidden(self)  # [1,m,d], the token after each position
+        if next_ids:
+            ids = torch.tensor([next_ids], device=hidden.device)
+            self.s_last = self.draft.extend(hidden, ids, self.cache)
+
+    def propose(self, state, max_depth, budget):
+        self.catch_up(state)
         frames = self.draft.frames(self.s_last, self.cache)[0]  # [L, N+1]
-        return self.policy.build(root, frames, max_depth, budget, symbols=self.draft.symbol_tokens())
+        return self.policy.build(state.root, frames, max_depth, budget, symbols=self.draft.symbol_tokens())
 
-    def accept(self, new_tokens, path_hidden):
-        ids = torch.tensor([new_tokens], device=path_hidden.device)
-        self.s_last = self.draft.extend(path_hidden, ids, self.cache)
-
-    def finish(self):
+    def finish(self, state):
         self.cache = self.s_last = None
 
     def describe(self):

@@ -13,7 +13,7 @@ specific). The union proposer calibrates these against what the base accepts.
 
 from __future__ import annotations
 
-from .base import Proposer
+from .base import Proposer, SwitchModes
 from ..tree import TokenTree
 
 SEPARATOR = -1  # between documents in the memory: no n-gram spans two requests
@@ -88,7 +88,7 @@ class NgramMemory:
         self.documents += 1
 
 
-class NgramProposer(Proposer):
+class NgramProposer(Proposer, SwitchModes):
     """Prompt lookup with a tree of several continuations, plus a cross-request memory."""
 
     name = "ngram"
@@ -100,25 +100,23 @@ class NgramProposer(Proposer):
         self.memory = memory if memory is not None else NgramMemory(max_n)
         self.index = NgramIndex(max_n)
 
-    def start(self, prompt_ids, prompt_hidden, first_token):
-        self.finish()
-        self.index.extend(list(prompt_ids) + [first_token])
-
-    def accept(self, new_tokens, path_hidden):
-        self.index.extend(new_tokens)
-
-    def finish(self):
-        if len(self.index):
+    def start(self, state):
+        if len(self.index):  # a request that ended without finish (an error): remembered all the same
             self.memory.add(self.index.tokens)
         self.index = NgramIndex(self.max_n)
+        self.index.extend(state.read_tokens(self))
 
-    def propose(self, context, root, max_depth, budget):
-        if len(context) > len(self.index):  # a caller that did not report every token: catch up
-            self.index.extend(context[len(self.index):])
-        conts, n = self.match(context, max_depth)
+    def finish(self, state):
+        self.index.extend(state.read_tokens(self))
+        self.memory.add(self.index.tokens)  # the whole request, prompt and reply
+        self.index = NgramIndex(self.max_n)
+
+    def propose(self, state, max_depth, budget):
+        self.index.extend(state.read_tokens(self))  # the tokens emitted since its last read
+        conts, n = self.match(self.index.tokens, max_depth)
         if not conts:
-            return TokenTree([root], [-1])
-        return TokenTree.from_prefix_scores(root, continuation_scores(conts, n), budget)
+            return TokenTree([state.root], [-1])
+        return TokenTree.from_prefix_scores(state.root, continuation_scores(conts, n), budget)
 
     def match(self, context: list[int], depth: int) -> tuple[list[list[int]], int]:
         """Continuations after the longest suffix of `context` seen before (this request first, then

@@ -7,7 +7,7 @@ confident step can verify a long n-gram chain, an unsure one stays small.
 
 Modes: "full" asks every source; "cheap" only the cheap ones (n-gram lookup), skipping the draft's
 layers on steps where the loop has measured that they do not pay (decoding/switch.py). A skipped
-source is caught up on the emitted tokens (and their hidden states) when it next proposes.
+source catches up from its own cursor in the decode state when it next proposes.
 """
 
 from __future__ import annotations
@@ -17,21 +17,20 @@ from typing import Callable
 from ..calibration import Calibration
 from ..tree import TokenTree
 from ..tree_size import best_tree_size
-from .base import Backlog, Proposer
+from .base import Proposer, SwitchModes, is_cheap
 
 
-class UnionProposer(Proposer):
+class UnionProposer(Proposer, SwitchModes):
     def __init__(self, parts: list[Proposer], cost_ms: Callable[[int], float] | None = None, name: str | None = None):
         self.parts = parts
         self.name = name or "+".join(p.name for p in parts)
         self.calibration = [Calibration() for _ in parts]
         self.cost_ms = cost_ms  # verification pass cost for n nodes; None: always fill the budget
-        self.modes = ("full", "cheap") if any(p.cheap for p in parts) and not all(p.cheap for p in parts) \
-            else ("full",)
-        self.cheap = all(p.cheap for p in parts)
+        cheap = [is_cheap(p) for p in parts]
+        self.modes = ("full", "cheap") if any(cheap) and not all(cheap) else ("full",)
+        self.cheap = all(cheap)
         self.mode = "full"
         self._last: list[tuple[int, TokenTree]] = []  # (part, its tree) of the step
-        self._pending = [Backlog() for _ in parts]  # per part: the steps it skipped
 
     def set_mode(self, mode):
         if mode not in self.modes:
@@ -39,50 +38,37 @@ class UnionProposer(Proposer):
         self.mode = mode
 
     def _active(self, i: int) -> bool:
-        return self.mode == "full" or self.parts[i].cheap
+        return self.mode == "full" or is_cheap(self.parts[i])
 
-    def _catch_up(self, i: int) -> None:
-        """Give part i, in one call, the tokens of the steps it skipped (before anything newer)."""
-        self._pending[i].flush_into(self.parts[i])
-
-    def start(self, prompt_ids, prompt_hidden, first_token):
-        self.mode, self._pending = "full", [Backlog() for _ in self.parts]
+    def start(self, state):
+        self.mode = "full"
         for p in self.parts:
-            p.start(prompt_ids, prompt_hidden, first_token)
+            p.start(state)
 
-    def propose(self, context, root, max_depth, budget):
+    def propose(self, state, max_depth, budget):
         merged: dict[tuple[int, ...], float] = {}
         self._last = []
         for i, (part, cal) in enumerate(zip(self.parts, self.calibration)):
             if not self._active(i):
                 continue
-            self._catch_up(i)
-            tree = part.propose(context, root, max_depth, budget)
+            tree = part.propose(state, max_depth, budget)
             self._last.append((i, tree))
             for prefix, p in zip(tree.prefixes()[1:], cal.path_probs(tree)[1:]):
                 if p > merged.get(prefix, -1.0):
                     merged[prefix] = p
         if self.cost_ms is not None and merged:
             budget = best_tree_size(list(merged.values()), self.cost_ms, budget)
-        return TokenTree.from_prefix_scores(root, merged, budget)
+        return TokenTree.from_prefix_scores(state.root, merged, budget)
 
     def feedback(self, tree, emitted):
         for i, own in self._last:
             self.calibration[i].update(own, emitted)
             self.parts[i].feedback(own, emitted)
 
-    def accept(self, new_tokens, path_hidden):
-        for i, p in enumerate(self.parts):
-            if self._active(i):
-                self._catch_up(i)
-                p.accept(new_tokens, path_hidden)
-            else:
-                self._pending[i].add(new_tokens, path_hidden)
-
-    def finish(self):
-        self.mode, self._pending = "full", [Backlog() for _ in self.parts]
+    def finish(self, state):
+        self.mode = "full"
         for p in self.parts:
-            p.finish()
+            p.finish(state)
 
     def forget(self):
         for p in self.parts:
