@@ -20,16 +20,15 @@ from .union import UnionProposer
 
 DEFAULT_PROPOSER = "hybrid"  # the engine's, from_pretrained's and the CLI's: it accepts the most (BENCHMARKS.md)
 
-# Node budgets (root included) when the user gives none. Tree size is nearly free on a GPU (one
-# forward costs about the same for 1 or 256 tokens) but not on a CPU, where scripts/budget_sweep.py
-# with the shipped draft gave the best tokens/s at 4-6 nodes (BENCHMARKS.md); 64 on CUDA is the
-# paper's tree size. With a measured cost model the budget is only a ceiling: the hybrid sizes each
-# step's tree itself.
+# Node budgets (root included) when the user gives none. A GPU pass costs about the same for 1 or
+# 64 tokens, a CPU pass grows with the tree (the CPU value is scripts/budget_sweep.py's best,
+# BENCHMARKS.md "The node budget"); 64 on CUDA is the paper's tree size; MPS's 16 is a guess, never
+# measured. With a measured cost model the budget is only a ceiling: the hybrid sizes each step's tree.
 DEFAULT_BUDGET = {"cpu": 4, "cuda": 64, "mps": 16}
 SIZED_BUDGET = {"cpu": 16, "cuda": 64, "mps": 16}
 # The draft's tree policy when the user names none. `prefix` accepts the most per node (BENCHMARKS.md),
-# but its best-first search is host work that grows with the tree; on CUDA, where trees are 64
-# nodes and a step is a few ms, the static `medusa` tree costs ~0.3 ms of host time whatever the size.
+# but its best-first search is host work that grows with the tree; on CUDA, where trees are 64 nodes
+# and a step takes a few ms, the static `medusa` tree's host cost does not grow with its size.
 DEFAULT_GENERATOR = {"cuda": "medusa"}
 
 
