@@ -14,7 +14,9 @@ same tree policies as frames (decoding/proposers/frame_trees.py): blank is a sym
 
 Training is teacher-forced over whole sequences (one pass): f_t regresses h_{t+1}, its head predicts
 x_{t+2}, and the heads at t..t+L-1 serve as the L frames of a CTC term over the window
-x_{t+2}..x_{t+k+1} (training/losses.py `ar_losses`).
+x_{t+2}..x_{t+k+1}. Every position trains in that one pass (`forward` without positions: the loss
+terms are computed from the [B,T,N+1] heads chunk by chunk, training/losses.py `ARPositionTerms`);
+with sampled positions the frames are gathered into [B,P,L,N+1] (`ar_losses`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .cache import DraftCache
 from .config import DraftConfig
@@ -34,9 +37,16 @@ class ARTrainOutput(NamedTuple):
     features: torch.Tensor  # [B,P,d] f_t at each selected t (regresses the base's h_{t+1})
 
 
+class ARDenseOutput(NamedTuple):
+    features: torch.Tensor  # [B,T,d] f_t at every t
+    terms: dict  # name -> [B,T,...]: what `terms` computed from the heads, chunk by chunk
+
+
 class ARDraftModel(CTCDraftModel):
     """EAGLE-style head with a CTC blank. Borrows binding, the proposal vocabulary, the frozen head
     and save/load from CTCDraftModel; only the frame machinery differs."""
+
+    every_position = True  # `forward` without positions trains every position in one pass
 
     def __init__(self, config: DraftConfig):
         super().__init__(config)
@@ -110,23 +120,46 @@ class ARDraftModel(CTCDraftModel):
 
     # ---- training ------------------------------------------------------------------------------
 
-    def forward(self, hidden, next_ids, positions_sel, valid=None) -> ARTrainOutput:
-        """Teacher-forced pass: hidden [B,T,d], next_ids [B,T], positions_sel [B,P] (long).
+    def forward(self, hidden, next_ids, positions_sel=None, terms=None):
+        """Teacher-forced pass: hidden [B,T,d], next_ids [B,T].
 
-        Frame j of position t is the head at t+j (clamped to T-1; the label window's length masks
-        what lies past a sequence's end)."""
+        positions_sel [B,P] (long) -> ARTrainOutput: frame j of position t is the head at t+j (clamped
+        to T-1; the label window's length masks what lies past a sequence's end).
+        positions_sel None -> ARDenseOutput for every position: `terms(logits, t0, c)` gets the heads
+        t0..t0+c+L-2 (clamped to T-1) [B,n,N+1] and returns a dict of [B,c,...] tensors for positions
+        t0..t0+c-1; `terms.chunk` positions at a time, so the [B,T,N+1] logits never exist at once."""
         B, T, d = hidden.shape
-        L = self.config.num_frames
         dev = hidden.device
         pos = torch.arange(T, device=dev).expand(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None]
         f = self._layers(self._fuse(hidden, next_ids), pos, None, 0, causal)  # [B,T,d]
+        if positions_sel is None:
+            return ARDenseOutput(f, self._head_terms(f, terms))
+        L = self.config.num_frames
         logits = self.frame_logits(f)  # [B,T,N+1]
         idx = (positions_sel[:, :, None] + torch.arange(L, device=dev)).clamp(max=T - 1)  # [B,P,L]
         P = positions_sel.shape[1]
         frames = torch.gather(logits, 1, idx.reshape(B, P * L, 1).expand(-1, -1, logits.shape[-1]))
         feats = torch.gather(f, 1, positions_sel[..., None].expand(B, P, d))
         return ARTrainOutput(frames.view(B, P, L, -1), feats)
+
+    def _head_terms(self, f, terms) -> dict:
+        """f [B,T,d] -> terms over every position, `terms.chunk` positions at a time. With several
+        chunks each is checkpointed (its logits are recomputed in backward), so memory holds one
+        chunk's logits, not B x T x (N+1); one chunk (the usual batch) runs plainly."""
+        T, L = f.shape[1], self.config.num_frames
+        starts = range(0, T, max(1, terms.chunk))
+
+        def run(rows, t0, c):
+            return terms(self.frame_logits(rows), t0, c)
+
+        outs = []
+        for t0 in starts:
+            c = min(terms.chunk, T - t0)
+            rows = f[:, t0: min(t0 + c + L - 1, T)]  # the heads of positions t0..t0+c-1 and their frames
+            outs.append(run(rows, t0, c) if len(starts) == 1 else
+                        checkpoint(run, rows, t0, c, use_reentrant=False))
+        return {k: torch.cat([o[k] for o in outs], 1) for k in outs[0]}
 
 
 def new_ar_draft_for(base, seed: int = 0, **overrides) -> ARDraftModel:

@@ -6,7 +6,8 @@
 
 Both are summed over a position's labels and averaged over positions, so they share one scale
 (negative log-likelihood of a label window). The autoregressive draft adds feature regression and a
-token cross-entropy to a weighted CTC term (`ar_losses`, at the end).
+token cross-entropy to a weighted CTC term (`ar_losses` on sampled positions, `ar_dense_losses` on
+every position at once, at the end).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .metrics import greedy_frames
 
 LOSSES = ("ctc", "ce", "ctc+ce")
 
@@ -107,6 +110,22 @@ def ar_loss_weights(config) -> dict:
     return {**AR_LOSS_WEIGHTS, **(config.extra or {}).get("ar_loss_weights", {})}
 
 
+def ar_uses_ctc(config) -> bool:
+    """Whether the AR draft's loss has a CTC term (weight 0 trains without a blank: config.loss "ce")."""
+    return ar_loss_weights(config)["ctc"] > 0 and config.loss == "ctc"
+
+
+def _ar_total(feature, token, ctc, w) -> tuple[torch.Tensor, dict]:
+    """The weighted sum of the AR loss's parts (each a scalar mean over positions; ctc None: no term)."""
+    total = w["feature"] * feature + w["token"] * token
+    parts = {"feature": float(feature.detach()), "token": float(token.detach())}
+    if ctc is not None:
+        total = total + w["ctc"] * ctc
+        parts["ctc"] = float(ctc.detach())
+    parts["loss"] = float(total.detach())
+    return total, parts
+
+
 def ar_losses(out, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_len: torch.Tensor,
               config) -> LossParts:
     """out: ARTrainOutput (frames [B,P,L,N+1], features [B,P,d]); hidden [B,T,d] the base's states;
@@ -127,12 +146,64 @@ def ar_losses(out, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.
     tok = out.frames[:, :, 0, : config.num_tokens].float()  # head at t, blank excluded
     nll = F.cross_entropy(tok.reshape(B * P, -1), labels[..., 0].reshape(-1), reduction="none").view(B, P)
     token = (nll * valid).sum() / n
-    total = w["feature"] * feature + w["token"] * token
-    parts = {"feature": float(feature.detach()), "token": float(token.detach())}
-    if w["ctc"] > 0 and config.loss == "ctc":
-        c = compute_losses(out.frames, labels, loss_len, "ctc", config.num_tokens)
-        total = total + w["ctc"] * c.total
-        parts["ctc"] = c.parts["ctc"]
-    parts["loss"] = float(total.detach())
+    ctc = compute_losses(out.frames, labels, loss_len, "ctc", config.num_tokens).total if ar_uses_ctc(config) else None
+    total, parts = _ar_total(feature, token, ctc, w)
+    return LossParts(total, parts, int(valid.sum()))
+
+
+# Logit elements of one chunk of positions in the every-position pass (x L with the CTC term, whose
+# frames are copied per chunk): about 128 MB in fp32. The shipped recipe's batches (4 sequences of a
+# few hundred tokens, N+1 = 8193) fit in one chunk; longer or wider ones are chunked and checkpointed.
+LOGIT_CHUNK = 1 << 25
+
+
+class ARPositionTerms:
+    """Per-position terms of the AR draft's heads at every position of a batch; ARDraftModel.forward
+    (without positions) calls it on one chunk of positions at a time.
+
+    labels [B,T,k] symbols (>= 0), loss_len [B,T] (0: t does not train). Returns, for positions
+    t0..t0+c-1: token [B,c] (cross-entropy of the head at t against the window's first label, blank
+    excluded), ctc [B,c] (when weighted: the heads t..t+L-1 as the frames of the window) and best
+    [B,c] (the head's greedy symbol, for the metrics). Padding and untrained positions get finite
+    values that `ar_dense_losses` masks."""
+
+    def __init__(self, labels: torch.Tensor, loss_len: torch.Tensor, config):
+        self.labels, self.loss_len, self.config = labels, loss_len, config
+        self.ctc = ar_uses_ctc(config)
+        width = (config.num_tokens + 1) * (config.num_frames if self.ctc else 1)
+        self.chunk = max(1, LOGIT_CHUNK // (labels.shape[0] * width))  # positions per chunk
+
+    def __call__(self, logits: torch.Tensor, t0: int, c: int) -> dict:
+        """logits [B,n,N+1]: the heads t0..t0+n-1, n = min(c+L-1, T-t0)."""
+        N, L = self.config.num_tokens, self.config.num_frames
+        B, n, _ = logits.shape
+        lab, ln = self.labels[:, t0: t0 + c], self.loss_len[:, t0: t0 + c]  # [B,c,k], [B,c]
+        head = logits[:, :c]
+        token = F.cross_entropy(head[..., :N].float().flatten(0, 1), lab[..., 0].flatten(), reduction="none")
+        out = {"token": token.view(B, c), "best": greedy_frames(head.detach(), N, self.config.loss == "ctc")}
+        if self.ctc:
+            lp = torch.log_softmax(logits.float(), dim=-1)  # [B,n,N+1]
+            idx = (torch.arange(c, device=lp.device)[:, None] + torch.arange(L, device=lp.device)).clamp(max=n - 1)
+            frames = lp[:, idx].flatten(0, 1).transpose(0, 1)  # [L,B*c,N+1]: frame j of t is the head at t+j
+            lengths = torch.full((B * c,), L, dtype=torch.long, device=lp.device)
+            # untrained positions get a 1-label window (masked later): no empty targets in the kernel
+            nll = F.ctc_loss(frames, lab.flatten(0, 1), lengths, ln.flatten().clamp(min=1), blank=N,
+                             reduction="none", zero_infinity=True)
+            out["ctc"] = nll.view(B, c)
+        return out
+
+
+def ar_dense_losses(out, hidden: torch.Tensor, loss_len: torch.Tensor, config) -> LossParts:
+    """out: ARDenseOutput (features [B,T,d], terms of ARPositionTerms); hidden [B,T,d] the base's states;
+    loss_len [B,T] -> the loss of `ar_losses` over every position whose window starts inside the
+    proposal vocabulary (the same numbers as `ar_losses` given all of them as positions)."""
+    w = ar_loss_weights(config)
+    valid = loss_len > 0  # [B,T]
+    n = max(int(valid.sum()), 1)
+    target = torch.cat([hidden[:, 1:], hidden[:, -1:]], 1).to(out.features.dtype)  # h_{t+1}, clamped at T-1
+    feat = F.smooth_l1_loss(out.features.float(), target.float(), reduction="none").mean(-1)  # [B,T]
+    mean = lambda x: (x * valid).sum() / n  # noqa: E731
+    ctc = mean(out.terms["ctc"]) if "ctc" in out.terms else None
+    total, parts = _ar_total(mean(feat), mean(out.terms["token"]), ctc, w)
     return LossParts(total, parts, int(valid.sum()))
 

@@ -67,8 +67,25 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor, window_len: torch.Ten
     All on the device and without a host sync, so a training step can add it every step and the host
     reads the sums only when it writes a log line.
     """
+    return frame_sums(greedy_frames(logits, num_tokens, ctc), labels, window_len, num_tokens, ctc)
+
+
+@torch.no_grad()
+def dense_sums(best: torch.Tensor, labels: torch.Tensor, window_len: torch.Tensor, num_frames: int,
+               num_tokens: int, ctc: bool) -> torch.Tensor:
+    """The AR draft at every position: best [B,T] the greedy symbol of each head, labels [B,T,k],
+    window_len [B,T] -> `batch_sums` with frame j of t = the head at t+j (clamped to T-1)."""
+    T = best.shape[1]
+    idx = (torch.arange(T, device=best.device)[:, None] + torch.arange(num_frames, device=best.device)).clamp(max=T - 1)
+    return frame_sums(best[:, idx], labels, window_len, num_tokens, ctc)  # best[:, idx]: [B,T,L]
+
+
+@torch.no_grad()
+def frame_sums(best: torch.Tensor, labels: torch.Tensor, window_len: torch.Tensor, num_tokens: int,
+               ctc: bool) -> torch.Tensor:
+    """best [B,P,L] greedy frame symbols (`greedy_frames`), labels [B,P,k], window_len [B,P] -> sums [4+2k]."""
     # padding positions stay in (length 0 counts nothing): a boolean selection would sync with the host
-    best = greedy_frames(logits, num_tokens, ctc).flatten(0, 1)  # [N,L], N = B*P
+    best = best.flatten(0, 1)  # [N,L], N = B*P
     lab, ln = labels.flatten(0, 1), window_len.flatten().long()  # [N,k], [N]
     valid = ln > 0
     N, L = best.shape
