@@ -15,8 +15,8 @@ from ctc_drafter.draft import load_draft_folder, new_ar_draft_for
 from ctc_drafter.training import evaluate_draft, load_sequences, split_eval
 from ctc_drafter.training.data import HiddenReader, make_batch, most_frequent_targets
 from ctc_drafter.training.evaluate import batch_losses
-from test_train import (data_dir, load_weights, one_thread, read_log, small_base, small_model_dir,  # noqa: F401
-                        train_cli)
+from test_train import (data_dir, load_weights, make_shards, one_thread, read_log, small_base,  # noqa: F401
+                        small_model_dir, train_cli)
 
 
 def _ar_draft(base, seqs, ctc_weight: float, vocab: int | None):
@@ -81,8 +81,10 @@ def test_ar_evaluation_in_one_pass_equals_the_sampled_chunks(small_base, data_di
                                                                                             "est_accept_len")]
 
 
-def test_positions_all_trains_every_position_and_lowers_the_held_out_loss(small_model_dir, small_base, data_dir,
-                                                                          tmp_path):
+def test_positions_all_trains_every_position_and_lowers_the_held_out_loss(small_model_dir, small_base, tmp_path):
+    # stored hidden states (fp16), as `distill --save-hidden` writes them; the held-out pass runs under
+    # the training precision's autocast (bf16 on CPUs with bf16 units)
+    data_dir = make_shards(small_base, tmp_path / "data", hidden=True)
     out = tmp_path / "all"
     assert train_cli(small_model_dir, data_dir, out, "--arch", "ar", "--positions", "all", "--epochs", 4,
                      "--lr", 1e-2, "--eval-frac", 0.25) == 0

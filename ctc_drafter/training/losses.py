@@ -200,7 +200,9 @@ def ar_dense_losses(out, hidden: torch.Tensor, loss_len: torch.Tensor, config) -
     w = ar_loss_weights(config)
     valid = loss_len > 0  # [B,T]
     n = max(int(valid.sum()), 1)
-    target = torch.cat([hidden[:, 1:], hidden[:, -1:]], 1).to(out.features.dtype)  # h_{t+1}, clamped at T-1
+    T = hidden.shape[1]
+    nxt = torch.arange(1, T + 1, device=hidden.device).clamp(max=T - 1)
+    target = hidden[:, nxt].to(out.features.dtype)  # h_{t+1} [B,T,d], clamped at T-1
     feat = F.smooth_l1_loss(out.features.float(), target.float(), reduction="none").mean(-1)  # [B,T]
     mean = lambda x: (x * valid).sum() / n  # noqa: E731
     ctc = mean(out.terms["ctc"]) if "ctc" in out.terms else None
