@@ -52,8 +52,8 @@ def test_every_position_equals_the_sampled_path_given_every_position(small_base,
     hidden = small_base.forward(dense.input_ids, None, logits_at=slice(0, 0))[0]
     if chunk:  # several chunks: each checkpointed, its logits recomputed in backward
         per_position = (draft.config.num_tokens + 1) * (draft.config.num_frames if ctc_weight else 1)
-        monkeypatch.setattr(losses, "LOGIT_CHUNK", chunk * 3 * per_position)
-        assert losses.ARPositionTerms(dense.labels, dense.label_len, draft.config).chunk == chunk
+        monkeypatch.setattr(losses, "LOGIT_CHUNK", chunk * per_position)
+        assert losses.ARPositionTerms(dense.labels, dense.label_len, dense.label_len, draft.config).chunk == chunk
     a, sums_a, grads_a = _loss_and_grads(draft, hidden, dense)
     b, sums_b, grads_b = _loss_and_grads(draft, hidden, sampled)
     assert a.num_positions == b.num_positions > 0

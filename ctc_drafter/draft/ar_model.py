@@ -15,8 +15,8 @@ same tree policies as frames (decoding/proposers/frame_trees.py): blank is a sym
 Training is teacher-forced over whole sequences (one pass): f_t regresses h_{t+1}, its head predicts
 x_{t+2}, and the heads at t..t+L-1 serve as the L frames of a CTC term over the window
 x_{t+2}..x_{t+k+1}. Every position trains in that one pass (`forward` without positions: the loss
-terms are computed from the [B,T,N+1] heads chunk by chunk, training/losses.py `ARPositionTerms`);
-with sampled positions the frames are gathered into [B,P,L,N+1] (`ar_losses`).
+terms read the heads they need in chunks, training/losses.py `ARPositionTerms`); with sampled
+positions the frames are gathered into [B,P,L,N+1] (`ar_losses`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .cache import DraftCache
 from .config import DraftConfig
@@ -39,7 +38,7 @@ class ARTrainOutput(NamedTuple):
 
 class ARDenseOutput(NamedTuple):
     features: torch.Tensor  # [B,T,d] f_t at every t
-    terms: dict  # name -> [B,T,...]: what `terms` computed from the heads, chunk by chunk
+    terms: dict  # name -> [M,...]: what `terms` computed at the M trained positions (training/losses.py)
 
 
 class ARDraftModel(CTCDraftModel):
@@ -125,16 +124,16 @@ class ARDraftModel(CTCDraftModel):
 
         positions_sel [B,P] (long) -> ARTrainOutput: frame j of position t is the head at t+j (clamped
         to T-1; the label window's length masks what lies past a sequence's end).
-        positions_sel None -> ARDenseOutput for every position: `terms(logits, t0, c)` gets the heads
-        t0..t0+c+L-2 (clamped to T-1) [B,n,N+1] and returns a dict of [B,c,...] tensors for positions
-        t0..t0+c-1; `terms.chunk` positions at a time, so the [B,T,N+1] logits never exist at once."""
+        positions_sel None -> ARDenseOutput: f at every position and `terms(f, head)`, where head(rows
+        [R,d]) gives the token and blank logits of those rows (`_head_parts`); the terms pick the rows
+        they need, so the [B,T,N+1] logits are never built whole."""
         B, T, d = hidden.shape
         dev = hidden.device
         pos = torch.arange(T, device=dev).expand(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None]
         f = self._layers(self._fuse(hidden, next_ids), pos, None, 0, causal)  # [B,T,d]
         if positions_sel is None:
-            return ARDenseOutput(f, self._head_terms(f, terms))
+            return ARDenseOutput(f, terms(f, self._head_parts))
         L = self.config.num_frames
         logits = self.frame_logits(f)  # [B,T,N+1]
         idx = (positions_sel[:, :, None] + torch.arange(L, device=dev)).clamp(max=T - 1)  # [B,P,L]
@@ -143,23 +142,11 @@ class ARDraftModel(CTCDraftModel):
         feats = torch.gather(f, 1, positions_sel[..., None].expand(B, P, d))
         return ARTrainOutput(frames.view(B, P, L, -1), feats)
 
-    def _head_terms(self, f, terms) -> dict:
-        """f [B,T,d] -> terms over every position, `terms.chunk` positions at a time. With several
-        chunks each is checkpointed (its logits are recomputed in backward), so memory holds one
-        chunk's logits, not B x T x (N+1); one chunk (the usual batch) runs plainly."""
-        T, L = f.shape[1], self.config.num_frames
-        starts = range(0, T, max(1, terms.chunk))
-
-        def run(rows, t0, c):
-            return terms(self.frame_logits(rows), t0, c)
-
-        outs = []
-        for t0 in starts:
-            c = min(terms.chunk, T - t0)
-            rows = f[:, t0: min(t0 + c + L - 1, T)]  # the heads of positions t0..t0+c-1 and their frames
-            outs.append(run(rows, t0, c) if len(starts) == 1 else
-                        checkpoint(run, rows, t0, c, use_reentrant=False))
-        return {k: torch.cat([o[k] for o in outs], 1) for k in outs[0]}
+    def _head_parts(self, f):
+        """f [..., d] -> (token logits [..., N], blank logit [..., 1], None without a blank): `frame_logits`
+        without the concatenation into [..., N+1], a copy the every-position loss does without."""
+        y = self.norm(f)
+        return self._head(y), (None if self.config.loss == "ce" else self.blank_head(y))
 
 
 def new_ar_draft_for(base, seed: int = 0, **overrides) -> ARDraftModel:

@@ -8,7 +8,7 @@ import torch
 
 from .data import Batch, HiddenReader, TrainSequence, make_batch
 from .losses import ARPositionTerms, ar_dense_losses, ar_losses, compute_losses, symbol_labels
-from .metrics import DraftMetrics, batch_sums, dense_sums
+from .metrics import DraftMetrics, batch_sums, frame_sums
 
 
 def draft_losses(out, hidden, positions, labels, loss_len, kind: str, config):
@@ -21,14 +21,18 @@ def draft_losses(out, hidden, positions, labels, loss_len, kind: str, config):
 def batch_losses(model, hidden, batch: Batch, token_to_symbol, kind: str, config):
     """The draft's pass and loss on one batch -> (LossParts, greedy-decode sums on the device).
 
-    A batch of every position (batch.positions None, the AR draft) runs one teacher-forced pass whose
-    heads are scored chunk by chunk; sampled positions gather their frames [B,P,L,N+1] first."""
+    A batch of every position (batch.positions None, the AR draft) runs one teacher-forced pass that
+    scores the heads its trained positions read; sampled positions gather their frames [B,P,L,N+1]."""
     labels, loss_len = symbol_labels(batch.labels, batch.label_len, token_to_symbol)
     ctc = config.loss == "ctc"
     if batch.positions is None:
-        out = model(hidden, batch.next_ids, None, terms=ARPositionTerms(labels.clamp(min=0), loss_len, config))
-        lp = ar_dense_losses(out, hidden, loss_len, config)
-        return lp, dense_sums(out.terms["best"], labels, batch.label_len, config.num_frames, config.num_tokens, ctc)
+        terms = ARPositionTerms(labels.clamp(min=0), loss_len, batch.label_len, config)
+        out = model(hidden, batch.next_ids, None, terms=terms)
+        lp = ar_dense_losses(out, hidden, loss_len, batch.label_len, config)
+        trained = batch.label_len > 0  # the M positions of out.terms, in the same order
+        sums = frame_sums(out.terms["best"][None], labels[trained][None], batch.label_len[trained][None],
+                          config.num_tokens, ctc)
+        return lp, sums
     out = model(hidden, batch.next_ids, batch.positions)  # [B,P,L,N+1] (AR: + features)
     lp, logits = draft_losses(out, hidden, batch.positions, labels.clamp(min=0), loss_len, kind, config)
     return lp, batch_sums(logits.detach(), labels, batch.label_len, config.num_tokens, ctc)

@@ -152,51 +152,81 @@ def ar_losses(out, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.
 
 
 # Logit elements of one chunk of positions in the every-position pass (x L with the CTC term, whose
-# frames are copied per chunk): about 128 MB in fp32. The shipped recipe's batches (4 sequences of a
-# few hundred tokens, N+1 = 8193) fit in one chunk; longer or wider ones are chunked and checkpointed.
-LOGIT_CHUNK = 1 << 25
+# frames are copied per chunk): 2048 positions at N+1 = 8193, ~64 MB per fp32 copy. The shipped
+# recipe's batches (4 sequences of a few hundred tokens) fit in one chunk; wider ones are chunked.
+LOGIT_CHUNK = 1 << 24
 
 
 class ARPositionTerms:
-    """Per-position terms of the AR draft's heads at every position of a batch; ARDraftModel.forward
-    (without positions) calls it on one chunk of positions at a time.
+    """The AR draft's loss terms and greedy frames at every trained position of a batch, computed
+    inside its forward (ARDraftModel.forward without positions calls it with f [B,T,d] and its head).
 
-    labels [B,T,k] symbols (>= 0), loss_len [B,T] (0: t does not train). Returns, for positions
-    t0..t0+c-1: token [B,c] (cross-entropy of the head at t against the window's first label, blank
-    excluded), ctc [B,c] (when weighted: the heads t..t+L-1 as the frames of the window) and best
-    [B,c] (the head's greedy symbol, for the metrics). Padding and untrained positions get finite
-    values that `ar_dense_losses` masks."""
+    labels [B,T,k] symbols (>= 0), loss_len [B,T] (0: no loss at t), window_len [B,T] (0: t does not
+    train; the metrics count these M positions, the loss those of them with loss_len > 0). Only the
+    heads a trained position reads are computed: its own (token cross-entropy) and t+1..t+L-1 (its
+    frames, clamped to T-1, for the CTC term and the metrics); prompt and padding rows cost nothing.
+    They are scored `chunk` positions at a time; with several chunks each is checkpointed (its logits
+    recomputed in backward), so memory holds one chunk's logits."""
 
-    def __init__(self, labels: torch.Tensor, loss_len: torch.Tensor, config):
-        self.labels, self.loss_len, self.config = labels, loss_len, config
+    def __init__(self, labels: torch.Tensor, loss_len: torch.Tensor, window_len: torch.Tensor, config):
+        self.labels, self.loss_len, self.trained, self.config = labels, loss_len, window_len > 0, config
         self.ctc = ar_uses_ctc(config)
         width = (config.num_tokens + 1) * (config.num_frames if self.ctc else 1)
-        self.chunk = max(1, LOGIT_CHUNK // (labels.shape[0] * width))  # positions per chunk
+        self.chunk = max(1, LOGIT_CHUNK // width)  # positions per chunk
 
-    def __call__(self, logits: torch.Tensor, t0: int, c: int) -> dict:
-        """logits [B,n,N+1]: the heads t0..t0+n-1, n = min(c+L-1, T-t0)."""
+    def __call__(self, f: torch.Tensor, head) -> dict:
+        """-> per trained position (b-major, as `window_len > 0` selects them): token [M] (cross-entropy
+        of the head at t against the window's first label, blank excluded), ctc [M] (when weighted: the
+        heads t..t+L-1 as the frames of the window), best [M,L] (each frame's greedy symbol)."""
+        from torch.utils.checkpoint import checkpoint
+
+        B, T, _ = f.shape
+        L = self.config.num_frames
+        b, t = self.trained.nonzero(as_tuple=True)  # [M]
+        frame_t = (t[:, None] + torch.arange(L, device=f.device)).clamp(max=T - 1)  # [M,L]
+        need = torch.zeros(B, T, dtype=torch.bool, device=f.device)
+        need[b[:, None], frame_t] = True
+        rows = f[need]  # [R,d]: the heads some trained position reads, in (b, t) order
+        frame_rows = (need.flatten().cumsum(0).view(B, T) - 1)[b[:, None], frame_t]  # [M,L], rising in (b, t, j)
+        lab, ln = self.labels[b, t], self.loss_len[b, t]  # [M,k], [M]
+        starts = range(0, b.numel(), self.chunk)
+        outs = []
+        for i0 in starts:
+            i1 = min(i0 + self.chunk, b.numel())
+            r0, r1 = int(frame_rows[i0, 0]), int(frame_rows[i1 - 1, -1]) + 1  # the chunk's rows: contiguous
+            args = (head, rows[r0:r1], frame_rows[i0:i1] - r0, lab[i0:i1], ln[i0:i1])
+            outs.append(self._chunk(*args) if len(starts) == 1 else checkpoint(self._chunk, *args, use_reentrant=False))
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def _chunk(self, head, rows, idx, lab, ln) -> dict:
+        """rows [r,d]; idx [c,L] each position's frames among the rows (its own head first); lab [c,k], ln [c]."""
         N, L = self.config.num_tokens, self.config.num_frames
-        B, n, _ = logits.shape
-        lab, ln = self.labels[:, t0: t0 + c], self.loss_len[:, t0: t0 + c]  # [B,c,k], [B,c]
-        head = logits[:, :c]
-        token = F.cross_entropy(head[..., :N].float().flatten(0, 1), lab[..., 0].flatten(), reduction="none")
-        out = {"token": token.view(B, c), "best": greedy_frames(head.detach(), N, self.config.loss == "ctc")}
+        tok, blank = head(rows)  # [r,N], [r,1] or None
+        tok = tok.float()
+        own = torch.full((rows.shape[0],), -100, dtype=torch.long, device=rows.device)
+        own[idx[:, 0]] = lab[:, 0]  # the label of the position whose own head each row is (-100: none)
+        nll = F.cross_entropy(tok, own, ignore_index=-100, reduction="none")  # [r]
+        if blank is None:
+            best = tok.argmax(-1)  # fp32: a bf16 argmax is several times slower on CPUs
+        else:  # the argmax over [tok, blank] (first index on ties), without concatenating them
+            top, best = tok.max(-1)
+            best = torch.where(blank[:, 0].float() > top, N, best)
+        out = {"token": nll[idx[:, 0]], "best": best[idx]}
         if self.ctc:
-            lp = torch.log_softmax(logits.float(), dim=-1)  # [B,n,N+1]
-            idx = (torch.arange(c, device=lp.device)[:, None] + torch.arange(L, device=lp.device)).clamp(max=n - 1)
-            frames = lp[:, idx].flatten(0, 1).transpose(0, 1)  # [L,B*c,N+1]: frame j of t is the head at t+j
-            lengths = torch.full((B * c,), L, dtype=torch.long, device=lp.device)
-            # untrained positions get a 1-label window (masked later): no empty targets in the kernel
-            nll = F.ctc_loss(frames, lab.flatten(0, 1), lengths, ln.flatten().clamp(min=1), blank=N,
-                             reduction="none", zero_infinity=True)
-            out["ctc"] = nll.view(B, c)
+            lp = torch.log_softmax(torch.cat([tok, blank.float()], -1), dim=-1)  # [r,N+1]
+            frames = lp[idx].transpose(0, 1)  # [L,c,N+1]: frame j of t is the head at t+j
+            lengths = torch.full((idx.shape[0],), L, dtype=torch.long, device=rows.device)
+            # positions without a loss get a 1-label window (masked later): no empty targets in the kernel
+            out["ctc"] = F.ctc_loss(frames, lab, lengths, ln.clamp(min=1), blank=N, reduction="none",
+                                    zero_infinity=True)
         return out
 
 
-def ar_dense_losses(out, hidden: torch.Tensor, loss_len: torch.Tensor, config) -> LossParts:
-    """out: ARDenseOutput (features [B,T,d], terms of ARPositionTerms); hidden [B,T,d] the base's states;
-    loss_len [B,T] -> the loss of `ar_losses` over every position whose window starts inside the
-    proposal vocabulary (the same numbers as `ar_losses` given all of them as positions)."""
+def ar_dense_losses(out, hidden: torch.Tensor, loss_len: torch.Tensor, window_len: torch.Tensor, config) -> LossParts:
+    """out: ARDenseOutput (features [B,T,d], terms of ARPositionTerms at the window_len > 0 positions);
+    hidden [B,T,d] the base's states; loss_len, window_len [B,T] -> the loss of `ar_losses` over every
+    position whose window starts inside the proposal vocabulary (the same numbers as `ar_losses` given
+    all of them as positions)."""
     w = ar_loss_weights(config)
     valid = loss_len > 0  # [B,T]
     n = max(int(valid.sum()), 1)
@@ -204,8 +234,8 @@ def ar_dense_losses(out, hidden: torch.Tensor, loss_len: torch.Tensor, config) -
     nxt = torch.arange(1, T + 1, device=hidden.device).clamp(max=T - 1)
     target = hidden[:, nxt].to(out.features.dtype)  # h_{t+1} [B,T,d], clamped at T-1
     feat = F.smooth_l1_loss(out.features.float(), target.float(), reduction="none").mean(-1)  # [B,T]
-    mean = lambda x: (x * valid).sum() / n  # noqa: E731
-    ctc = mean(out.terms["ctc"]) if "ctc" in out.terms else None
-    total, parts = _ar_total(mean(feat), mean(out.terms["token"]), ctc, w)
+    own = valid[window_len > 0]  # [M]: which trained positions have a loss
+    mean = lambda x, m: (x * m).sum() / n  # noqa: E731
+    ctc = mean(out.terms["ctc"], own) if "ctc" in out.terms else None
+    total, parts = _ar_total(mean(feat, valid), mean(out.terms["token"], own), ctc, w)
     return LossParts(total, parts, int(valid.sum()))
-

@@ -71,16 +71,6 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor, window_len: torch.Ten
 
 
 @torch.no_grad()
-def dense_sums(best: torch.Tensor, labels: torch.Tensor, window_len: torch.Tensor, num_frames: int,
-               num_tokens: int, ctc: bool) -> torch.Tensor:
-    """The AR draft at every position: best [B,T] the greedy symbol of each head, labels [B,T,k],
-    window_len [B,T] -> `batch_sums` with frame j of t = the head at t+j (clamped to T-1)."""
-    T = best.shape[1]
-    idx = (torch.arange(T, device=best.device)[:, None] + torch.arange(num_frames, device=best.device)).clamp(max=T - 1)
-    return frame_sums(best[:, idx], labels, window_len, num_tokens, ctc)  # best[:, idx]: [B,T,L]
-
-
-@torch.no_grad()
 def frame_sums(best: torch.Tensor, labels: torch.Tensor, window_len: torch.Tensor, num_tokens: int,
                ctc: bool) -> torch.Tensor:
     """best [B,P,L] greedy frame symbols (`greedy_frames`), labels [B,P,k], window_len [B,P] -> sums [4+2k]."""
