@@ -244,7 +244,8 @@ def test_interrupt_then_recover_equals_uninterrupted_run(small_model_dir, data_d
     assert train_cli(small_model_dir, data_dir, broken, *common, "--recover", 1, "--frames", 5) == 2
 
 
-def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--arch", "ar", "--positions", "all"]], ids=["nar", "ar-all"])
+def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path, extra):
     # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up; torchrun's
     # launcher (--multi_gpu) with --device cpu runs real 2-process DDP over gloo on a machine without GPUs.
     out = tmp_path / "ddp"
@@ -252,7 +253,7 @@ def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ctc_drafter.train",
            "--base-model", str(small_model_dir), "--data", str(data_dir), "--out", str(out), "--frames", "4",
            "--label-len", "3", "--positions", "4", "--bs", "1", "--epochs", "1", "--eval-frac", "0.25",
-           "--log-every", "1", "--device", "cpu"]
+           "--log-every", "1", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]

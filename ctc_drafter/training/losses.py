@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .metrics import greedy_frames
 
@@ -178,8 +179,6 @@ class ARPositionTerms:
         """-> per trained position (b-major, as `window_len > 0` selects them): token [M] (cross-entropy
         of the head at t against the window's first label, blank excluded), ctc [M] (when weighted: the
         heads t..t+L-1 as the frames of the window), best [M,L] (each frame's greedy symbol)."""
-        from torch.utils.checkpoint import checkpoint
-
         B, T, _ = f.shape
         L = self.config.num_frames
         b, t = self.trained.nonzero(as_tuple=True)  # [M]
