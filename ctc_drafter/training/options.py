@@ -38,7 +38,15 @@ def _ar_weight(part: str):
 
 def _positions_arg(text: str) -> int | str:
     """argparse type of --positions: 'all' or a count."""
-    return "all" if text.strip().lower() == "all" else checks.int_in(1, MAX_POSITIONS)(text)
+    import argparse
+
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor a count") from None
+    return checks.int_in(1, MAX_POSITIONS)(text)
 
 
 @dataclass
