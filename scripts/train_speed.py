@@ -1,14 +1,18 @@
-"""Training throughput: trained positions per second of `ctc-drafter train` on a synthetic distill folder.
+"""Training throughput: trained positions per second of `ctc-drafter train` on a synthetic distill folder
+(or on a real one, --data).
 
     OMP_NUM_THREADS=1 python scripts/train_speed.py [--repeat 3] [--dtype float32] [--steps 24] \
-        [--work /tmp/ctc-train-speed] [--no-hidden] [-- any other train options, e.g. --loader-workers 0]
+        [--work /tmp/ctc-train-speed] [--no-hidden] [--positions 32|all] [--data DIR] \
+        [-- any other train options, e.g. --loader-workers 0 or --arch ar]
 
 Builds (once, cached in --work) a distill folder for the embedded default base (hidden 576, vocab 49152):
 random prompt tokens, the base's own greedy targets and, unless --no-hidden, its hidden states stored
 as `distill --save-hidden` stores them, so no real distilled data is needed. Then runs the real command
 --repeat times in fresh processes (one epoch, no held-out split, proposal vocabulary 8192 by default)
-and reads log.jsonl: each step line's seq_per_s times --positions is positions/s (every synthetic
-sequence has more trainable positions than --positions). The first logged window (warm-up) is
+and reads log.jsonl: a step line's trained positions times its seq_per_s over its sequences is
+positions/s (older versions log no pos_per_s; this works for every version). With --data the epoch is
+that folder's sequences (--no-hidden: a copy without its hidden states, made once in --work). The
+first logged window (warm-up) is
 dropped; a run's figure is the median of the others. Prints each run and the median, with the CPU,
 threads and load average: on a shared machine wall-clock figures move with what else runs (positions
 per CPU second of the run's processes, start-up included, moves less). To measure another version
@@ -64,6 +68,28 @@ def build_data(args, folder: Path) -> Path:
     return folder
 
 
+def strip_hidden(src: Path, folder: Path) -> Path:
+    """A copy of the distilled folder `src` without stored hidden states: `train` then runs the base."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if (folder / "manifest.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            save_file({k: f.get_tensor(k) for k in f.keys() if k != "hidden"}, str(folder / shard.name),
+                      metadata=f.metadata())
+    for other in src.iterdir():
+        if other.is_file() and other.suffix != ".safetensors" and other.name != "manifest.json":
+            (folder / other.name).write_bytes(other.read_bytes())
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["hidden"] = False
+    manifest.get("options", {})["save_hidden"] = False
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: the copy is complete
+    return folder
+
+
 def one_run(args, data: Path, extra: list[str], out: Path) -> dict:
     """One training run in a fresh process; positions/s per logged window after the first."""
     cmd = [sys.executable, "-m", "ctc_drafter", "train", "--base-model", args.base_model, "--data", str(data),
@@ -80,11 +106,12 @@ def one_run(args, data: Path, extra: list[str], out: Path) -> dict:
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # the run and its loader workers
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    trained = sum(s["train"]["positions"] for s in steps if s["event"] == "epoch")
     steps = [s for s in steps if s["event"] == "step"][1:]  # first window: warm-up (allocations, first reads)
-    rates = [s["seq_per_s"] * args.positions for s in steps]
+    rates = [s["positions"] * s["seq_per_s"] / (args.log_every * args.bs) for s in steps]
     return {"positions_per_s": round(statistics.median(rates), 1), "windows": [round(x, 1) for x in rates],
             # less sensitive to other jobs than wall time, but it includes the start-up (imports, base load)
-            "positions_per_cpu_s_whole_run": round(args.steps * args.bs * args.positions / cpu_s, 1),
+            "positions_per_cpu_s_whole_run": round(trained / cpu_s, 1),
             "loss_last": round(steps[-1]["loss"], 4), "load_before": round(load0, 2),
             "load_after": round(os.getloadavg()[0], 2)}
 
@@ -97,7 +124,8 @@ def main() -> None:
     p.add_argument("--no-hidden", action="store_true", help="store no hidden states: each step runs the base")
     p.add_argument("--steps", type=int, default=24, help="steps of the one epoch (sequences = steps x bs)")
     p.add_argument("--bs", type=int, default=4)
-    p.add_argument("--positions", type=int, default=32)
+    p.add_argument("--positions", default="32", help="train --positions: a count or all")
+    p.add_argument("--data", help="a distilled folder to train on instead of the synthetic one")
     p.add_argument("--log-every", type=int, default=4)
     p.add_argument("--draft-vocab", type=int, default=8192)
     p.add_argument("--dtype", default="float32", help="train --dtype (auto, float32, bfloat16)")
@@ -108,7 +136,12 @@ def main() -> None:
     args.sequences = args.steps * args.bs
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data = build_data(args, work / f"data_{args.sequences}x{args.length}{'_nohidden' if args.no_hidden else ''}")
+    if args.data:
+        data = Path(args.data).resolve()
+        if args.no_hidden:
+            data = strip_hidden(data, work / f"{data.name}_nohidden")
+    else:
+        data = build_data(args, work / f"data_{args.sequences}x{args.length}{'_nohidden' if args.no_hidden else ''}")
     runs = []
     for i in range(args.repeat):
         runs.append(one_run(args, data, extra, work / f"ckpt_{os.getpid()}"))
@@ -116,7 +149,7 @@ def main() -> None:
     print(json.dumps({"positions_per_s_median": statistics.median(r["positions_per_s"] for r in runs),
                       "positions_per_cpu_s_median": statistics.median(r["positions_per_cpu_s_whole_run"] for r in runs),
                       "dtype": args.dtype, "threads": args.threads, "stored_hidden": not args.no_hidden,
-                      "bs": args.bs, "positions": args.positions, "draft_vocab": args.draft_vocab, "extra": extra,
+                      "bs": args.bs, "positions": args.positions, "data": str(data), "draft_vocab": args.draft_vocab, "extra": extra,
                       "cpu": cpu_model(), "code": os.environ.get("PYTHONPATH", str(ROOT))}))
 
 

@@ -246,7 +246,8 @@ def test_interrupt_then_recover_equals_uninterrupted_run(small_model_dir, data_d
 
 
 @pytest.mark.slow  # accelerate launch: two processes
-def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--arch", "ar", "--positions", "all"]], ids=["nar", "ar-all"])
+def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path, extra):
     # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up; torchrun's
     # launcher (--multi_gpu) with --device cpu runs real 2-process DDP over gloo on a machine without GPUs.
     out = tmp_path / "ddp"
@@ -254,7 +255,7 @@ def test_accelerate_launch_two_cpu_processes(small_model_dir, data_dir, tmp_path
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ctc_drafter.train",
            "--base-model", str(small_model_dir), "--data", str(data_dir), "--out", str(out), "--frames", "4",
            "--label-len", "3", "--positions", "4", "--bs", "1", "--epochs", "1", "--eval-frac", "0.25",
-           "--log-every", "1", "--device", "cpu"]
+           "--log-every", "1", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -517,7 +518,7 @@ def test_loader_workers_give_the_same_run(small_model_dir, data_dir, tmp_path):
                          "--loader-workers", workers) == 0
         outs.append(out)
     a, b = read_log(outs[0]), read_log(outs[1])
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("seq_per_s", "train_s", "s_per_seq")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seq_per_s", "pos_per_s", "train_s", "s_per_seq")}  # noqa: E731
     assert [strip(r) for r in a] == [strip(r) for r in b]
     assert all("acc" in r and r["positions"] > 0 for r in a if r["event"] == "step")
     wa, wb = load_weights(outs[0]), load_weights(outs[1])

@@ -14,7 +14,9 @@ same tree policies as frames (decoding/proposers/frame_trees.py): blank is a sym
 
 Training is teacher-forced over whole sequences (one pass): f_t regresses h_{t+1}, its head predicts
 x_{t+2}, and the heads at t..t+L-1 serve as the L frames of a CTC term over the window
-x_{t+2}..x_{t+k+1} (training/losses.py `ar_losses`).
+x_{t+2}..x_{t+k+1}. Every position trains in that one pass (`forward` without positions: the loss
+terms read the heads they need in chunks, training/losses.py `ARPositionTerms`); with sampled
+positions the frames are gathered into [B,P,L,N+1] (`ar_losses`).
 """
 
 from __future__ import annotations
@@ -34,9 +36,16 @@ class ARTrainOutput(NamedTuple):
     features: torch.Tensor  # [B,P,d] f_t at each selected t (regresses the base's h_{t+1})
 
 
+class ARDenseOutput(NamedTuple):
+    features: torch.Tensor  # [B,T,d] f_t at every t
+    terms: dict  # name -> [M,...]: what `terms` computed at the M trained positions (training/losses.py)
+
+
 class ARDraftModel(CTCDraftModel):
     """EAGLE-style head with a CTC blank. Borrows binding, the proposal vocabulary, the frozen head
     and save/load from CTCDraftModel; only the frame machinery differs."""
+
+    every_position = True  # `forward` without positions trains every position in one pass
 
     def __init__(self, config: DraftConfig):
         super().__init__(config)
@@ -110,23 +119,34 @@ class ARDraftModel(CTCDraftModel):
 
     # ---- training ------------------------------------------------------------------------------
 
-    def forward(self, hidden, next_ids, positions_sel, valid=None) -> ARTrainOutput:
-        """Teacher-forced pass: hidden [B,T,d], next_ids [B,T], positions_sel [B,P] (long).
+    def forward(self, hidden, next_ids, positions_sel=None, terms=None):
+        """Teacher-forced pass: hidden [B,T,d], next_ids [B,T].
 
-        Frame j of position t is the head at t+j (clamped to T-1; the label window's length masks
-        what lies past a sequence's end)."""
+        positions_sel [B,P] (long) -> ARTrainOutput: frame j of position t is the head at t+j (clamped
+        to T-1; the label window's length masks what lies past a sequence's end).
+        positions_sel None -> ARDenseOutput: f at every position and `terms(f, head)`, where head(rows
+        [R,d]) gives the token and blank logits of those rows (`_head_parts`); the terms pick the rows
+        they need, so the [B,T,N+1] logits are never built whole."""
         B, T, d = hidden.shape
-        L = self.config.num_frames
         dev = hidden.device
         pos = torch.arange(T, device=dev).expand(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None]
         f = self._layers(self._fuse(hidden, next_ids), pos, None, 0, causal)  # [B,T,d]
+        if positions_sel is None:
+            return ARDenseOutput(f, terms(f, self._head_parts))
+        L = self.config.num_frames
         logits = self.frame_logits(f)  # [B,T,N+1]
         idx = (positions_sel[:, :, None] + torch.arange(L, device=dev)).clamp(max=T - 1)  # [B,P,L]
         P = positions_sel.shape[1]
         frames = torch.gather(logits, 1, idx.reshape(B, P * L, 1).expand(-1, -1, logits.shape[-1]))
         feats = torch.gather(f, 1, positions_sel[..., None].expand(B, P, d))
         return ARTrainOutput(frames.view(B, P, L, -1), feats)
+
+    def _head_parts(self, f):
+        """f [..., d] -> (token logits [..., N], blank logit [..., 1], None without a blank): `frame_logits`
+        without the concatenation into [..., N+1], a copy the every-position loss does without."""
+        y = self.norm(f)
+        return self._head(y), (None if self.config.loss == "ce" else self.blank_head(y))
 
 
 def new_ar_draft_for(base, seed: int = 0, **overrides) -> ARDraftModel:

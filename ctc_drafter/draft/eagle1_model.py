@@ -42,6 +42,8 @@ class Eagle1DraftModel(CTCDraftModel):
     Shares binding, save/load and the frozen-head helpers with CTCDraftModel; owns no frame layer,
     final norm, blank head or proposal vocabulary."""
 
+    every_position = True  # trained on every position in one teacher-forced pass (training/reference_losses.py)
+
     def __init__(self, config: DraftConfig):
         # nn.Module's init, not CTCDraftModel's: that one would build the frame layer, final norm and
         # blank head this layout lacks (a layer's worth of memory at 7B, only to be deleted).

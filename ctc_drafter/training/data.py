@@ -1,4 +1,4 @@
-"""Training data: distilled shards -> batches of (hidden, next ids, sampled positions, CTC label windows).
+"""Training data: distilled shards -> batches of (hidden, next ids, trained positions, CTC label windows).
 
 For a sequence of T tokens with base targets y (y[t] = the base's greedy token after position t) and
 loss mask m (m[t] = 1 where token t+1 is an assistant token), a position t trains when m[t] = 1 and
@@ -13,7 +13,8 @@ is not an assistant token (m[t+j] = 0: the turn ended), so its length varies fro
 Token arrays are read eagerly (small); stored hidden states are sliced lazily from the memory-mapped
 shard files, so a data folder with --save-hidden need not fit in RAM. During training a DataLoader
 (`batch_loader`) samples positions, reads hidden states and pads the next batches in a worker process
-while the current step computes.
+while the current step computes. A batch either trains sampled positions (positions [B,P], windows
+[B,P,k]) or every position of its sequences (positions None, windows [B,T,k]: the AR draft's one pass).
 """
 
 from __future__ import annotations
@@ -202,9 +203,9 @@ class Batch:
     input_ids: torch.Tensor  # [B,T] long (right-padded with 0)
     next_ids: torch.Tensor  # [B,T] long: the base's token at t (x_{t+1})
     hidden: torch.Tensor | None  # [B,T,d] stored hidden states, or None (compute with the base)
-    positions: torch.Tensor  # [B,P] long: trained positions (padding: 0)
-    labels: torch.Tensor  # [B,P,k] long: CTC label windows (padding: 0)
-    label_len: torch.Tensor  # [B,P] long: window lengths (0 = padding position)
+    positions: torch.Tensor | None  # [B,P] long: trained positions (padding: 0); None: every position t < T
+    labels: torch.Tensor  # [B,P,k] long: CTC label windows (padding: 0); [B,T,k] when positions is None
+    label_len: torch.Tensor  # [B,P] long: window lengths (0 = padding or untrained); [B,T] when positions is None
     num_sequences: int
 
     def _map(self, fn) -> "Batch":
@@ -224,15 +225,19 @@ class Batch:
 class Example:
     """One sequence of a batch, ready to pad: its sampled positions and (when stored) its hidden states."""
     seq: TrainSequence
-    positions: torch.Tensor  # [p] long, sorted
+    positions: torch.Tensor | None  # [p] long, sorted; None: every position
     hidden: torch.Tensor | None  # [T,d] read from the shard, or None
 
 
 def collate(examples: list[Example], k: int) -> Batch:
-    """Pad examples into one batch; labels y[t+1 .. t+len]. Hidden states only when every example has them."""
+    """Pad examples into one batch; labels y[t+1 .. t+len]. Hidden states only when every example has them.
+    Examples without positions (all or none of them) give a batch of every position (positions None)."""
     B = len(examples)
     T = max(len(e.seq.input_ids) for e in examples)
-    P = max(1, max(e.positions.numel() for e in examples))
+    dense = all(e.positions is None for e in examples)
+    if dense:  # every position: the windows of t = 0..n-1 ([B,T,k]), untrained ones of length 0
+        examples = [Example(e.seq, torch.arange(len(e.seq.input_ids)), e.hidden) for e in examples]
+    P = T if dense else max(1, max(e.positions.numel() for e in examples))
     ids = torch.zeros(B, T, dtype=torch.long)
     nxt = torch.zeros(B, T, dtype=torch.long)
     pos = torch.zeros(B, P, dtype=torch.long)
@@ -255,12 +260,13 @@ def collate(examples: list[Example], k: int) -> Batch:
             hidden[b, :n] = e.hidden
     # zero the labels past each window so padding never leaks into a loss or metric
     labels = labels * (torch.arange(k) < lens[..., None])
-    return Batch(ids, nxt, hidden, pos, labels, lens, B)
+    return Batch(ids, nxt, hidden, None if dense else pos, labels, lens, B)
 
 
-def make_batch(seqs: list[TrainSequence], positions: list[torch.Tensor], k: int,
+def make_batch(seqs: list[TrainSequence], positions: list[torch.Tensor | None], k: int,
                hidden_reader: HiddenReader | None) -> Batch:
-    """Pad sequences and their sampled positions into one batch (stored hidden states when all have them)."""
+    """Pad sequences and their sampled positions (None: every position) into one batch (stored hidden
+    states when all have them)."""
     use_hidden = hidden_reader is not None and all(s.has_hidden for s in seqs)
     return collate([Example(s, p, hidden_reader.get(s) if use_hidden else None) for s, p in zip(seqs, positions)], k)
 
@@ -272,7 +278,7 @@ class EpochSteps(torch.utils.data.Dataset):
     resumed run gets exactly the batches of an uninterrupted one.
     """
 
-    def __init__(self, plan: list[list[TrainSequence]], max_positions: int, seed: int, epoch: int):
+    def __init__(self, plan: list[list[TrainSequence]], max_positions: int | None, seed: int, epoch: int):
         self.plan, self.max_positions, self.seed, self.epoch = plan, max_positions, seed, epoch
         self.reader = HiddenReader()  # each worker opens its own handles (lazily, after the fork)
 
@@ -282,7 +288,8 @@ class EpochSteps(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> list[Example]:
         seqs = self.plan[i]
         use_hidden = all(s.has_hidden for s in seqs)
-        return [Example(s, sample_positions(s, self.max_positions, self.seed, self.epoch),
+        every = self.max_positions is None  # every position: nothing to sample
+        return [Example(s, None if every else sample_positions(s, self.max_positions, self.seed, self.epoch),
                         self.reader.get(s) if use_hidden else None) for s in seqs]
 
 
@@ -297,9 +304,10 @@ def loader_workers(requested: int | None, processes: int) -> int:
     return 1 if cores > processes else 0
 
 
-def batch_loader(plan: list[list[TrainSequence]], k: int, max_positions: int, seed: int, epoch: int,
+def batch_loader(plan: list[list[TrainSequence]], k: int, max_positions: int | None, seed: int, epoch: int,
                  workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The epoch's batches in plan order, built `workers` steps ahead in background processes."""
+    """The epoch's batches in plan order, built `workers` steps ahead in background processes
+    (max_positions None: every position of each sequence)."""
     return torch.utils.data.DataLoader(
         EpochSteps(plan, max_positions, seed, epoch), batch_size=None, shuffle=False,
         collate_fn=partial(collate, k=k), num_workers=workers, pin_memory=pin_memory,

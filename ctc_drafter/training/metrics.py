@@ -67,8 +67,15 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor, window_len: torch.Ten
     All on the device and without a host sync, so a training step can add it every step and the host
     reads the sums only when it writes a log line.
     """
+    return frame_sums(greedy_frames(logits, num_tokens, ctc), labels, window_len, num_tokens, ctc)
+
+
+@torch.no_grad()
+def frame_sums(best: torch.Tensor, labels: torch.Tensor, window_len: torch.Tensor, num_tokens: int,
+               ctc: bool) -> torch.Tensor:
+    """best [B,P,L] greedy frame symbols (`greedy_frames`), labels [B,P,k], window_len [B,P] -> sums [4+2k]."""
     # padding positions stay in (length 0 counts nothing): a boolean selection would sync with the host
-    best = greedy_frames(logits, num_tokens, ctc).flatten(0, 1)  # [N,L], N = B*P
+    best = best.flatten(0, 1)  # [N,L], N = B*P
     lab, ln = labels.flatten(0, 1), window_len.flatten().long()  # [N,k], [N]
     valid = ln > 0
     N, L = best.shape

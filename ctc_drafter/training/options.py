@@ -20,6 +20,8 @@ from ..models.cpu_info import CPU, host_cpu
 from .losses import AR_LOSS_WEIGHTS, LOSSES
 
 MAX_BATCH = 4096  # sequences per step: an epoch's batch plan is bs x steps indices
+SAMPLED_POSITIONS = 32  # --positions of a draft that cannot train every position in one pass (NAR)
+MAX_POSITIONS = 1 << 16
 
 
 def _opt(default, *flags, **argparse_kw):
@@ -35,6 +37,19 @@ def _ar_weight(part: str):
     extra = "; 0 trains an EAGLE-style head without a blank" if part == "ctc" else ""
     return _opt(None, type=validate.finite_float(0.0),
                 help=f"with --arch ar: weight of the {part} loss (default {AR_LOSS_WEIGHTS[part]}{extra})")
+
+
+def _positions_arg(text: str) -> int | str:
+    """argparse type of --positions: 'all' or a count."""
+    import argparse
+
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor a count") from None
+    return validate.int_in(1, MAX_POSITIONS)(text)
 
 
 @dataclass
@@ -83,7 +98,10 @@ class TrainOptions:
     token_weight: float | None = _ar_weight("token")
     ctc_weight: float | None = _ar_weight("ctc")
     label_len: int | None = _opt(None, type=int, help="k, tokens the frames are trained to emit (default 6)")
-    positions: int = _opt(32, type=validate.int_in(1, 1 << 16), help="P, positions trained per sequence and epoch")
+    positions: int | str | None = _opt(None, type=_positions_arg, metavar="P|all",
+                                       help="positions trained per sequence and epoch: all (every one, in one "
+                                            "teacher-forced pass; the default with --arch ar) or P sampled ones "
+                                            f"(the default with --arch nar: {SAMPLED_POSITIONS})")
     draft_vocab: int | None = _opt(None, type=int, metavar="N",
                                    help="propose from the N tokens most frequent in the training targets (0: the "
                                         "whole vocabulary, the default); the frame head shrinks from V to N rows, "
@@ -142,9 +160,12 @@ def add_train_args(p) -> None:
 
 
 def check_options(opts: TrainOptions) -> None:
-    for name, low in (("epochs", 1), ("bs", 1), ("positions", 1), ("max_len", 2), ("log_every", 1)):
+    for name, low in (("epochs", 1), ("bs", 1), ("max_len", 2), ("log_every", 1)):
         if getattr(opts, name) < low:
             raise CTCDrafterError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(opts, name)}")
+    p = opts.positions
+    if not (p is None or p == "all" or (isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= MAX_POSITIONS)):
+        raise CTCDrafterError(f"--positions must be 'all' or a count in 1..{MAX_POSITIONS}, got {p!r}")
     if not opts.lr > 0:
         raise CTCDrafterError(f"--lr must be positive, got {opts.lr}")
     if opts.warmup < 0 or opts.grad_clip < 0 or opts.weight_decay < 0:
@@ -163,6 +184,18 @@ def check_options(opts: TrainOptions) -> None:
             raise CTCDrafterError(f"data folder {d} is unreadable (permission denied)")
         # fail before loading the base when a folder is not (complete) distilled data
         check_shard_plan(plan_shards(p, read_manifest(p)), d, allow_incomplete=opts.allow_incomplete)
+
+
+def resolve_positions(positions: int | str | None, every_position: bool) -> int | str:
+    """--positions for a draft: as given, or the default (all where the draft trains every position in
+    one pass, the AR draft; else SAMPLED_POSITIONS). 'all' for the NAR draft is refused: its training
+    pass runs L frame queries per position against the whole context."""
+    if positions is None:
+        return "all" if every_position else SAMPLED_POSITIONS
+    if positions == "all" and not every_position:
+        raise CTCDrafterError("--positions all trains the autoregressive draft (--arch ar); the NAR draft "
+                              f"samples positions (give a count, default {SAMPLED_POSITIONS})")
+    return positions
 
 
 def _inline_json(text: str) -> dict:

@@ -16,9 +16,9 @@ Every folder is written under a temporary name and renamed when complete, and st
 last, so an interrupted run never loses a finished epoch.
 
 Batches: --bs sequences per process and step (the global batch is bs x processes). Each epoch
-visits the training sequences in an order fixed by (seed, epoch), and each sequence trains up to
---positions positions fixed by (seed, epoch, sequence): a resumed run sees exactly the batches the
-uninterrupted run would have.
+visits the training sequences in an order fixed by (seed, epoch), and each sequence trains every
+position (--positions all, the AR draft's default) or up to --positions P positions fixed by (seed,
+epoch, sequence): a resumed run sees exactly the batches the uninterrupted run would have.
 
 This module is the command (`run_training`); the pieces live in files named after what they hold:
 options.py (TrainOptions, checks, draft config, precision), trainer.py (the loop), evaluate.py (loss and
@@ -31,7 +31,7 @@ import logging
 
 import argparse
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from ..errors import CTCDrafterError, fault_reason, write_json_atomic, writing
 from .checkpoints import RUN_ARGS, TRAINER_STATE, check_out_folder, clear_run, existing_states
 from .data import data_fingerprint, load_sequences, most_frequent_targets, split_eval
 from .evaluate import evaluate_draft
-from .options import GIVEN, TrainOptions, add_train_args, check_options, config_overrides, precision
+from .options import GIVEN, TrainOptions, add_train_args, check_options, config_overrides, precision, resolve_positions
 from .presets import apply_preset
 from .reference_trainer import ReferenceTrainer
 from .trainer import Trainer
@@ -117,6 +117,7 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
         draft = new(base, seed=opts.seed, **overrides)
         # fp32 master weights (fp64 only next to an fp64 base); bf16/fp16 come from autocast
         draft = draft.to(torch.float64 if base_dtype == torch.float64 else torch.float32)
+        opts = replace(opts, positions=resolve_positions(opts.positions, getattr(draft, "every_position", False)))
         if kind == "ce" and not eagle1:
             draft.blank_head.requires_grad_(False)  # unused without a blank; DDP must not wait for its grad
         max_len = min(opts.max_len, base.max_length)

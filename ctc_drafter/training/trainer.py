@@ -17,9 +17,8 @@ import torch
 from ..errors import CTCDrafterError, write_json_atomic
 from .checkpoints import TRAINER_STATE, export_draft, publish_top_level, read_trainer_state, replace_dir
 from .data import Batch, HiddenReader, TrainSequence, batch_loader, loader_workers
-from .evaluate import draft_losses, evaluate_draft
-from .losses import symbol_labels
-from .metrics import DraftMetrics, batch_sums
+from .evaluate import batch_losses, evaluate_draft
+from .metrics import DraftMetrics
 from .options import TrainOptions
 from .run_log import LOG, RunLog, truncate_log
 
@@ -93,8 +92,13 @@ class Trainer:
     def epoch_loader(self, epoch: int):
         """This process's batches for `epoch`, read and padded ahead of the step by DataLoader workers."""
         workers = loader_workers(self.opts.loader_workers, self.acc.num_processes)
-        return batch_loader(self.epoch_batches(epoch), self.cfg.label_len, self.opts.positions, self.opts.seed,
+        return batch_loader(self.epoch_batches(epoch), self.cfg.label_len, self.max_positions, self.opts.seed,
                             epoch, workers, pin_memory=self.acc.device.type == "cuda")
+
+    @property
+    def max_positions(self) -> int | None:
+        """Positions sampled per sequence, or None: every position (`--positions all`)."""
+        return None if self.opts.positions == "all" else self.opts.positions
 
     def hidden_for(self, batch) -> torch.Tensor:
         """Stored hidden states when every sequence has them, else one frozen base pass (no grad)."""
@@ -109,9 +113,7 @@ class Trainer:
         batch = batch.to(self.acc.device)
         hidden = self.hidden_for(batch)
         self.model.train()
-        out = self.model(hidden, batch.next_ids, batch.positions)  # [B,P,L,V+1] (AR: + features)
-        labels, loss_len = symbol_labels(batch.labels, batch.label_len, self.token_to_symbol)
-        lp, logits = draft_losses(out, hidden, batch.positions, labels.clamp(min=0), loss_len, self.kind, self.cfg)
+        lp, sums = batch_losses(self.model, hidden, batch, self.token_to_symbol, self.kind, self.cfg)
         self.acc.backward(lp.total)
         self.clip_gradients()
         self.optimizer.step()
@@ -120,7 +122,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         # greedy-decode sums stay on the device; the host reads them only for a log line
-        sums = batch_sums(logits.detach(), labels, batch.label_len, self.cfg.num_tokens, self.cfg.loss == "ctc")
         for m in (window, totals):
             m.add_loss(lp.parts, lp.num_positions)
             m.add_sums(sums)
@@ -153,7 +154,9 @@ class Trainer:
                 now = time.perf_counter()
                 self.log.write({"event": "step", "epoch": epoch, "step": self.global_step,
                                 "lr": self.last_lr, **summary,
-                                "seq_per_s": round(seqs_win * self.acc.num_processes / (now - t_win), 3)})
+                                "seq_per_s": round(seqs_win * self.acc.num_processes / (now - t_win), 3),
+                                # trained positions (every process's): what --positions all multiplies
+                                "pos_per_s": round(summary.get("positions", 0) / (now - t_win), 1)})
                 window, t_win, seqs_win = DraftMetrics(k), now, 0
         bar.close()
         train = totals.reduce(self.acc).summary()
@@ -171,7 +174,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         mine = self.eval_seqs[self.acc.process_index:: self.acc.num_processes]
         with self.acc.autocast():
-            m = evaluate_draft(model, self.base, mine, self.kind, positions=max(self.opts.positions, 64),
+            m = evaluate_draft(model, self.base, mine, self.kind, positions=max(self.max_positions or 0, 64),
                                hidden_fn=self.hidden_for, reader=self.reader)
         return m.reduce(self.acc).summary()
 
