@@ -5,18 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..decoding.proposers import DEFAULT_PROPOSER, PROPOSERS, proposer_kind
-from ..errors import CTCDrafterError
 from ..models.templates import TEMPLATES
+from ..validate import accepted_by
 from . import checks
 
 
-def proposer_name(text: str) -> str:
-    """--proposer: a registered name, or a plugin package.module:Class (imported now, so that a typo fails first)."""
-    try:
-        proposer_kind(text)
-    except CTCDrafterError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+# --proposer: a registered name, or a plugin package.module:Class (imported now, so that a typo fails first)
+proposer_name = accepted_by(proposer_kind)
 
 
 def add_model_args(p, draft: bool = True) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .cache import DraftCache
 from .config import DraftConfig
+from .ar_model import ARDraftModel
 from .model import CTCDraftModel, DecoderLayer
 
 BLANK_TOKEN = 0  # the reference's `nn.CTCLoss(blank=0)`: a vocabulary token doubles as the blank
@@ -100,17 +101,8 @@ class Eagle1DraftModel(CTCDraftModel):
 
     # ---- decoding ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def extend(self, hidden, next_ids, cache: DraftCache):
-        """Add accepted positions: hidden [B,n,d] (base states at cache.length..+n-1), next_ids [B,n]
-        (the token after each). Returns f of the newest position [B,d]."""
-        B, n, _ = hidden.shape
-        start = cache.length
-        positions = torch.arange(start, start + n, device=hidden.device).expand(B, n)
-        mask = torch.ones(n, start + n, dtype=torch.bool, device=hidden.device).tril(start)[None, None]
-        f = self._layers(self._fuse(hidden, next_ids), positions, cache, start, mask)
-        cache.length = start + n
-        return f[:, -1]
+    # Accepted positions enter the cache as in the AR head: same fuse -> layers call, own _fuse/_layers.
+    extend = ARDraftModel.extend
 
     @torch.no_grad()
     def levels(self, f_last, cache: DraftCache, n: int | None = None, min_path_prob: float = 0.0):

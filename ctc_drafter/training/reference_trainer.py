@@ -34,13 +34,7 @@ class ReferenceTrainer(Trainer):
         hidden = self.hidden_for(batch)
         self.model.train()
         lp = self.losses(self.model, batch, hidden)
-        self.acc.backward(lp.total)
-        self.clip_gradients()
-        self.optimizer.step()
-        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
+        self.optimizer_step(lp)
         for m in (window, totals):
             m.add_loss(lp.parts, lp.num_positions)
         return lp

@@ -114,6 +114,15 @@ class Trainer:
         hidden = self.hidden_for(batch)
         self.model.train()
         lp, sums = batch_losses(self.model, hidden, batch, self.token_to_symbol, self.kind, self.cfg)
+        self.optimizer_step(lp)
+        # greedy-decode sums stay on the device; the host reads them only for a log line
+        for m in (window, totals):
+            m.add_loss(lp.parts, lp.num_positions)
+            m.add_sums(sums)
+        return lp
+
+    def optimizer_step(self, lp) -> None:
+        """backward through lp.total, clip, one optimiser and schedule step."""
         self.acc.backward(lp.total)
         self.clip_gradients()
         self.optimizer.step()
@@ -121,11 +130,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        # greedy-decode sums stay on the device; the host reads them only for a log line
-        for m in (window, totals):
-            m.add_loss(lp.parts, lp.num_positions)
-            m.add_sums(sums)
-        return lp
 
     def clip_gradients(self) -> None:
         """--grad-clip on the gradient's norm, or (--clip value) on each element."""
