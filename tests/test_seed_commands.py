@@ -93,6 +93,7 @@ def checkout(tmp_path_factory, tiny_model_dir):
     (s / "ge_data/ShareGPT_V4.3_unfiltered_cleaned_split.json").write_text(json.dumps(records))
     (s / "train/vicuna_7B_config.json").write_text(json.dumps(llama_draft_config(tiny_model_dir), indent=2))
     questions = (DATA / "mt_bench_question.jsonl").read_text().splitlines()[:2]
+    (s / "evaluation/MT-bench/data").mkdir(parents=True, exist_ok=True)  # the questions are not shipped
     (s / "evaluation/MT-bench/data/question.jsonl").write_text("\n".join(questions) + "\n")
     return root
 
