@@ -73,6 +73,7 @@ def test_add_then_build_equals_distill(tiny_model_dir, distilled, tmp_path, caps
     assert m["counts"]["trainable_positions"] == sum(int(s.loss_mask.sum()) for s in src)
     assert m["base"]["weights_sha256"] and m["dtype"] == "float64" and m["generation"]["max_new_tokens"] == 6
     assert m["sources"][0]["file"] == ARENA.name and m["sources"][0]["sha256"]
+    assert m["generator"]["software"]["ctc_drafter"]  # distill recorded what wrote the data
 
     assert build(tiny_model_dir, tmp_path / "corpus", tmp_path / "built", "--save-hidden") == 0
     out = sequences(tmp_path / "built")
@@ -172,7 +173,11 @@ def test_corrupt_chunk_is_one_clear_line(tiny_model_dir, distilled, tmp_path, ca
     assert "is missing" in one_error_line(capsys)
 
 
-def test_foreign_folders_and_benchmarks_are_refused(tiny_model_dir, distilled, tmp_path, capsys):
+def test_foreign_folders_benchmarks_and_budget_are_refused(tiny_model_dir, distilled, tmp_path, capsys):
+    assert add(tiny_model_dir, distilled, tmp_path / "small", "--budget-mb", "0.0001") == 2
+    assert "over its 0.0001 MB budget" in one_error_line(capsys)
+    assert not list((tmp_path / "small").glob("chunk_*"))
+
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("x")

@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     a.add_argument("--benchmark", action="append", default=[], metavar="FILE",
                    help="a benchmark question file (MT-bench question.jsonl, GSM8K test.jsonl; repeatable): a "
                         "folder whose conversations contain one of its questions is refused")
+    a.add_argument("--budget-mb", type=checks.finite_float(0.0), default=None,
+                   help="refuse a chunk that takes the corpus over this many MB (default 50: the repository stays lean)")
     a.add_argument("--trust-remote-code", action="store_true", help="allow a base folder's own tokenizer code")
     a.add_argument("--json", action="store_true", help="print the new chunk's manifest as JSON")
     a.set_defaults(func=run_add)
@@ -59,7 +61,10 @@ def add_parser(sub) -> None:
 def run_add(args) -> int:
     from ..data.corpus import add_chunk, corpus_summary, read_corpus
 
-    m, tally = add_chunk(Path(args.distill_dir), Path(args.corpus), args.base_model, [Path(f) for f in args.benchmark])
+    from ..data.corpus import BUDGET_MB
+
+    m, tally = add_chunk(Path(args.distill_dir), Path(args.corpus), args.base_model, [Path(f) for f in args.benchmark],
+                         BUDGET_MB if args.budget_mb is None else args.budget_mb)
     if args.json:
         print(json.dumps(m))
         return 0

@@ -20,6 +20,7 @@ A conversation is known by the sha256 of its ids; `add` skips every conversation
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -38,6 +39,7 @@ FORMAT = 1  # chunk format
 CHUNK_RE = re.compile(r"chunk_(\d{5})\.(npz|json)")
 OTHER_FILES = {"README.md", ".gitattributes"}  # a corpus folder may also hold these
 ARRAYS = ("ids", "lengths", "runs")
+BUDGET_MB = 50.0  # the corpus's size limit in the repository, all chunks together
 MIN_QUESTION_CHARS = 20  # shorter benchmark turns ("Continue.") would match ordinary text
 
 
@@ -154,14 +156,20 @@ def encode_sequences(seqs: list[tuple[torch.Tensor, torch.Tensor]], vocab_size: 
             "runs": runs.astype(np.uint32).reshape(-1, 2)}
 
 
-def write_npz_lzma(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """An npz whose members are LZMA-compressed, written atomically."""
+def npz_lzma_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An npz whose members are LZMA-compressed (np.load reads it like any npz)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_LZMA) as zf:
+        for name, a in arrays.items():
+            with zf.open(name + ".npy", "w") as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_LZMA) as zf:
-            for name, a in arrays.items():
-                with zf.open(name + ".npy", "w") as f:
-                    np.lib.format.write_array(f, a, allow_pickle=False)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -358,7 +366,7 @@ def chunk_manifest(dm: dict, base: dict, sources: list[dict], counts: dict, benc
 
 
 def add_chunk(distill_dir: Path, corpus_dir: Path, base_model: str = "default",
-              benchmark_files: list[Path] = (), tokenizer=None) -> tuple[dict | None, dict]:
+              benchmark_files: list[Path] = (), budget_mb: float = BUDGET_MB, tokenizer=None) -> tuple[dict | None, dict]:
     """Export a distilled folder's new conversations as the corpus's next chunk.
 
     Returns (the chunk's manifest, or None when every conversation is already in the corpus;
@@ -370,7 +378,7 @@ def add_chunk(distill_dir: Path, corpus_dir: Path, base_model: str = "default",
     dm, seqs = read_distilled(distill_dir)
     base = describe_weights(base_model)
     sig = dm.get("base", {})
-    if any(sig.get(k) != base[k] for k in ("hidden_size", "vocab_size")):
+    if any(sig.get(k) != base[k] for k in ("base_model", "hidden_size", "vocab_size")):
         raise CTCDrafterError(f"{distill_dir} was distilled from {sig.get('base_model')} (hidden {sig.get('hidden_size')}, "
                               f"vocab {sig.get('vocab_size')}), not from --base-model {base_model} "
                               f"({base['base_model']}); give the base that wrote it")
@@ -395,18 +403,23 @@ def add_chunk(distill_dir: Path, corpus_dir: Path, base_model: str = "default",
     if not new:
         return None, tally
     arrays = encode_sequences(new, base["vocab_size"])
+    data = npz_lzma_bytes(arrays)
+    held = sum(c.manifest["counts"]["bytes"] for c in chunks)
+    if held + len(data) > budget_mb * 1e6:
+        raise CTCDrafterError(f"the chunk ({len(data) / 1e6:.1f} MB) would take {corpus_dir} to "
+                              f"{(held + len(data)) / 1e6:.1f} MB, over its {budget_mb:g} MB budget (--budget-mb)")
     stem = chunk_stem(int(stems[-1][6:]) + 1 if stems else 0)
     corpus_dir.mkdir(parents=True, exist_ok=True)
     npz = corpus_dir / f"{stem}.npz"
     with writing(npz, "chunk"):
-        write_npz_lzma(npz, arrays)
+        write_atomic(npz, data)
     counts = {"conversations": len(new), "tokens": int(len(arrays["ids"])),
               "trainable_positions": int((arrays["runs"][:, 1].astype(np.int64) - arrays["runs"][:, 0]).sum()),
-              "duplicates_skipped": tally["duplicates"], "bytes": npz.stat().st_size}
+              "duplicates_skipped": tally["duplicates"], "bytes": len(data)}
     counts["bytes_per_million_trainable_positions"] = round(counts["bytes"] * 1e6 / max(counts["trainable_positions"], 1))
     m = {**chunk_manifest(dm, base, [describe_source(e) for e in dm.get("inputs", [])], counts,
                           [info for info, _ in benchmarks]),
-         "file": npz.name, "sha256": file_sha256(npz)}
+         "file": npz.name, "sha256": hashlib.sha256(data).hexdigest()}
     with writing(corpus_dir / f"{stem}.json", "chunk manifest"):
         write_json_atomic(corpus_dir / f"{stem}.json", m, indent=1)
     return m, tally
