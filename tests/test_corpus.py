@@ -110,9 +110,14 @@ def test_duplicates_are_skipped(tiny_model_dir, distilled, tmp_path, capsys):
 
     twice = tmp_path / "twice.jsonl"  # the same prompt twice in one folder: greedy, so the same conversation
     lines = ARENA.read_text().splitlines()
-    twice.write_text("\n".join([lines[0], lines[0], lines[1]]) + "\n")
+    recs = [{**json.loads(lines[i]), "seed": seed, "settings": {"temperature": 1.0}}  # as make-prompts writes them
+            for i, seed in ((0, 3), (0, 4), (1, 7))]
+    twice.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert add(tiny_model_dir, distill(tiny_model_dir, tmp_path / "t", twice), tmp_path / "c2") == 0
-    assert read_corpus(tmp_path / "c2")[0].manifest["counts"]["conversations"] == 2
+    m = read_corpus(tmp_path / "c2")[0].manifest
+    assert m["counts"]["conversations"] == 2 and m["counts"]["duplicates_skipped"] == 1
+    assert m["sources"][0]["prompt_seeds"] == {"first": 3, "last": 7, "kept": 3}
+    assert m["sources"][0]["prompt_settings"] == {"temperature": 1.0}
 
 
 @pytest.fixture(scope="module")

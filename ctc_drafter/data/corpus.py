@@ -294,19 +294,6 @@ def benchmark_hit(texts: list[str], benchmarks: list[tuple[dict, list[str]]]) ->
 # --------------------------------------------------------------------------- adding a distilled folder
 
 
-def _seed_ranges(seeds: list[int]) -> list[str]:
-    """[0, 1, 2, 5] -> ["0-2", "5"]."""
-    out, seeds = [], sorted(set(seeds))
-    i = 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        out.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return out
-
-
 def describe_source(entry: dict) -> dict:
     """A distill input as a chunk records it: file name, sha256, records, and, when the file is still
     where distill read it (same sha256) and was written by make-prompts, its seeds and settings."""
@@ -325,8 +312,8 @@ def describe_source(entry: dict) -> dict:
                 seeds.append(r["seed"])
                 settings = settings or r.get("settings")
     if seeds:
-        out.update({"prompt_seeds": _seed_ranges(seeds), "prompt_settings": settings,
-                    "prompts_by": "ctc-drafter make-prompts"})
+        out.update({"prompts_by": "ctc-drafter make-prompts", "prompt_settings": settings,
+                    "prompt_seeds": {"first": min(seeds), "last": max(seeds), "kept": len(set(seeds))}})
     return out
 
 
