@@ -6,7 +6,8 @@
 # All steps resume: rerun the same command after an interruption. Background, lowest priority:
 #   nice -n 19 env OMP_NUM_THREADS=1 WORKERS=2 bash scripts/self_distill.sh > ~/.cache/ctc-drafter/distill/self.log 2>&1 &
 # DTYPE (default bfloat16): on CPUs with AMX/AVX512-BF16 bf16 distils ~1.7x faster than fp32, and its
-# labels are the fp32 base's own greedy tokens at 99.0 % of positions (BENCHMARKS.md, "Distillation").
+# labels are the fp32 base's own greedy tokens at 99.0 % of positions (BENCHMARKS.md, "Distillation");
+# bf16, greedy, batch 32 is the fastest way measured to write answers ("Generation throughput for the corpus").
 # More data later: a new chunk with its own seeds and folder, e.g. CHUNK=1 SEED_START=4000 (then train
 # with --data for each folder); a chunk's prompt file must be complete before it is distilled.
 # CORPUS=corpus: keep the answers in the repository too (`corpus add`, checked against BENCHMARK_FILES,
