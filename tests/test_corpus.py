@@ -26,7 +26,8 @@ F64 = ["--dtype", "float64", "--device", "cpu"]  # batched and unbatched passes 
 
 def distill(model_dir, out, *data, extra=()):
     args = ["distill", "--base-model", str(model_dir), "--out", str(out), "--max-new-tokens", "6",
-            "--batch-size", "2", "--shard-size", "2", "--save-hidden", "--json", *F64, "--data", *map(str, data), *extra]
+            "--batch-size", "2", "--shard-size", "2", "--save-hidden", "--json", *F64,
+            "--data", *map(str, data), *extra]
     assert main(args) == 0
     return out
 
@@ -205,7 +206,8 @@ def test_foreign_folders_benchmarks_and_budget_are_refused(tiny_model_dir, disti
     assert len(read_corpus(corpus)) == 1
     assert add(tiny_model_dir, distill(tiny_model_dir, tmp_path / "g", GSM8K), corpus,
                "--benchmark", GSM8K_TEST, "--benchmark", MT_BENCH) == 0  # GSM8K *train*: fine
-    assert [b["file"] for b in read_corpus(corpus)[1].manifest["benchmarks_excluded"]] == [GSM8K_TEST.name, MT_BENCH.name]
+    excluded = read_corpus(corpus)[1].manifest["benchmarks_excluded"]
+    assert [b["file"] for b in excluded] == [GSM8K_TEST.name, MT_BENCH.name]
 
     tf = tmp_path / "tf"
     assert main(["distill", "--base-model", str(tiny_model_dir), "--out", str(tf), "--mode", "teacher-forced",

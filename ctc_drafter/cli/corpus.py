@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                    help="a benchmark question file (MT-bench question.jsonl, GSM8K test.jsonl; repeatable): a "
                         "folder whose conversations contain one of its questions is refused")
     a.add_argument("--budget-mb", type=checks.finite_float(0.0), default=None,
-                   help="refuse a chunk that takes the corpus over this many MB (default 50: the repository stays lean)")
+                   help="refuse a chunk that takes the corpus over this many MB (default 50: a lean repository)")
     a.add_argument("--trust-remote-code", action="store_true", help="allow a base folder's own tokenizer code")
     a.add_argument("--json", action="store_true", help="print the new chunk's manifest as JSON")
     a.set_defaults(func=run_add)

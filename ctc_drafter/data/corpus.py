@@ -218,7 +218,8 @@ def read_chunk(corpus_dir: Path, stem: str) -> Chunk:
                               f"restore it (git checkout -- {corpus_dir})")
     npz = corpus_dir / f"{stem}.npz"
     if not npz.is_file():
-        raise CTCDrafterError(f"chunk {npz} is missing (its {meta.name} is there); restore it (git checkout -- {corpus_dir})")
+        raise CTCDrafterError(f"chunk {npz} is missing (its {meta.name} is there); "
+                              f"restore it (git checkout -- {corpus_dir})")
     if file_sha256(npz) != m.get("sha256"):
         raise CTCDrafterError(f"corrupt chunk {npz}: its sha256 differs from the one in {meta.name}; "
                               f"restore it (git checkout -- {corpus_dir})")
@@ -353,7 +354,8 @@ def chunk_manifest(dm: dict, base: dict, sources: list[dict], counts: dict, benc
 
 
 def add_chunk(distill_dir: Path, corpus_dir: Path, base_model: str = "default",
-              benchmark_files: list[Path] = (), budget_mb: float = BUDGET_MB, tokenizer=None) -> tuple[dict | None, dict]:
+              benchmark_files: list[Path] = (), budget_mb: float = BUDGET_MB,
+              tokenizer=None) -> tuple[dict | None, dict]:
     """Export a distilled folder's new conversations as the corpus's next chunk.
 
     Returns (the chunk's manifest, or None when every conversation is already in the corpus;
@@ -366,8 +368,8 @@ def add_chunk(distill_dir: Path, corpus_dir: Path, base_model: str = "default",
     base = describe_weights(base_model)
     sig = dm.get("base", {})
     if any(sig.get(k) != base[k] for k in ("base_model", "hidden_size", "vocab_size")):
-        raise CTCDrafterError(f"{distill_dir} was distilled from {sig.get('base_model')} (hidden {sig.get('hidden_size')}, "
-                              f"vocab {sig.get('vocab_size')}), not from --base-model {base_model} "
+        raise CTCDrafterError(f"{distill_dir} was distilled from {sig.get('base_model')} "
+                              f"(hidden {sig.get('hidden_size')}, vocab {sig.get('vocab_size')}), not from --base-model {base_model} "
                               f"({base['base_model']}); give the base that wrote it")
     chunks = [read_chunk(corpus_dir, s) for s in stems]
     known = corpus_base(chunks)
@@ -403,7 +405,7 @@ def add_chunk(distill_dir: Path, corpus_dir: Path, base_model: str = "default",
     counts = {"conversations": len(new), "tokens": int(len(arrays["ids"])),
               "trainable_positions": int((arrays["runs"][:, 1].astype(np.int64) - arrays["runs"][:, 0]).sum()),
               "duplicates_skipped": tally["duplicates"], "bytes": len(data)}
-    counts["bytes_per_million_trainable_positions"] = round(counts["bytes"] * 1e6 / max(counts["trainable_positions"], 1))
+    counts["bytes_per_million_trainable_positions"] = round(len(data) * 1e6 / max(counts["trainable_positions"], 1))
     m = {**chunk_manifest(dm, base, [describe_source(e) for e in dm.get("inputs", [])], counts,
                           [info for info, _ in benchmarks]),
          "file": npz.name, "sha256": hashlib.sha256(data).hexdigest()}

@@ -38,8 +38,8 @@ def read_checked_corpus(corpus_dir: Path, base_weights: dict, base_name: str) ->
 def build_plan(chunks: list[Chunk], shard_size: int) -> Plan:
     """The conversations of all chunks, in order, as (ids, loss_mask) records."""
     records = [seq for c in chunks for seq in c.sequences()]
-    inputs = [{"path": f"{c.name}.npz", "sha256": c.manifest["sha256"], "records": c.manifest["counts"]["conversations"]}
-              for c in chunks]
+    inputs = [{"path": f"{c.name}.npz", "sha256": c.manifest["sha256"],
+               "records": c.manifest["counts"]["conversations"]} for c in chunks]
     return Plan(records, inputs, shard_size)
 
 
@@ -72,7 +72,8 @@ def build(base, chunks: list[Chunk], out_dir: Path, opts: DistillOptions, overwr
     if manifest["complete"]:
         return manifest
     todo = pending_shards(out_dir, plan)
-    with progress_bar(len(plan.records), len(plan.records) - records_in(plan, todo), progress, "corpus build") as report:
+    done = len(plan.records) - records_in(plan, todo)
+    with progress_bar(len(plan.records), done, progress, "corpus build") as report:
         for i in todo:
             t0 = time.time()
             first, records = plan.shard(i)
