@@ -88,6 +88,12 @@ def test_add_then_build_equals_distill(tiny_model_dir, distilled, tmp_path, caps
     assert bm["complete"] and bm["stats"]["agreement"] == 1.0  # greedy replies: the base's own tokens
     assert bm["base"] == read_manifest(distilled)["base"]  # what `train` checks
     assert plan_shards(tmp_path / "built", bm).problem(tmp_path / "built") is None
+    from ctc_drafter.models.base import load_base_model
+    from ctc_drafter.training.data import load_sequences
+
+    train_seqs, _ = load_sequences([str(tmp_path / "built")], load_base_model(str(tiny_model_dir), device="cpu"),
+                                   label_len=4, max_len=512)  # what `train --data` reads
+    assert len(train_seqs) == len(src)
     assert snapshot(distilled) == before  # the input is only read
 
     built = snapshot(tmp_path / "built")
