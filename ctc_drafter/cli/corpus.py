@@ -74,7 +74,7 @@ def run_add(args) -> int:
         return 0
     c = m["counts"]
     total = corpus_summary(read_corpus(Path(args.corpus)))
-    print(f"{args.corpus}/{m['file']}: {c['conversations']} conversations, {c['tokens']} tokens, "
+    print(f"{Path(args.corpus) / m['file']}: {c['conversations']} conversations, {c['tokens']} tokens, "
           f"{c['trainable_positions']} trainable positions, {c['bytes']} bytes "
           f"({c['bytes_per_million_trainable_positions'] / 1e6:.2f} MB per million trainable positions); {dup}")
     print(f"corpus: {total['chunks']} chunks, {total['conversations']} conversations, "
