@@ -23,10 +23,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def software_versions() -> dict:
+    """What wrote the data (the manifest keeps it; `corpus add` passes it on)."""
+    import transformers
+
+    from .. import __version__
+
+    return {"ctc_drafter": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def new_manifest(signature: dict, dtype: str, plan: Plan, opts: DistillOptions) -> dict:
     return {
         "format": FORMAT,
         "producer": "ctc-drafter distill",
+        "software": software_versions(),
         "base": signature,
         "dtype": dtype,
         "template": opts.template,

@@ -1,0 +1,92 @@
+"""`corpus build`: the corpus's conversations -> the training set `train --data` reads, on any machine.
+
+    chunks --verified (sha256, arrays), base checked against their weights fingerprint-->
+    conversations (ids, loss mask) in chunk order --shard i = conversations [i*S, (i+1)*S)-->
+    one teacher-forced base pass per batch (labelling.label_batch): greedy targets (+ hidden states)
+    --> shard_0000i.safetensors + .json, then manifest.json                 (distill_folder's own files)
+
+The output folder is a distill folder in every respect (manifest, per-shard results, resume by
+rerunning, `train`'s checks), so a rebuild interrupted anywhere continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import CTCDrafterError
+from .corpus import Chunk, check_same_base, corpus_base, corpus_summary, read_corpus
+from .distill import progress_bar
+from .distill_folder import dtype_name, finalize, new_manifest, pending_shards, prepare_out_dir, save_shard
+from .distill_options import DistillOptions, Stats
+from .distill_plan import Plan, records_in
+from .examples import label_examples
+from .shards import MANIFEST, read_manifest
+
+PRODUCER = "ctc-drafter corpus build"
+
+
+def read_checked_corpus(corpus_dir: Path, base_weights: dict, base_name: str) -> list[Chunk]:
+    """Every chunk, verified, and written by the base given (same weights fingerprint)."""
+    chunks = read_corpus(corpus_dir)
+    if not chunks:
+        raise CTCDrafterError(f"--corpus {corpus_dir} holds no chunks; add one with `ctc-drafter corpus add`")
+    check_same_base(corpus_base(chunks), base_weights, str(corpus_dir), base_name)
+    return chunks
+
+
+def build_plan(chunks: list[Chunk], shard_size: int) -> Plan:
+    """The conversations of all chunks, in order, as (ids, loss_mask) records."""
+    records = [seq for c in chunks for seq in c.sequences()]
+    inputs = [{"path": f"{c.name}.npz", "sha256": c.manifest["sha256"],
+               "records": c.manifest["counts"]["conversations"]} for c in chunks]
+    return Plan(records, inputs, shard_size)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """--out must be new, empty, or an earlier build of a corpus (which then resumes)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / MANIFEST).is_file():
+        raise CTCDrafterError(f"--out {out_dir} holds other files; give an empty or new folder")
+    producer = read_manifest(out_dir).get("producer")
+    if producer != PRODUCER:
+        raise CTCDrafterError(f"--out {out_dir} holds data written by {producer!r}, not a corpus build; "
+                              f"give an empty or new folder")
+
+
+def build_manifest(base, dtype: str, plan: Plan, opts: DistillOptions, chunks: list[Chunk]) -> dict:
+    m = new_manifest(base.signature(), dtype, plan, opts)
+    c0 = chunks[0].manifest
+    return {**m, "producer": PRODUCER, "corpus": {"base": c0["base"], **corpus_summary(chunks)}}
+
+
+def build(base, chunks: list[Chunk], out_dir: Path, opts: DistillOptions, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Label every conversation of `chunks` with `base` into shards under `out_dir`, resuming there."""
+    opts.validate()
+    out_dir = Path(out_dir)
+    plan = build_plan(chunks, opts.shard_size)
+    manifest = prepare_out_dir(out_dir, build_manifest(base, dtype_name(base.dtype), plan, opts, chunks), overwrite)
+    if manifest["complete"]:
+        return manifest
+    todo = pending_shards(out_dir, plan)
+    done = len(plan.records) - records_in(plan, todo)
+    with progress_bar(len(plan.records), done, progress, "corpus build") as report:
+        for i in todo:
+            t0 = time.time()
+            first, records = plan.shard(i)
+            stats = Stats(records=len(records))
+            seqs = label_examples(base, records, opts, stats)
+            save_shard(out_dir, i, first, seqs, stats, time.time() - t0)
+            report(len(records), stats.tokens)
+    return finalize(out_dir, plan, manifest)
+
+
+def build_options(chunks: list[Chunk], save_hidden: bool, shard_size: int, batch_size: int) -> DistillOptions:
+    """Labelling options: the ids are fixed, so only the template (recorded) and the output layout matter."""
+    c0 = chunks[0].manifest
+    max_len = max(int(c.lengths.max(initial=2)) for c in chunks)
+    return DistillOptions(mode="teacher-forced", template=c0.get("template") or "auto", max_len=max(max_len, 2),
+                          shard_size=shard_size, save_hidden=save_hidden, batch_size=batch_size)
