@@ -71,8 +71,8 @@ def _distill(model_dir, data: Path, out: Path, *extra):
 
 @pytest.mark.parametrize("files, needle", [
     ({"notes.txt": "mine"}, "holds files distill did not write"),
-    ({"manifest.json": '{"name": "my web app", "version": 3}'}, "holds a manifest.json distill did not write"),
-    ({"manifest.json": "not json"}, "holds a manifest.json distill did not write"),
+    ({"manifest.json": '{"name": "my web app", "version": 3}'}, "holds a manifest.json that ctc-drafter distill did not write"),
+    ({"manifest.json": "not json"}, "holds a manifest.json that ctc-drafter distill did not write"),
 ])
 def test_distill_refuses_a_folder_it_did_not_write_even_with_overwrite(tmp_path, capsys, tiny_model_dir, files,
                                                                         needle):

@@ -86,13 +86,14 @@ def _owned_files(out_dir: Path) -> list[Path]:
     return [p for pat in pats for p in out_dir.glob(pat)]
 
 
-def _own_manifest(path: Path) -> bool:
-    """A manifest distill wrote (it names itself as the producer), so --overwrite may replace it."""
+def _own_manifest(path: Path, producer: str) -> bool:
+    """A manifest this command wrote (it names `producer`: distill, or corpus build, which writes the
+    same folders), so a rerun may resume it and --overwrite may replace it."""
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(m, dict) and m.get("producer") == "ctc-drafter distill"
+    return isinstance(m, dict) and m.get("producer") == producer
 
 
 def prepare_out_dir(out_dir: Path, fresh: dict, overwrite: bool, write: bool = True) -> dict:
@@ -103,8 +104,10 @@ def prepare_out_dir(out_dir: Path, fresh: dict, overwrite: bool, write: bool = T
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise CTCDrafterError(f"--out {out_dir} is a file, not a folder")
-    if (out_dir / MANIFEST).exists() and not _own_manifest(out_dir / MANIFEST):
-        raise CTCDrafterError(f"--out {out_dir} holds a {MANIFEST} distill did not write; give an empty or new folder")
+    producer = fresh.get("producer", "ctc-drafter distill")
+    if (out_dir / MANIFEST).exists() and not _own_manifest(out_dir / MANIFEST, producer):
+        raise CTCDrafterError(f"--out {out_dir} holds a {MANIFEST} that {producer} did not write; give an empty or "
+                              "new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     owned = set(_owned_files(out_dir))
     foreign = [p for p in out_dir.iterdir() if p not in owned]
