@@ -221,3 +221,16 @@ def test_foreign_folders_benchmarks_and_budget_are_refused(tiny_model_dir, disti
     capsys.readouterr()
     assert add(tiny_model_dir, tf, corpus) == 2  # the dataset's answers, not the base's
     assert "--mode regenerate" in one_error_line(capsys)
+
+
+def test_build_limit_takes_the_first_conversations_and_extends(tiny_model_dir, distilled, tmp_path):
+    assert add(tiny_model_dir, distilled, tmp_path / "corpus") == 0
+    src = sequences(distilled)
+    assert build(tiny_model_dir, tmp_path / "corpus", tmp_path / "built", "--limit", "3") == 0
+    part = sequences(tmp_path / "built")
+    assert [s.input_ids.tolist() for s in part] == [s.input_ids.tolist() for s in src[:3]]
+    assert read_manifest(tmp_path / "built")["complete"]
+    assert build(tiny_model_dir, tmp_path / "corpus", tmp_path / "built") == 0  # no limit: the rest is added
+    whole = sequences(tmp_path / "built")
+    assert [s.input_ids.tolist() for s in whole] == [s.input_ids.tolist() for s in src]
+    assert all(torch.equal(a.targets, b.targets) for a, b in zip(src, whole))

@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
     b.add_argument("--save-hidden", action="store_true", help="also store the base's last hidden states (fp16)")
     b.add_argument("--batch-size", type=checks.int_in(1, 1024), default=16, help="conversations per base pass")
     b.add_argument("--shard-size", type=checks.int_in(1, 1 << 20), default=64, help="conversations per shard")
+    b.add_argument("--limit", type=checks.int_in(1), default=None,
+                   help="label only the first N conversations (a quick check; a larger N later extends --out)")
     b.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
     b.add_argument("--trust-remote-code", action="store_true", help="allow a base folder that ships its own code")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -92,7 +94,7 @@ def run_build(args) -> int:
     t0 = time.time()
     check_out_dir(Path(args.out))  # before the slow steps: a wrong --out is refused at once
     chunks = read_checked_corpus(Path(args.corpus), describe_weights(args.base_model), args.base_model)
-    opts = build_options(chunks, args.save_hidden, args.shard_size, args.batch_size)
+    opts = build_options(chunks, args.save_hidden, args.shard_size, args.batch_size, args.limit)
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code)
     m = build(base, chunks, Path(args.out), opts, overwrite=args.overwrite, progress=not args.json)

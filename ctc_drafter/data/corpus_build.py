@@ -35,9 +35,9 @@ def read_checked_corpus(corpus_dir: Path, base_weights: dict, base_name: str) ->
     return chunks
 
 
-def build_plan(chunks: list[Chunk], shard_size: int) -> Plan:
-    """The conversations of all chunks, in order, as (ids, loss_mask) records."""
-    records = [seq for c in chunks for seq in c.sequences()]
+def build_plan(chunks: list[Chunk], shard_size: int, limit: int | None = None) -> Plan:
+    """The conversations of all chunks (the first `limit` of them), in order, as (ids, loss_mask) records."""
+    records = [seq for c in chunks for seq in c.sequences()][:limit]
     inputs = [{"path": f"{c.name}.npz", "sha256": c.manifest["sha256"],
                "records": c.manifest["counts"]["conversations"]} for c in chunks]
     return Plan(records, inputs, shard_size)
@@ -67,7 +67,7 @@ def build(base, chunks: list[Chunk], out_dir: Path, opts: DistillOptions, overwr
     """Label every conversation of `chunks` with `base` into shards under `out_dir`, resuming there."""
     opts.validate()
     out_dir = Path(out_dir)
-    plan = build_plan(chunks, opts.shard_size)
+    plan = build_plan(chunks, opts.shard_size, opts.limit)
     manifest = prepare_out_dir(out_dir, build_manifest(base, dtype_name(base.dtype), plan, opts, chunks), overwrite)
     if manifest["complete"]:
         return manifest
@@ -84,9 +84,10 @@ def build(base, chunks: list[Chunk], out_dir: Path, opts: DistillOptions, overwr
     return finalize(out_dir, plan, manifest)
 
 
-def build_options(chunks: list[Chunk], save_hidden: bool, shard_size: int, batch_size: int) -> DistillOptions:
+def build_options(chunks: list[Chunk], save_hidden: bool, shard_size: int, batch_size: int,
+                  limit: int | None = None) -> DistillOptions:
     """Labelling options: the ids are fixed, so only the template (recorded) and the output layout matter."""
     c0 = chunks[0].manifest
     max_len = max(int(c.lengths.max(initial=2)) for c in chunks)
     return DistillOptions(mode="teacher-forced", template=c0.get("template") or "auto", max_len=max(max_len, 2),
-                          shard_size=shard_size, save_hidden=save_hidden, batch_size=batch_size)
+                          shard_size=shard_size, save_hidden=save_hidden, batch_size=batch_size, limit=limit)
