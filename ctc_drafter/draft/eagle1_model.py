@@ -77,15 +77,8 @@ class Eagle1DraftModel(CTCDraftModel):
         w = self.fuse.weight.dtype
         return self.fuse(torch.cat([self._embed(ids).to(w), hidden.to(w)], -1))
 
-    def _layers(self, x, positions, cache: DraftCache | None, start: int, mask):
-        """x [B,n,d] at `positions` [B,n]; with a cache, keys/values go to rows start..start+n-1."""
-        cos, sin = self._rope(x, positions)
-        for i, layer in enumerate(self.layers):
-            k, v = layer.kv(x, cos, sin)
-            if cache is not None:
-                k, v = cache.layer(i).write(start, k, v)  # views over rows 0..start+n-1
-            x = layer(x, cos, sin, k, v, mask)
-        return x
+    # The layer stack runs as the AR head's (layer 0's missing input norm lives in the layer itself).
+    _layers = ARDraftModel._layers
 
     def frame_logits(self, f, fast: bool = False):
         """f [..., d] -> rows [..., V+1] for the tree policies (see `_rows`)."""
