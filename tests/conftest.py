@@ -34,6 +34,20 @@ TINY_ARCHS = {
 }
 
 
+def interrupt_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Replace module.name so that its n-th call raises KeyboardInterrupt (a Ctrl-C mid-run); the other
+    calls go through. Undo with monkeypatch.undo() or by setting the attribute back."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def interrupting(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, interrupting)
+
+
 def tiny_arch(arch: str, vocab_size=64, hidden=32, layers=2, dtype=torch.float64, seed=0, max_pos=512):
     """A tiny random base of `arch` (a TINY_ARCHS key), shaped like tiny_llama."""
     import transformers

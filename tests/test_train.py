@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupt_on_call
 from ctc_drafter.cli.main import main as cli_main
 from ctc_drafter.data.shards import Sequence, write_manifest, write_shard
 from ctc_drafter.errors import CTCDrafterError
@@ -211,17 +212,9 @@ def test_interrupt_then_recover_equals_uninterrupted_run(small_model_dir, data_d
     assert train_cli(small_model_dir, data_dir, straight, *common) == 0
 
     # Ctrl-C in the middle of epoch 2 (after 2 of its steps): epoch 1 must survive intact.
-    real, calls = tr.compute_losses, {"n": 0}
-    steps_per_epoch = 4  # 8 sequences, bs 2
-
-    def interrupting(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == steps_per_epoch + 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
+    real, steps_per_epoch = tr.compute_losses, 4  # 8 sequences, bs 2
     broken = tmp_path / "broken"
-    monkeypatch.setattr(tr, "compute_losses", interrupting)
+    interrupt_on_call(monkeypatch, tr, "compute_losses", steps_per_epoch + 3)
     assert train_cli(small_model_dir, data_dir, broken, *common) == 130
     monkeypatch.setattr(tr, "compute_losses", real)
     assert (broken / "state_1").is_dir() and not (broken / "state_2").exists()

@@ -15,6 +15,7 @@ from ctc_drafter.draft import load_draft_folder, new_ar_draft_for
 from ctc_drafter.training import evaluate_draft, load_sequences, split_eval
 from ctc_drafter.training.data import HiddenReader, make_batch, most_frequent_targets
 from ctc_drafter.training.evaluate import batch_losses
+from conftest import interrupt_on_call
 from test_train import (data_dir, load_weights, make_shards, one_thread, read_log, small_base,  # noqa: F401
                         small_model_dir, train_cli)
 
@@ -128,17 +129,9 @@ def test_recover_with_positions_all_equals_the_uninterrupted_run(small_model_dir
     straight = tmp_path / "straight"
     assert train_cli(small_model_dir, data_dir, straight, *common) == 0
 
-    real, calls = ev.ar_dense_losses, {"n": 0}
-    steps_per_epoch = 4  # 8 sequences, bs 2
-
-    def interrupting(*a, **kw):  # Ctrl-C after 2 steps of epoch 2
-        calls["n"] += 1
-        if calls["n"] == steps_per_epoch + 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
+    real, steps_per_epoch = ev.ar_dense_losses, 4  # 8 sequences, bs 2
     broken = tmp_path / "broken"
-    monkeypatch.setattr(ev, "ar_dense_losses", interrupting)
+    interrupt_on_call(monkeypatch, ev, "ar_dense_losses", steps_per_epoch + 3)  # Ctrl-C after 2 steps of epoch 2
     assert train_cli(small_model_dir, data_dir, broken, *common) == 130
     monkeypatch.setattr(ev, "ar_dense_losses", real)
     assert (broken / "state_1").is_dir() and not (broken / "state_2").exists()
