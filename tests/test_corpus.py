@@ -234,3 +234,29 @@ def test_build_limit_takes_the_first_conversations_and_extends(tiny_model_dir, d
     whole = sequences(tmp_path / "built")
     assert [s.input_ids.tolist() for s in whole] == [s.input_ids.tolist() for s in src]
     assert all(torch.equal(a.targets, b.targets) for a, b in zip(src, whole))
+
+
+def test_build_with_workers_makes_the_same_shards_and_resumes(tiny_model_dir, distilled, tmp_path, monkeypatch):
+    """`corpus build --workers 2`: the shards dealt to two processes equal one process's, and a shard
+    lost (as if its worker was killed) is the only one made again."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned workers inherit it
+    assert add(tiny_model_dir, distilled, tmp_path / "corpus") == 0
+    assert build(tiny_model_dir, tmp_path / "corpus", tmp_path / "one", "--save-hidden") == 0
+    assert build(tiny_model_dir, tmp_path / "corpus", tmp_path / "two", "--save-hidden", "--workers", "2") == 0
+
+    def same(a, b):
+        sa, sb = sequences(a), sequences(b)
+        assert len(sa) == len(sb) == 6
+        for x, y in zip(sa, sb):
+            assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.targets, y.targets)
+            assert torch.equal(x.loss_mask, y.loss_mask) and torch.equal(x.hidden, y.hidden)
+
+    same(tmp_path / "one", tmp_path / "two")
+    shards = read_manifest(tmp_path / "two")["shards"]
+    assert [json.loads((tmp_path / "two" / f"shard_{i:05d}.json").read_text())["worker"] for i in range(3)] == [0, 1, 0]
+    assert len(shards) == 3 and read_manifest(tmp_path / "two")["complete"]
+    (tmp_path / "two" / "shard_00001.json").unlink()
+    kept = {n: (tmp_path / "two" / n).stat().st_mtime_ns for n in ("shard_00000.safetensors", "shard_00002.safetensors")}
+    assert build(tiny_model_dir, tmp_path / "corpus", tmp_path / "two", "--save-hidden", "--workers", "2") == 0
+    assert {n: (tmp_path / "two" / n).stat().st_mtime_ns for n in kept} == kept
+    same(tmp_path / "one", tmp_path / "two")

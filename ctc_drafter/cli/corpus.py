@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import CTCDrafterError
 from . import checks
 
 
@@ -54,6 +55,9 @@ def add_parser(sub) -> None:
     b.add_argument("--shard-size", type=checks.int_in(1, 1 << 20), default=64, help="conversations per shard")
     b.add_argument("--limit", type=checks.int_in(1), default=None,
                    help="label only the first N conversations (a quick check; a larger N later extends --out)")
+    b.add_argument("--workers", type=checks.int_in(1, 256), default=1, metavar="N",
+                   help="N processes on --device, each loading the base and labelling its share of the shards "
+                        "(the cores are split between them; default 1)")
     b.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
     b.add_argument("--trust-remote-code", action="store_true", help="allow a base folder that ships its own code")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -88,16 +92,25 @@ def run_build(args) -> int:
     import time
 
     from ..data.corpus import describe_weights
-    from ..data.corpus_build import build, build_options, check_out_dir, read_checked_corpus
+    from ..data.corpus_build import build, build_options, build_with_workers, check_out_dir, read_checked_corpus
+    from ..data.worker_pool import BaseSpec
     from ..models.base import load_base_model
 
     t0 = time.time()
     check_out_dir(Path(args.out))  # before the slow steps: a wrong --out is refused at once
     chunks = read_checked_corpus(Path(args.corpus), describe_weights(args.base_model), args.base_model)
     opts = build_options(chunks, args.save_hidden, args.shard_size, args.batch_size, args.limit)
-    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype,
-                           trust_remote_code=args.trust_remote_code)
-    m = build(base, chunks, Path(args.out), opts, overwrite=args.overwrite, progress=not args.json)
+    if args.workers > 1:
+        if args.trust_remote_code:
+            raise CTCDrafterError("--workers loads the base in each worker without remote code; "
+                                  "leave out --trust-remote-code or use one worker")
+        spec = BaseSpec(args.base_model, device=args.device, dtype=args.dtype)
+        m = build_with_workers(spec, chunks, Path(args.out), opts, args.workers, overwrite=args.overwrite,
+                               progress=not args.json)
+    else:
+        base = load_base_model(args.base_model, device=args.device, dtype=args.dtype,
+                               trust_remote_code=args.trust_remote_code)
+        m = build(base, chunks, Path(args.out), opts, overwrite=args.overwrite, progress=not args.json)
     st = m["stats"]
     summary = {"out": args.out, "shards": len(m["shards"]), "sequences": st["sequences"], "tokens": st["tokens"],
                "trainable_positions": st["assistant_tokens"], "agreement": st["agreement"], "dtype": m["dtype"],

@@ -5,6 +5,8 @@
     one teacher-forced base pass per batch (labelling.label_batch): greedy targets (+ hidden states)
     --> shard_0000i.safetensors + .json, then manifest.json                 (distill_folder's own files)
 
+`--workers N` deals the shards to N processes (data/worker_pool.py, as `distill --workers`).
+
 The output folder is a distill folder in every respect (manifest, per-shard results, resume by
 rerunning, `train`'s checks), so a rebuild interrupted anywhere continues where it stopped.
 """
@@ -22,6 +24,7 @@ from .distill_options import DistillOptions, Stats
 from .distill_plan import Plan, records_in
 from .examples import label_examples
 from .shards import MANIFEST, read_manifest
+from .worker_pool import BaseSpec, deal, describe_base, run_workers, threads_per_worker
 
 PRODUCER = "ctc-drafter corpus build"
 
@@ -56,10 +59,20 @@ def check_out_dir(out_dir: Path) -> None:
                               f"give an empty or new folder")
 
 
-def build_manifest(base, dtype: str, plan: Plan, opts: DistillOptions, chunks: list[Chunk]) -> dict:
-    m = new_manifest(base.signature(), dtype, plan, opts)
+def build_manifest(signature: dict, dtype: str, plan: Plan, opts: DistillOptions, chunks: list[Chunk]) -> dict:
+    m = new_manifest(signature, dtype, plan, opts)
     c0 = chunks[0].manifest
     return {**m, "producer": PRODUCER, "corpus": {"base": c0["base"], **corpus_summary(chunks)}}
+
+
+def make_corpus_shard(base, out_dir: Path, i: int, first: int, records: list, opts: DistillOptions,
+                      worker: int = 0) -> int:
+    """Label and save shard i of fixed (ids, loss_mask) records; its token count (as distill's make_shard)."""
+    t0 = time.time()
+    stats = Stats(records=len(records))
+    seqs = label_examples(base, records, opts, stats)
+    save_shard(out_dir, i, first, seqs, stats, time.time() - t0, worker)
+    return stats.tokens
 
 
 def build(base, chunks: list[Chunk], out_dir: Path, opts: DistillOptions, overwrite: bool = False,
@@ -68,19 +81,36 @@ def build(base, chunks: list[Chunk], out_dir: Path, opts: DistillOptions, overwr
     opts.validate()
     out_dir = Path(out_dir)
     plan = build_plan(chunks, opts.shard_size, opts.limit)
-    manifest = prepare_out_dir(out_dir, build_manifest(base, dtype_name(base.dtype), plan, opts, chunks), overwrite)
+    manifest = prepare_out_dir(out_dir, build_manifest(base.signature(), dtype_name(base.dtype), plan, opts, chunks),
+                               overwrite)
     if manifest["complete"]:
         return manifest
     todo = pending_shards(out_dir, plan)
-    done = len(plan.records) - records_in(plan, todo)
-    with progress_bar(len(plan.records), done, progress, "corpus build") as report:
+    with progress_bar(len(plan.records), len(plan.records) - records_in(plan, todo), progress, "corpus build") as report:
         for i in todo:
-            t0 = time.time()
             first, records = plan.shard(i)
-            stats = Stats(records=len(records))
-            seqs = label_examples(base, records, opts, stats)
-            save_shard(out_dir, i, first, seqs, stats, time.time() - t0)
-            report(len(records), stats.tokens)
+            report(len(records), make_corpus_shard(base, out_dir, i, first, records, opts))
+    return finalize(out_dir, plan, manifest)
+
+
+def build_with_workers(spec: BaseSpec, chunks: list[Chunk], out_dir: Path, opts: DistillOptions, workers: int,
+                       overwrite: bool = False, progress: bool = True) -> dict:
+    """`build` over `workers` processes on spec.device, each loading the base itself; the same shards
+    come out as from one process (a shard depends only on its records), and a rerun resumes."""
+    from ..models.base import resolve_device
+
+    opts.validate()
+    out_dir = Path(out_dir)
+    plan = build_plan(chunks, opts.shard_size, opts.limit)
+    signature, dtype, _ = describe_base(spec, resolve_device(spec.device))
+    manifest = prepare_out_dir(out_dir, build_manifest(signature, dtype, plan, opts, chunks), overwrite)
+    if manifest["complete"]:
+        return manifest
+    todo = pending_shards(out_dir, plan)
+    n = min(workers, len(todo))
+    with progress_bar(len(plan.records), len(plan.records) - records_in(plan, todo), progress, "corpus build") as report:
+        run_workers(spec, [None] * n, threads_per_worker(n), (signature, dtype), opts, out_dir, deal(plan, todo, n),
+                    report, make=make_corpus_shard)
     return finalize(out_dir, plan, manifest)
 
 

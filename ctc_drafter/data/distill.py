@@ -42,7 +42,8 @@ from .distill_folder import dtype_name, finalize, new_manifest, pending_shards, 
 from .distill_options import MODE_ALIASES, MODES, DistillOptions, Stats
 from .distill_plan import Plan, read_plan, records_in
 from .labelling import label_batch, require_tokenizer
-from .worker_pool import BaseSpec, check_gpu_groups, describe_base, parse_gpu_groups, run_workers, visible_devices
+from .worker_pool import (BaseSpec, check_gpu_groups, deal, describe_base, parse_gpu_groups, run_workers,
+                          threads_per_worker, visible_devices)
 
 __all__ = ["MODES", "MODE_ALIASES", "DistillOptions", "Stats", "Plan", "read_plan", "BaseSpec", "describe_base",
            "parse_gpu_groups", "check_gpu_groups", "new_manifest", "prepare_out_dir", "pending_shards", "label_batch",
@@ -159,10 +160,7 @@ def distill_with_workers(spec: BaseSpec, data_paths: list[Path], out_dir: Path, 
     todo = pending_shards(out_dir, plan)
     slots = [visible_devices(g) for g in gpu_groups] if gpu_groups else [None] * workers
     slots = slots[: len(todo)]  # no idle workers
-    threads = None
-    if not gpu_groups and "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing
-        threads = max(1, (os.cpu_count() or 1) // max(1, len(slots)))
+    threads = None if gpu_groups else threads_per_worker(len(slots))
     with progress_bar(len(plan.records), len(plan.records) - records_in(plan, todo), progress) as report:
-        run_workers(spec, slots, threads, (signature, dtype), opts, out_dir,
-                    [[(i, *plan.shard(i)) for i in todo[r :: len(slots)]] for r in range(len(slots))], report)
+        run_workers(spec, slots, threads, (signature, dtype), opts, out_dir, deal(plan, todo, len(slots)), report)
     return finalize(out_dir, plan, manifest)

@@ -96,8 +96,9 @@ def load_worker_base(spec: BaseSpec, gpus: int):
 
 
 def _worker_main(rank: int, spec: BaseSpec, cuda_visible: str | None, threads: int | None, expect: tuple,
-                 opts: DistillOptions, out_dir: Path, work: list, queue) -> None:
-    """A worker process: load the base, make its shards, tell the parent ("progress" | "error" | "done")."""
+                 opts: DistillOptions, out_dir: Path, work: list, queue, make=make_shard) -> None:
+    """A worker process: load the base, make its shards with `make` (a module-level function, as
+    make_shard: distill's; corpus build's labels fixed ids), tell the parent ("progress" | "error" | "done")."""
     if cuda_visible is not None:  # before anything touches CUDA (the parent set it for the spawn too)
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
     if threads:
@@ -110,7 +111,7 @@ def _worker_main(rank: int, spec: BaseSpec, cuda_visible: str | None, threads: i
             raise CTCDrafterError(f"worker {rank} loaded {got}, the folder was prepared for {expect}")
         require_tokenizer(base)
         for i, first, records in work:
-            tokens = make_shard(base, out_dir, i, first, records, opts, rank)
+            tokens = make(base, out_dir, i, first, records, opts, rank)
             queue.put(("progress", rank, len(records), tokens))
         queue.put(("done", rank))
     except KeyboardInterrupt:
@@ -173,10 +174,22 @@ def follow_workers(procs: list, queue, report) -> None:
 
 
 
+def deal(plan, todo: list[int], n: int) -> list[list]:
+    """The shards still to make, dealt round-robin to n workers: [(i, first, records), ...] each."""
+    return [[(i, *plan.shard(i)) for i in todo[r::n]] for r in range(n)]
+
+
+def threads_per_worker(n: int) -> int | None:
+    """CPU workers share the cores instead of oversubscribing them (unless OMP_NUM_THREADS says)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, n))
+
+
 def run_workers(spec: BaseSpec, slots: list, threads: int | None, expect: tuple, opts: DistillOptions,
-                out_dir: Path, works: list[list], report) -> None:
+                out_dir: Path, works: list[list], report, make=make_shard) -> None:
     """One spawned process per slot (its CUDA_VISIBLE_DEVICES, or None for --device), each making
-    the shards of its work list; returns when all are done, raises on the first failure."""
+    the shards of its work list with `make`; returns when all are done, raises on the first failure."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA_VISIBLE_DEVICES applies, no forked CUDA state
@@ -186,7 +199,7 @@ def run_workers(spec: BaseSpec, slots: list, threads: int | None, expect: tuple,
         for rank, (visible, work) in enumerate(zip(slots, works)):
             with _env(CUDA_VISIBLE_DEVICES=visible):
                 p = ctx.Process(target=_worker_main, name=f"distill-worker-{rank}",
-                                args=(rank, spec, visible, threads, expect, opts, out_dir, work, queue))
+                                args=(rank, spec, visible, threads, expect, opts, out_dir, work, queue, make))
                 p.start()
             procs.append(p)
         follow_workers(procs, queue, report)
