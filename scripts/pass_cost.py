@@ -3,6 +3,7 @@
     python scripts/pass_cost.py [--base-model default] [--threads 1,2] [--past 256,1024] [--sizes 1,2,4,8,16]
         [--engines eager-fp32,eager-bf16,compiled-fp32,compiled-bf16,compiled-int8,compiled-int4,llama-q4_1,llama-bf16]
         [--reps 7] [--gguf-bf16 PATH] [--label "busy machine"] [--out docs/benchmarks/pass_cost_<date>]
+        [--beta 2.5 --nodes 4 --overhead-ms 8] [--from-cells OUT/cells.json]
 
 Engines (logits for all N tokens, as a verification pass needs):
   eager-fp32, eager-bf16   our PyTorch path as the decode loop runs it: the base loaded by `load_base_model`,
@@ -19,7 +20,11 @@ An engine whose package or file is missing is skipped with a line saying so.
 Each cell: the median of --reps timed passes after one warm-up, the sizes interleaved within a repetition
 (so a burst of load from other processes hits all of them alike). Each thread count runs in its own
 process (inductor bakes the thread count into the kernels it generates). Writes cells.json, cells.csv and
-pass_cost.png (ms per pass against N, one line per engine, a panel per threads x past) into --out.
+pass_cost.png (ms per pass against N, one line per engine, a panel per threads x past) into --out, and
+prints the table and what it means for issue 33's target (our loop >= 1.5x llama.cpp's greedy): a loop
+emitting --beta tokens per step with --nodes-node trees and --overhead-ms of draft work per step would
+run at beta * llama(1) / (engine(nodes) + overhead) times llama.cpp's greedy, llama(1) being the Q4_1
+1-token pass. --from-cells redoes the table, the outlook and the plot from an earlier cells.json.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import csv
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -175,14 +181,10 @@ def llama_engine(gguf: Path, threads: int, pasts, sizes, reps) -> dict:
 
 
 def quiet_llama_cpp(L) -> None:
-    """llama.cpp logs every load to stderr; keep errors only."""
-    @L.llama_log_callback
-    def _log(level, text, _user):
-        if level == L.GGML_LOG_LEVEL_ERROR:
-            sys.stderr.write(text.decode(errors="replace"))
+    """llama.cpp logs every load to stderr; llama_cpp forwards it to this logger: errors only."""
+    import logging
 
-    quiet_llama_cpp.callback = _log  # referenced: ctypes must not free it
-    L.llama_log_set(_log, None)
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
 def default_q4_gguf() -> Path:
@@ -266,6 +268,31 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TARGET = 1.5  # issue 33: our best CPU path >= 1.5x llama.cpp's own greedy
+
+
+def outlook(cells: list[dict], beta: float, nodes: int, overhead_ms: float) -> str:
+    """Markdown: per (threads, past), the pass cost a loop would need for TARGET x llama.cpp greedy, and
+    what each engine's `nodes`-token pass would give (x llama.cpp greedy)."""
+    ms = {(c["engine"], c["threads"], c["past"], c["n"]): c["ms"] for c in cells}
+    engines = list(dict.fromkeys(c["engine"] for c in cells))
+    keys = sorted({(c["threads"], c["past"]) for c in cells})
+    lines = [f"| threads | past | llama.cpp Q4_1, 1 token (ms) | {nodes}-node pass needed for {TARGET}x (ms) | "
+             + " | ".join(engines) + " |", "|---|---|---|---|" + "---|" * len(engines)]
+    for th, past in keys:
+        ref = ms.get(("llama-q4_1", th, past, 1))
+        if ref is None:
+            continue
+        need = beta * ref / TARGET - overhead_ms
+        cols = [f"{beta * ref / (ms[(e, th, past, nodes)] + overhead_ms):.2f}x" if (e, th, past, nodes) in ms else "-"
+                for e in engines]
+        lines.append(f"| {th} | {past} | {ref:.1f} | {need:.1f} | " + " | ".join(cols) + " |")
+    if len(lines) == 2:
+        return ""
+    return (f"A loop at beta {beta} with {nodes}-node passes and {overhead_ms:g} ms of draft work per step, "
+            f"against llama.cpp's greedy (its 1-token pass):\n\n" + "\n".join(lines))
+
+
 def plot(cells: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -285,6 +312,7 @@ def plot(cells: list[dict], path: Path, title: str) -> None:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ls="--" if eng.startswith("llama") else "-", label=eng)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({c["n"] for c in cells}), [str(n) for n in sorted({c["n"] for c in cells})])
             ax.set_yscale("log")
             ax.set_title(f"{th} thread{'s' if th > 1 else ''}, past {past} tokens")
             ax.set_xlabel("new tokens in the pass (N)")
@@ -319,6 +347,10 @@ def parse_args(argv=None):
     ap.add_argument("--gguf-bf16", default=DEFAULT_BF16_GGUF)
     ap.add_argument("--label", default="", help="what else ran on the machine, for the plot and cells.json")
     ap.add_argument("--out", default=f"docs/benchmarks/pass_cost_{datetime.date.today().isoformat()}")
+    ap.add_argument("--beta", type=float, default=2.5, help="tokens per step of the loop the outlook assumes")
+    ap.add_argument("--nodes", type=int, default=4, help="its tree size (a pass size of the grid)")
+    ap.add_argument("--overhead-ms", type=float, default=8.0, help="its draft work per step outside the base pass")
+    ap.add_argument("--from-cells", default=None, help="tabulate and plot this cells.json again; measure nothing")
     ap.add_argument("--one-thread-count", type=int, default=None, help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -344,6 +376,11 @@ def main(argv=None) -> None:
     from ctc_drafter.models.cpu_info import host_cpu
 
     quiet_transformers()
+    if a.from_cells:
+        data = json.loads(Path(a.from_cells).read_text())
+        write_outputs(Path(a.out), data["cells"], data["meta"])
+        report(data["cells"], a)
+        return
     if a.one_thread_count is not None:
         Path(a.child_out).write_text(json.dumps(run_threads(a, a.one_thread_count)))
         return
@@ -362,12 +399,19 @@ def main(argv=None) -> None:
         engines[str(th)] = r["engines"]
     meta = {"base_model": a.base_model, "cpu": host_cpu().name, "label": a.label, "reps": a.reps,
             "torch": torch.__version__, "llama_cpp": _llama_cpp_version(), "engines": engines,
-            "wall_s": round(time.perf_counter() - t0, 1), "command": "python scripts/pass_cost.py " + " ".join(
+            "wall_s": round(time.perf_counter() - t0, 1), "command": "python scripts/pass_cost.py " + shlex.join(
                 argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     write_outputs(out, cells, meta)
-    print(table(cells))
+    report(cells, a)
     print(f"\n{len(cells)} cells in {meta['wall_s']} s -> {out}")
+
+
+def report(cells: list[dict], a) -> None:
+    print(table(cells))
+    text = outlook(cells, a.beta, a.nodes, a.overhead_ms)
+    if text:
+        print("\n" + text)
 
 
 def _llama_cpp_version() -> str | None:

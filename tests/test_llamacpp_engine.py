@@ -59,19 +59,24 @@ def test_a_base_without_a_gguf_has_no_llama_row():
 def test_llama_cpp_greedy_follows_the_base_on_the_same_prompt_ids():
     import torch
 
-    from ctc_drafter.evaluation.hf_engine import HFEngine
     from ctc_drafter.evaluation.llamacpp_engine import LlamaCppEngine, gguf_for
     from ctc_drafter.models import load_base_model
+    from ctc_drafter.models.templates import build_prompt_ids
 
     base = load_base_model("default", device="cpu", dtype=torch.float32)
     llama = LlamaCppEngine(base, gguf_for("default"), threads=1)
     assert llama.weights == "Q4_1"
-    prompt = "What is the capital of France?"
-    ours, ref = llama.chat(prompt, max_new_tokens=8), HFEngine(base).chat(prompt, max_new_tokens=8)
-    # the same weights (the HF copy is the dequantised Q4_1 GGUF): greedy agrees on a clear-cut answer
-    assert ours.tokens == ref.tokens and ours.steps == len(ours.tokens) and ours.wall_s > 0
-    again = llama.chat(prompt, max_new_tokens=8)  # a second request starts afresh
-    assert again.tokens == ours.tokens
+    prompt = "Write a short Python function that returns the factorial of n."
+    res = llama.chat(prompt, max_new_tokens=16)
+    assert len(res.tokens) == 16 and res.steps == 16 and res.wall_s > 0 and res.text.strip()
+    # The same weights (our copy is the dequantised Q4_1 GGUF) but llama.cpp rounds its activations to
+    # 8 bits, so near-ties may flip; each of its tokens is still among the base's top 3 after the same ids
+    # (a shifted or re-templated prompt would not be)
+    ids = build_prompt_ids(base.tokenizer, [{"role": "user", "content": prompt}])
+    logits = base.model(torch.tensor([ids + res.tokens])).logits[0, len(ids) - 1:-1]  # [16, V]
+    ranks = [(row > row[t]).sum().item() for row, t in zip(logits, res.tokens)]
+    assert max(ranks) < 3, ranks
+    assert llama.chat(prompt, max_new_tokens=16).tokens == res.tokens  # a second request starts afresh
     with pytest.raises(Exception, match="greedily"):
         llama.chat(prompt, max_new_tokens=4, temperature=0.7)
 

@@ -33,6 +33,19 @@ def test_torch_grid_on_a_tiny_base(tmp_path, tiny_model_dir):
     assert len(rows) == len(cells) and (out / "pass_cost.png").stat().st_size > 0
 
 
+def test_outlook_is_the_speedup_over_llama_cpp_greedy_the_pass_costs_allow():
+    pc = load_script("pass_cost")
+    cells = [{"engine": "llama-q4_1", "threads": 1, "past": 256, "n": 1, "ms": 20.0},
+             {"engine": "llama-q4_1", "threads": 1, "past": 256, "n": 4, "ms": 50.0},
+             {"engine": "compiled-int8", "threads": 1, "past": 256, "n": 4, "ms": 25.0},
+             {"engine": "eager-fp32", "threads": 2, "past": 256, "n": 4, "ms": 30.0}]  # no llama row at 2 threads
+    text = pc.outlook(cells, beta=2.5, nodes=4, overhead_ms=8.0)
+    rows = [line for line in text.splitlines() if line.startswith("| 1 ")]
+    # needed: 2.5 * 20 / 1.5 - 8 = 25.3 ms; compiled-int8: 2.5 * 20 / (25 + 8) = 1.52x; llama's own tree: 0.86x
+    assert rows == ["| 1 | 256 | 20.0 | 25.3 | 0.86x | 1.52x | - |"]
+    assert pc.outlook(cells[2:], beta=2.5, nodes=4, overhead_ms=8.0) == ""  # nothing to compare with
+
+
 def test_bad_grid_is_one_clear_error(capsys):
     pc = load_script("pass_cost")
     for argv in (["--engines", "eager-fp64"], ["--sizes", "1,x"], ["--past", "0"]):
