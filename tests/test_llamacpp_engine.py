@@ -82,16 +82,25 @@ def test_llama_cpp_greedy_follows_the_base_on_the_same_prompt_ids():
 
 
 @needs_llama
-def test_eval_and_benchmark_carry_the_llama_row(tmp_path):
+def test_eval_and_benchmark_carry_the_llama_row(tmp_path, capsys):
     bm = load_script("benchmark")
     assert (bm.LLAMA_ROW, ["--engine", "llamacpp", "--threads", "2"]) in bm.methods(_bench_args())
     code = main(["eval", "--bench", "mt_bench", "--question-file", str(DATA / "mt_bench_question.jsonl"),
                  "--question-end", "1", "--model-id", "llamacpp-greedy", "--answer-dir", str(tmp_path),
                  "--engine", "llamacpp", "--threads", "1", "--max-new-tokens", "6", "--no-progress"])
     assert code == 0
+    capsys.readouterr()
     (r,) = [json.loads(x) for x in (tmp_path / "llamacpp-greedy.jsonl").read_text().splitlines()]
     m = r["meta"]
     assert m["engine"] == "llamacpp" and m["dtype"] == "Q4_1" and m["kernels"] == "llama.cpp, 1 threads"
     assert m["speculative"] is False
     (c,) = r["choices"]
     assert all(0 < n <= 6 for n in c["new_tokens"]) and all(t > 0 for t in c["wall_time"])
+    # the report compares it with HF generate like any other answer file, and names the engine
+    common = ["--bench", "mt_bench", "--question-file", str(DATA / "mt_bench_question.jsonl"), "--question-end", "1",
+              "--answer-dir", str(tmp_path), "--max-new-tokens", "6", "--no-progress", "--dtype", "float32"]
+    assert main(["eval", *common, "--model-id", "hf", "--engine", "hf"]) == 0
+    assert main(["report", str(tmp_path / "llamacpp-greedy.jsonl"), "--baseline", str(tmp_path / "hf.jsonl"),
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["engines"]["spec"] == "llama.cpp greedy (Q4_1 GGUF, llama.cpp, 1 threads)" and rep["n_questions"] == 1

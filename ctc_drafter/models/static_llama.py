@@ -63,7 +63,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
         # [in / group, out, 2]: the kernel's layout of (scale, zero)
         self.register_buffer("scales_zeros", torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
-        self._q = q  # kept for dequantized() (tests); not a buffer
+        self._q = q.to(torch.uint8)  # kept for dequantized(); not a buffer
 
     def dequantized(self) -> torch.Tensor:
         s, z = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [out, in / group] each
