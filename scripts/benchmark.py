@@ -13,7 +13,8 @@ Two processes, one per core, each its half of the windows, then one table over b
 
 Runs (resumably: each is an `ctc-drafter eval` answer file) the CTC draft with each tree policy, the
 n-gram proposer, the hybrid (CTC + n-gram; `ctc-prefix-always`, `hybrid-always`: with --always-speculate), the CE (Medusa-style) ablation, our vanilla loop, HF
-`generate` greedy and HF prompt-lookup decoding; then writes summary.md, summary.json and summary.png in --out. Every method is compared
+`generate` greedy, HF prompt-lookup decoding and, when llama-cpp-python is installed, llama.cpp's own
+greedy on the base's GGUF (`llamacpp-greedy`, with --threads; a line says when it is skipped); then writes summary.md, summary.json and summary.png in --out. Every method is compared
 with HF `generate` greedy: speedup (gamma), beta, the accepted-length histogram, token-exact agreement
 and, for GSM8K, accuracy. With several --dtypes every method runs in each (named `<method>@<dtype>`)
 and is compared with HF `generate` in the same dtype.
@@ -66,6 +67,22 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
+LLAMA_ROW = "llamacpp-greedy"
+
+
+def llama_row(a) -> tuple[list[tuple[str, list[str]]], str]:
+    """([(LLAMA_ROW, eval options)], '') when llama.cpp can run the base, else ([], the line saying why not).
+    One row whatever --dtypes: the GGUF's weights do not change with our dtype."""
+    from ctc_drafter.evaluation.llamacpp_engine import llama_cpp_missing
+
+    reason, base = llama_cpp_missing(), getattr(a, "base_model", "default")
+    if not reason and base != "default" and not base.endswith(".gguf"):
+        reason = f"the base {base} is not a GGUF (llama.cpp runs --base-model default or a .gguf)"
+    if reason or (getattr(a, "only", None) and LLAMA_ROW not in a.only.split(",")):
+        return [], f"{LLAMA_ROW} reference row skipped: {reason}" if reason else ""
+    return [(LLAMA_ROW, ["--engine", "llamacpp", "--threads", str(getattr(a, "threads", "auto"))])], ""
+
+
 def dtypes(a) -> list[str]:
     return (getattr(a, "dtypes", None) or "auto").split(",")
 
@@ -85,7 +102,7 @@ def methods(a) -> list[tuple[str, list[str]]]:
     for dtype in getattr(a, "hf_also", None) or []:  # HF generate in another dtype: a second reference
         if dtype not in dtypes(a):
             out.append((f"hf-generate@{dtype}", ["--engine", "hf", "--dtype", dtype]))
-    return out
+    return out + llama_row(a)[0]
 
 
 def baseline_of(name: str) -> str:
@@ -175,6 +192,9 @@ def main():
     ap.add_argument("--answers-from", nargs="+", default=[], metavar="DIR",
                     help="with --no-run: tabulate the answer files of these folders together (the --part runs)")
     a = ap.parse_args()
+    skipped = llama_row(a)[1]
+    if skipped:
+        print(skipped, flush=True)
     for spec in a.draft or []:
         if "=" not in spec:
             ap.error(f"--draft {spec!r}: expected NAME=PATH")
@@ -203,7 +223,7 @@ def summarize(a, files: dict[str, Path]) -> None:
     files = {n: [p for p in (f if isinstance(f, list) else [f]) if p.exists()] for n, f in files.items()}
     files = common_questions({n: f for n, f in files.items() if f}, Path(a.out) / "common")
     rows = {}
-    extra_refs = {f"hf-generate@{d}" for d in getattr(a, "hf_also", None) or [] if d not in dtypes(a)}
+    extra_refs = {f"hf-generate@{d}" for d in getattr(a, "hf_also", None) or [] if d not in dtypes(a)} | {LLAMA_ROW}
     for name, f in files.items():
         # the extra HF reference is compared with HF in the bench's (first) dtype: how often the two agree
         ref = method_name("hf-generate", dtypes(a)[0], a) if name in extra_refs else baseline_of(name)

@@ -30,3 +30,8 @@ def test_demo_runs_and_reports(capsys):
     assert main(["demo", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "vs HF generate" in out and "identical texts 3/3" in out
+    from ctc_drafter.evaluation.llamacpp_engine import llama_cpp_missing
+
+    # llama.cpp's greedy on the same GGUF: a reference row when llama-cpp-python is installed, else one line
+    assert ("speculative / llama.cpp" in out) if not llama_cpp_missing() else \
+        ("llama.cpp reference row skipped: llama_cpp is not importable" in out)

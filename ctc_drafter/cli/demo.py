@@ -1,4 +1,5 @@
-"""`ctc-drafter demo`: the main job on the embedded default: speculative, our vanilla loop, HF `generate`."""
+"""`ctc-drafter demo`: the main job on the embedded default: speculative, our vanilla loop, HF `generate`,
+and llama.cpp's own greedy on the same GGUF as a reference row when llama-cpp-python is installed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ PROMPTS = [
     "A baker makes 36 muffins in the morning and half as many in the afternoon. She sells 40 of them. "
     "How many muffins are left?",
 ]
-ENGINES = ("spec", "base", "hf")
 
 
 def add_parser(sub) -> None:
@@ -37,6 +37,26 @@ def _hf_reference(args, d, kernels_label: str):
     return HFEngine(d.base if same else load_base_model(args.base_model, device=args.device, dtype=args.dtype))
 
 
+def _llama_reference(args, d):
+    """(llama.cpp greedy on the base's GGUF with our thread count, '') or (None, the one line saying why not)."""
+    import torch
+
+    from ..errors import CTCDrafterError
+    from ..evaluation.llamacpp_engine import LlamaCppEngine, gguf_for, llama_cpp_missing
+
+    reason = llama_cpp_missing()
+    if not reason and args.temperature > 0:
+        reason = "it decodes greedily (--temperature 0)"
+    if not reason and d.base.device.type != "cpu":
+        reason = f"it runs on the CPU, the base on {d.base.device}"
+    if not reason:
+        try:
+            return LlamaCppEngine(d.base, gguf_for(args.base_model), threads=torch.get_num_threads()), ""
+        except CTCDrafterError as e:
+            reason = str(e)
+    return None, f"llama.cpp reference row skipped: {reason}"
+
+
 def _timed_runs(engines: dict, prompt: str, kw: dict, repeats: int) -> dict:
     """Each engine answers `prompt` `repeats` times, interleaved; keeps the run of median wall time.
 
@@ -53,15 +73,26 @@ def _timed_runs(engines: dict, prompt: str, kw: dict, repeats: int) -> dict:
     return {k: sorted(rs, key=lambda r: r.wall_s)[len(rs) // 2] for k, rs in runs.items()}
 
 
+def _first_difference(toks: list[int], ref: list[int]) -> int | None:
+    if toks == ref:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), min(len(toks), len(ref)))
+
+
 def _differences(runs: dict) -> str:
     """'yes', or which texts differ from HF generate's and at which new token (for a bug report)."""
     ref, notes = runs["hf"].tokens, []
     for k, name in (("spec", "speculative"), ("base", "vanilla")):
-        toks = runs[k].tokens
-        if toks != ref:
-            at = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), min(len(toks), len(ref)))
+        at = _first_difference(runs[k].tokens, ref)
+        if at is not None:
             notes.append(f"{name} differs from HF generate at new token {at}")
     return "yes" if not notes else "NO (" + "; ".join(notes) + ")"
+
+
+def _llama_cell(runs: dict) -> str:
+    at = _first_difference(runs["llama"].tokens, runs["hf"].tokens)
+    same = "same tokens as HF generate" if at is None else f"differs from HF generate at new token {at}"
+    return f" | llama.cpp greedy {runs['llama'].tokens_per_s:6.1f} tok/s ({same})"
 
 
 def run(args) -> int:
@@ -80,10 +111,16 @@ def run(args) -> int:
     print(f"base {d.base.name} on {d.base.device} ({dtype}, {torch.get_num_threads()} threads); {label}; {d.label()}")
     print(kernels.describe())
     hf = _hf_reference(args, d, kernels.label)
+    llama, skipped = _llama_reference(args, d)
     engines = {"spec": (d, {"speculative": True}), "base": (d, {"speculative": False}), "hf": (hf, {})}
-    for e in (d, hf):
+    if llama is not None:
+        engines["llama"] = (llama, {})
+        print(f"reference: {llama.label()}, the same prompt tokens")
+    else:
+        print(skipped)
+    for e in (d, hf) + ((llama,) if llama is not None else ()):
         e.chat("Hi", **{**kw, "max_new_tokens": 8})  # warm-up: first calls pay one-off costs
-    tot = {k: [0, 0.0, 0] for k in ENGINES}
+    tot = {k: [0, 0.0, 0] for k in engines}
     identical, ratios = 0, []
     for i, prompt in enumerate(PROMPTS, 1):
         runs = _timed_runs(engines, prompt, kw, args.repeats)
@@ -100,7 +137,7 @@ def run(args) -> int:
               f"{f' ({spec.arms_label()})' if spec.arms_label() else ''} | "
               f"vanilla {tps['base']:6.1f} | HF generate {tps['hf']:6.1f} | "
               f"speedup {tps['spec'] / tps['base']:.2f}x vs vanilla, {ratios[-1]:.2f}x vs HF generate | "
-              f"identical: {_differences(runs)}")
+              f"identical: {_differences(runs)}" + (_llama_cell(runs) if "llama" in runs else ""))
     tps = {k: v[0] / v[1] for k, v in tot.items()}
     print(f"\nall prompts ({dtype}, kernels {kernels.label}"
           + (f", median of {args.repeats} runs each" if args.repeats > 1 else "") + "): "
@@ -108,6 +145,9 @@ def run(args) -> int:
           f"HF generate {tps['hf']:.1f} tok/s; speedup {tps['spec'] / tps['base']:.2f}x vs vanilla, "
           f"{tps['spec'] / tps['hf']:.2f}x vs HF generate (slowest prompt {min(ratios):.2f}x); mean accepted length "
           f"{tot['spec'][0] / tot['spec'][2]:.2f} tokens/step; identical texts {identical}/{len(PROMPTS)}")
+    if "llama" in tps:
+        print(f"reference {llama.label()}: {tps['llama']:.1f} tok/s; speculative / llama.cpp "
+              f"{tps['spec'] / tps['llama']:.2f}x, HF generate / llama.cpp {tps['hf'] / tps['llama']:.2f}x")
     if not d.draft_trained:
         print("note: the draft is untrained; train one with `ctc-drafter distill` + `ctc-drafter train`", file=sys.stderr)
     return 0

@@ -2,7 +2,8 @@
 
 Run once with speculation and once with --baseline (another --model-id), then `ctc-drafter report`.
 `--engine hf` / `hf-prompt-lookup` answer through Hugging Face `generate` instead (plain greedy, or
-HF's prompt-lookup speculative decoding), timed and recorded the same way: the table's reference points.
+HF's prompt-lookup speculative decoding), `--engine llamacpp` through llama.cpp's own greedy on the base's
+GGUF (needs llama-cpp-python), timed and recorded the same way: the table's reference points.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from ..errors import CTCDrafterError
 from ..evaluation.answer_files import answer_meta
 from ..evaluation.hf_engine import DEFAULT_PROMPT_LOOKUP_TOKENS, ENGINES
+from ..evaluation.llamacpp_engine import LLAMACPP
 from .checks import MAX_BUDGET, check_max_new_tokens
 from .common import add_decoding_args, add_model_args
 
@@ -26,9 +28,11 @@ def add_parser(sub) -> None:
     p.add_argument("--question-file", required=True, help="MT-bench question.jsonl or GSM8K test.jsonl")
     p.add_argument("--model-id", required=True, help="names the run and its answer file")
     p.add_argument("--baseline", action="store_true", help="vanilla decoding through the same code (no draft)")
-    p.add_argument("--engine", default="ours", choices=ENGINES,
+    p.add_argument("--engine", default="ours", choices=ENGINES + (LLAMACPP,),
                    help="ours (CTC speculation, or vanilla with --baseline); hf: HF generate; hf-prompt-lookup: "
-                        "HF generate with prompt lookup decoding (--draft-model, --tree-choices, --budget unused)")
+                        "HF generate with prompt lookup decoding; llamacpp: llama.cpp's greedy on the base's GGUF "
+                        "(--base-model default or a .gguf; --threads, default torch's count) "
+                        "(--draft-model, --tree-choices, --budget unused)")
     p.add_argument("--prompt-lookup-tokens", type=int, default=None, metavar="K",
                    help=f"candidate tokens per step for --engine hf-prompt-lookup "
                         f"(default {DEFAULT_PROMPT_LOOKUP_TOKENS})")
@@ -79,10 +83,28 @@ def _load_engine(args):
     from ..evaluation.hf_engine import HFEngine
     from ..models.base import load_base_model
 
+    if args.engine == LLAMACPP:
+        return _llamacpp_engine(args)
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code)
     k = None if args.engine == "hf" else (args.prompt_lookup_tokens or DEFAULT_PROMPT_LOOKUP_TOKENS)
     return HFEngine(base, prompt_lookup_tokens=k)
+
+
+def _llamacpp_engine(args):
+    """llama.cpp on the base's GGUF; the HF base gives the tokenizer and EOS set (the same prompt ids)."""
+    import torch
+
+    from ..evaluation.llamacpp_engine import LlamaCppEngine, gguf_for, llama_cpp_missing
+    from ..models.base import load_base_model
+
+    reason = llama_cpp_missing()
+    if reason:
+        raise CTCDrafterError(f"--engine {LLAMACPP}: {reason}")
+    gguf = gguf_for(args.base_model)
+    base = load_base_model(args.base_model, device="cpu", dtype="float32", trust_remote_code=args.trust_remote_code)
+    threads = args.threads if isinstance(args.threads, int) else torch.get_num_threads()
+    return LlamaCppEngine(base, gguf, threads=threads)
 
 
 def _mode(args, engine) -> str:
@@ -90,6 +112,8 @@ def _mode(args, engine) -> str:
         return "HF generate"
     if args.engine == "hf-prompt-lookup":
         return f"HF prompt lookup (K={engine.prompt_lookup_tokens})"
+    if args.engine == LLAMACPP:
+        return engine.label()
     return "baseline" if args.baseline else engine.label()
 
 
@@ -97,6 +121,8 @@ def _ran_with(args, engine) -> str:
     """dtype, device, the CPU linear kernels and torch threads: what the timings depend on."""
     import torch
 
+    if args.engine == LLAMACPP:
+        return f"{engine.weights} GGUF, cpu, llama.cpp, {engine.threads} threads"
     kernels = engine.kernels if args.engine == "ours" else "stock"  # HF engines run the stock layers
     dev = engine.base.device
     where = f"{dev}, kernels {kernels}, {torch.get_num_threads()} threads" if dev.type == "cpu" else str(dev)

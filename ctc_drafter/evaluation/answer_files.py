@@ -67,8 +67,10 @@ def answer_meta(engine, bench: str, question_file, *, engine_kind: str = "ours",
         "draft_sha256": getattr(engine.draft, "fingerprint", None) if draft else None,
         "base_model": engine.base.name,
         "device": str(engine.base.device),
-        "dtype": str(engine.base.dtype).replace("torch.", ""),
-        "kernels": engine.kernels if ours else "stock",  # HF engines always run the stock layers
+        # llama.cpp: the GGUF's weight type and its threads; HF engines always run the stock layers
+        "dtype": getattr(engine, "weights", None) or str(engine.base.dtype).replace("torch.", ""),
+        "kernels": engine.kernels if ours else f"llama.cpp, {engine.threads} threads" if engine_kind == "llamacpp"
+        else "stock",
         "temperature": temperature,
         "top_p": top_p,
         "top_k": top_k,
@@ -273,6 +275,8 @@ def engine_label(f: AnswerFile) -> str:
         return "HF generate"
     if engine == "hf-prompt-lookup":
         return f"HF prompt lookup (K={m.get('prompt_lookup_tokens')})"
+    if engine == "llamacpp":
+        return f"llama.cpp greedy ({m.get('dtype')} GGUF, {m.get('kernels')})"
     kernels = m.get("kernels")
     packed = f", {kernels} CPU kernels" if isinstance(kernels, str) and kernels != "stock" else ""
     if not m.get("speculative"):
