@@ -95,11 +95,11 @@ def our_proposals(draft, inputs) -> list[tuple[int, list[int], list[int]]]:
     from ctc_drafter.draft import DraftCache
 
     rows = []
+    draft._proposal_head = lambda: draft._head  # float32 head for every level (ours drafts with a bf16 copy)
     for hidden, nxt, theirs in inputs:
-        out = draft(hidden[None], nxt[None])  # teacher-forced: f at every p, the base's head in float32
-        first = int(out.logits[0, -1].argmax())
         cache = DraftCache()
-        f_last = draft.extend(hidden[None], nxt[None], cache)
+        f_last = draft.extend(hidden[None], nxt[None], cache)  # [1,d] teacher-forced over p = 0..p*, causal
+        first = int(draft._head(f_last).argmax())  # the base's head in float32
         levels = draft.levels(f_last, cache, len(theirs))[0]  # [k, V+1], token 0 in the last column
         path = [0 if t == levels.shape[-1] - 1 else t for t in levels.argmax(-1).tolist()]
         rows.append((first, theirs, path))
