@@ -82,7 +82,7 @@ def draft_inputs(calls) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         if pos[0] == 0:  # a new request: forget the previous one's positions
             hidden = {p: hidden[p] for p in pos}
             nxt = {p: nxt[p] for p in pos}
-        if sorted(hidden) [: top + 1] != list(range(top + 1)):
+        if sorted(hidden)[: top + 1] != list(range(top + 1)):
             raise RuntimeError(f"positions 0..{top} are not all recorded")
         out.append((torch.stack([hidden[p] for p in range(top + 1)]),
                     torch.tensor([nxt[p] for p in range(top + 1)]), c["proposed"]))

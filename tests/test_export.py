@@ -179,3 +179,34 @@ def test_the_draft_folder_is_untouched_and_out_is_kept_without_overwrite(toy, tm
     assert export(draft_dir, draft_dir, base_dir, "--overwrite") != 0  # never over its own input
     assert "draft folder itself" in capsys.readouterr().err
     assert _digests(draft_dir) == before
+
+
+# ---- scripts/vllm_eagle_check.py's bookkeeping (vLLM itself is not needed) ------------------------
+
+def test_the_check_rebuilds_what_vllms_draft_cache_holds_and_reruns_our_draft(toy):
+    """Recorded propose calls -> per call (h_p, token at p+1) for p = 0..p*: vLLM's shift, later calls
+    overwriting a position's entry (a rejected branch's hidden state), a new request starting afresh."""
+    from conftest import load_script
+
+    check = load_script("vllm_eagle_check")
+    base, _, draft, _ = toy
+    d = draft.config.hidden_size
+    h = torch.randn(12, d, dtype=torch.float64)
+
+    def call(positions, ids, nxt, hidden):
+        return {"positions": torch.tensor(positions), "ids": torch.tensor(ids), "hidden": hidden,
+                "next": nxt, "proposed": [0, 0]}
+
+    calls = [call([0, 1, 2, 3], [5, 6, 7, 8], 9, h[:4]),  # prefill: tokens at 0..3, the base's next token 9
+             call([4, 5], [9, 11], 12, h[4:6]),  # a decode step, two valid tokens
+             call([5, 6], [11, 13], 14, h[6:8]),  # position 5 again, with another hidden state
+             call([0, 1], [20, 21], 22, h[8:10])]  # the next request
+    inputs = check.draft_inputs(calls)
+    hid, nxt, _ = inputs[2]
+    assert nxt.tolist() == [6, 7, 8, 9, 11, 13, 14]
+    assert torch.equal(hid, torch.cat([h[:5], h[6:8]]))
+    assert inputs[3][1].tolist() == [21, 22] and torch.equal(inputs[3][0], h[8:10])
+    rows = check.our_proposals(draft, inputs)
+    for (hid, nxt, _), (first, _, path) in zip(inputs, rows):
+        assert first == int(draft(hid[None], nxt[None]).logits[0, -1].argmax())  # teacher-forced, last position
+        assert path[0] == first and len(path) == 2
