@@ -99,7 +99,11 @@ def our_proposals(draft, inputs) -> list[tuple[int, list[int], list[int]]]:
     for hidden, nxt, theirs in inputs:
         cache = DraftCache()
         f_last = draft.extend(hidden[None], nxt[None], cache)  # [1,d] teacher-forced over p = 0..p*, causal
-        first = int(draft._head(f_last).argmax())  # the base's head in float32
+        logits = draft._head(f_last)[0]  # [V] the base's head in float32
+        first = int(logits.argmax())
+        if first != theirs[0]:  # how close a call it was for us: our logit of ours minus our logit of theirs
+            MISMATCHES.append({"ours": first, "theirs": theirs[0],
+                               "margin": round(float(logits[first] - logits[theirs[0]]), 5)})
         levels = draft.levels(f_last, cache, len(theirs))[0]  # [k, V+1], token 0 in the last column
         path = [0 if t == levels.shape[-1] - 1 else t for t in levels.argmax(-1).tolist()]
         rows.append((first, theirs, path))
@@ -178,6 +182,7 @@ def main():
         same_path = sum(path == theirs for _, theirs, path in rows)
         res["first_level"] = {"calls": len(rows), "equal": same_first, "fraction": round(same_first / len(rows), 4)}
         res["all_levels_equal"] = {"calls": len(rows), "equal": same_path}
+        res["first_level_mismatches"] = MISMATCHES
     if args.compare_to:
         plain = json.loads(args.compare_to.read_text())["answers"]
         res["same_as_plain"] = sum(a["tokens"] == b["tokens"] for a, b in zip(answers, plain))
@@ -186,6 +191,7 @@ def main():
 
 
 RECORDER = ProposeRecorder()
+MISMATCHES: list[dict] = []
 
 if __name__ == "__main__":
     main()
