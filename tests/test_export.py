@@ -162,6 +162,17 @@ def test_a_base_of_another_size_is_refused(toy, tmp_path, capsys):
     assert "hidden size 32" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_a_base_whose_embedding_or_head_is_not_plain_is_refused(toy, tmp_path, capsys):
+    from conftest import tiny_arch
+
+    _, _, _, draft_dir = toy
+    gemma = tmp_path / "gemma2"
+    tiny_arch("gemma2").save_pretrained(gemma)  # a scaled embedding and a soft-capped head
+    capsys.readouterr()
+    assert export(draft_dir, tmp_path / "out", gemma) != 0
+    assert "model type 'gemma2'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def _digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

@@ -32,6 +32,7 @@ from .config import DraftConfig
 FORMATS = ("eagle", "eagle3")
 # The bases whose embedding and head vLLM applies as plain modules (no embedding scale, soft-capping or
 # head bias) and whose rope a Llama config carries: the draft then sees in vLLM exactly what it sees here.
+# Run in vLLM: llama (SmolLM2, BENCHMARKS.md); mistral and qwen2 by the same argument, not run.
 EXACT_BASES = ("llama", "mistral", "qwen2")
 
 # our key (inside layers.i.) -> Llama's, as vLLM's hf_to_vllm_mapper and transformers' LlamaDecoderLayer name them
