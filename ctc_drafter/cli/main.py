@@ -15,7 +15,7 @@ import sys
 from ..errors import CTCDrafterError
 from .checks import check_command
 
-COMMANDS = ["generate", "demo", "make-prompts", "distill", "corpus", "train", "eval", "report", "serve"]
+COMMANDS = ["generate", "demo", "make-prompts", "distill", "corpus", "train", "eval", "report", "serve", "export"]
 
 
 class _Parser(argparse.ArgumentParser):
