@@ -4,7 +4,7 @@
         --ctc-draft ctc_drafter/assets/default_draft --ce-draft runs/ce --out runs/bench/mt_bench \
         [--question-end 80] [--max-new-tokens 256] [--budget 4] [--chunk 8 | --spread 10] \
         [--dtypes float32,bfloat16] [--cpu-kernels auto|packed|stock] [--threads auto|N] \
-        [--draft ar=runs/ar-draft ...] [--part 1/2]
+        [--draft ar=runs/ar-draft ...] [--ctc-ab ref=runs/ref ...] [--default-with ref=runs/ref ...] [--part 1/2]
 
 Two processes, one per core, each its half of the windows, then one table over both:
     python scripts/benchmark.py ... --spread 10 --part 1/2 --out runs/b/p1 &
@@ -64,6 +64,14 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
         hybrid.append((f"{name}-hybrid", ["--draft-model", path, "--proposer", "hybrid", "--generator", "prefix"]
                        + budget))
     out = out[:-2] + alone + out[-2:-1] + hybrid + out[-1:]
+    # a CTC draft alone on every step with its default tree, the CTC transform on and off (NAME-on, NAME-off)
+    for spec in getattr(a, "ctc_ab", None) or []:
+        name, path = spec.split("=", 1)
+        alone = ["--draft-model", path, "--proposer", "ctc", "--always-speculate"]
+        out += [(f"{name}-on", alone + ["--ctc-transform", "on"]), (f"{name}-off", alone + ["--ctc-transform", "off"])]
+    # a draft in the engine's defaults (the hybrid, its tree policy and budget, the speculation switch)
+    out += [(f"{spec.split('=', 1)[0]}-default", ["--draft-model", spec.split("=", 1)[1]])
+            for spec in getattr(a, "default_with", None) or []]
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
@@ -187,6 +195,12 @@ def main():
     ap.add_argument("--draft", action="append", metavar="NAME=PATH",
                     help="another draft to run with the `prefix` policy as methods NAME-prefix, NAME-prefix-always "
                          "(every step) and NAME-hybrid (repeatable)")
+    ap.add_argument("--ctc-ab", action="append", metavar="NAME=PATH",
+                    help="a CTC draft alone on every step with its default tree, the CTC transform on and off: "
+                         "methods NAME-on and NAME-off (repeatable)")
+    ap.add_argument("--default-with", action="append", metavar="NAME=PATH",
+                    help="the engine's defaults (hybrid proposer, default tree and budget, the switch) with this "
+                         "draft: method NAME-default (repeatable)")
     ap.add_argument("--part", default=None, metavar="K/N",
                     help="run only windows K, K+N, K+2N, ... (1-based): N processes share one bench")
     ap.add_argument("--answers-from", nargs="+", default=[], metavar="DIR",
@@ -195,9 +209,10 @@ def main():
     skipped = llama_row(a)[1]
     if skipped:
         print(skipped, flush=True)
-    for spec in a.draft or []:
-        if "=" not in spec:
-            ap.error(f"--draft {spec!r}: expected NAME=PATH")
+    for flag, specs in (("--draft", a.draft), ("--ctc-ab", a.ctc_ab), ("--default-with", a.default_with)):
+        for spec in specs or []:
+            if "=" not in spec:
+                ap.error(f"{flag} {spec!r}: expected NAME=PATH")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.answers_from:
         files = {name: [Path(d) / f"{name}.jsonl" for d in a.answers_from] for name, _ in methods(a)}

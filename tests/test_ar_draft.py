@@ -132,7 +132,7 @@ def test_make_proposer_picks_the_architectures_proposer():
     hybrid = make_proposer("hybrid", ar, "prefix")
     assert any(isinstance(p, ARProposer) for p in hybrid.parts)
     assert make_proposer("ctc", ar, "beam").describe() == {"proposer": "ctc", "generator": "beam",
-                                                           "architecture": "ar", "levels": 4,
+                                                           "ctc_transform": True, "architecture": "ar", "levels": 4,
                                                            "min_path_prob": 0.1}
 
 

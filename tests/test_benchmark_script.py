@@ -129,3 +129,18 @@ def test_arm_steps_sum_over_questions_and_turns(tmp_path):
             {"question_id": 3, "choices": [{"turns": ["written before the switch existed"]}]}]
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert bm.arm_steps(f) == {"full": 5, "plain": 6, "cheap": 4}
+
+
+def test_ctc_ab_runs_a_draft_alone_with_the_transform_on_and_off_and_default_with_the_defaults():
+    bm = _load()
+    a = types.SimpleNamespace(budget=None, medusa_budget=None, ctc_draft="d", ce_draft=None, only="r-on,r-off,r-default",
+                              dtypes="auto", cpu_kernels="packed", threads="1", ctc_ab=["r=runs/ref"],
+                              default_with=["r=runs/ref"])
+    got = dict(bm.methods(a))
+    assert set(got) == {"r-on", "r-off", "r-default"}
+    for mode in ("on", "off"):
+        extra = got[f"r-{mode}"]
+        assert extra[extra.index("--ctc-transform") + 1] == mode and "--always-speculate" in extra
+        assert extra[extra.index("--draft-model") + 1] == "runs/ref" and "--generator" not in extra
+    assert got["r-default"][:2] == ["--draft-model", "runs/ref"]
+    assert not {"--proposer", "--generator", "--budget", "--always-speculate"} & set(got["r-default"])

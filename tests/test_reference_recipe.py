@@ -151,6 +151,42 @@ def test_medusa_policy_with_collapse_proposes_the_reference_transforms_sequences
         assert got == want
 
 
+def test_medusa_policy_without_the_transform_proposes_each_path_literally():
+    """--ctc-transform off: the tree's root-to-node paths are exactly the prefixes of the 63 paths over each
+    level's top-10 tokens without the blank column: repeats kept, token 0 (the blank) never proposed."""
+    g = torch.Generator().manual_seed(4)
+    V = 12
+    for trial in range(10):
+        logits = torch.randn(4, V, generator=g) * 3
+        logits[1:, :] = logits[0]  # every level alike: the literal paths repeat tokens
+        logits[trial % 4, 0] = logits[trial % 4].max() + 1  # the blank on top of one level
+        no_blank = logits.clone()
+        no_blank[:, 0] = float("-inf")
+        top = no_blank.topk(10, -1).indices.tolist()
+        paths = [tuple(top[f][r] for f, r in enumerate(c)) for c in MedusaTree().choices]
+        want = {p[:i] for p in paths for i in range(1, len(p) + 1)}
+        rows = torch.log_softmax(Eagle1DraftModel._rows(logits), -1)
+        got = {p for p in MedusaTree(ctc=False).build(root=99, frame_logprobs=rows, max_depth=8, budget=64).prefixes()
+               if p}
+        assert got == want
+        a = top[0][0]
+        assert (a, a, a, a) in got and all(0 not in p for p in got)  # path [0,0,0,0] uncollapsed, no blank
+        collapsed = MedusaTree().build(root=99, frame_logprobs=rows, max_depth=8, budget=64).prefixes()
+        assert (a, a, a, a) not in collapsed  # on: 4 frames emit at most 2 equal tokens (a, blank, a)
+
+
+def test_ctc_transform_option_reaches_the_tree_policy():
+    base, draft = _toy()
+    assert make_proposer("ctc", draft).policy.ctc  # auto: the eagle1 draft is trained with a blank
+    off = make_proposer("hybrid", draft, "medusa", ctc_transform=False)
+    assert [p.policy.ctc for p in off.parts if hasattr(p, "policy")] == [False]
+    assert off.describe()["ctc_transform"] is False
+    ce = new_eagle1_draft_for(base, loss="ce")
+    assert not make_proposer("ctc", ce).policy.ctc
+    with pytest.raises(CTCDrafterError, match="needs a draft trained with a blank"):
+        make_proposer("ctc", ce, ctc_transform=True)
+
+
 # ---- the losses ----------------------------------------------------------------------------------
 
 def _reference_windows(mask: list[bool], fixlen: int = 3) -> list[int]:
@@ -340,8 +376,11 @@ def test_untrained_eagle1_speculative_equals_hf_generate(budget, generator):
         assert spec.tokens == drafter.generate(ids, 30, speculative=False).tokens == hf_greedy(base.model, ids, 30)
     hybrid = CTCDrafter(base, draft, budget=16, proposer="hybrid")
     assert hybrid.generate(ids, max_new_tokens=30).tokens == hf_greedy(base.model, ids, 30)
-    no_transform = ARProposer(draft, MedusaTree(ctc=False), min_path_prob=0.0)  # plain EAGLE-1 tree
-    assert CTCDrafter(base, draft, budget=budget, proposer=no_transform).generate(ids, 30).tokens == \
+    for transform in (True, False):  # --ctc-transform on / off: lossless either way
+        d = CTCDrafter(base, draft, generator=generator, budget=budget, proposer="ctc", ctc_transform=transform)
+        assert d.settings()["ctc_transform"] is transform
+        assert d.generate(ids, 30).tokens == hf_greedy(base.model, ids, 30)
+    assert CTCDrafter(base, draft, budget=16, proposer="hybrid", ctc_transform=False).generate(ids, 30).tokens == \
         hf_greedy(base.model, ids, 30)
 
 
@@ -367,6 +406,7 @@ def test_train_preset_reference_end_to_end_then_generate_is_lossless(tiny_model_
     log = read_log(out)
     steps = [r for r in log if r["event"] == "step"]
     assert steps and all(math.isfinite(r["loss"]) and {"feature", "token", "acc"} <= set(r) for r in steps)
+    assert all(r["pos_per_s"] > 0 for r in steps)  # trained positions, from the losses' weight
     assert steps[0]["lr"] == 0.0  # transformers' linear warmup starts from 0
     epoch = [r for r in log if r["event"] == "epoch"][0]
     assert epoch["eval"]["loss"] >= 0 and 0 <= epoch["eval"]["acc"] <= 1
@@ -374,7 +414,12 @@ def test_train_preset_reference_end_to_end_then_generate_is_lossless(tiny_model_
     assert cli_main(["generate", "--base-model", str(tiny_model_dir), "--draft-model", str(out), "--prompt", "hi",
                      "--max-new-tokens", "5", "--json", "--device", "cpu", "--proposer", "ctc"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["new_tokens"] == 5 and res["draft_trained"] is True
+    assert res["new_tokens"] == 5 and res["draft_trained"] is True and res["ctc_transform"] is True
+    assert cli_main(["generate", "--base-model", str(tiny_model_dir), "--draft-model", str(out), "--prompt", "hi",
+                     "--max-new-tokens", "5", "--json", "--device", "cpu", "--proposer", "ctc",
+                     "--ctc-transform", "off"]) == 0
+    off = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert off["ctc_transform"] is False and off["text"] == res["text"]
     drafter = CTCDrafter.from_pretrained(str(tiny_model_dir), str(out), device="cpu", proposer="ctc",
                                          generator="medusa")
     assert type(drafter.draft) is Eagle1DraftModel and drafter.budget == 64

@@ -9,6 +9,8 @@ from ..models.templates import TEMPLATES
 from ..validate import accepted_by
 from . import checks
 
+CTC_TRANSFORM = {"auto": None, "on": True, "off": False}  # --ctc-transform -> SpeculativeDecoder's ctc_transform
+
 
 # --proposer: a registered name, or a plugin package.module:Class (imported now, so that a typo fails first)
 proposer_name = accepted_by(proposer_kind)
@@ -48,6 +50,9 @@ def add_decoding_args(p) -> None:
                    choices=["beam", "medusa", "prefix"],
                    help="the CTC draft's tree policy: the most likely prefixes by exact CTC prefix probability (default "
                         "on CPU), the paper's Medusa-63 tree (default on CUDA), or CTC prefix beam search")
+    p.add_argument("--ctc-transform", default="auto", choices=list(CTC_TRANSFORM),
+                   help="read the draft's tree paths with the CTC rule (merge repeats, drop blanks: on), literally "
+                        "(no merging, the blank never proposed: off), or as the draft was trained (auto)")
     p.add_argument("--budget", type=checks.int_in(1, checks.MAX_BUDGET), default=None,
                    help=f"tree node budget incl. root, 1..{checks.MAX_BUDGET} (default: 4 on CPU, 64 on CUDA; 64 for medusa)")
     p.add_argument("--always-speculate", action="store_true",
@@ -72,5 +77,6 @@ def load_drafter(args, draft_model):
                                            tree_policy=args.generator, budget=args.budget,
                                            cpu_kernels=args.cpu_kernels, proposer=args.proposer,
                                            trust_remote_code=args.trust_remote_code, cpu_threads=args.threads,
-                                           adaptive=not args.always_speculate)
+                                           adaptive=not args.always_speculate,
+                                           ctc_transform=CTC_TRANSFORM[args.ctc_transform])
     return d, d.kernel_report

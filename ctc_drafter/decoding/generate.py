@@ -145,12 +145,13 @@ class SpeculativeDecoder(ChatMixin):
     def __init__(self, base: BaseModel, draft: CTCDraftModel | None = None, tree_policy: str | None = None,
                  budget: int | None = None, draft_trained: bool = True, proposer: str | Proposer = DEFAULT_PROPOSER,
                  cost_ms=None, adaptive: bool = True, switch=SpeculationSwitch, clock=time.perf_counter,
-                 generator: str | None = None):
+                 generator: str | None = None, ctc_transform: bool | None = None):
         """proposer: a Proposer, a name (ctc, ngram, hybrid) or a plugin 'package.module:Class'.
         tree_policy: the CTC draft's (beam, medusa, prefix; None: the device's default); `generator` is its
         old name. switch: arms -> an object with choose() and record(arm, tokens, seconds), made per greedy
         request to choose how each step is taken (decoding/switch.py); clock: seconds, for the switch's
-        step timings and the result's wall times."""
+        step timings and the result's wall times. ctc_transform: the draft's trees with the CTC rule
+        (merge repeats, drop blanks) or taken literally; None: as the draft was trained."""
         tree_policy = _policy_alias(tree_policy, generator)
         self.base = base
         self.adaptive = adaptive  # greedy requests take each step the way measured fastest (decoding/switch.py)
@@ -163,7 +164,8 @@ class SpeculativeDecoder(ChatMixin):
             self.proposer = proposer
         else:
             kind = proposer_kind(proposer)
-            self.proposer = make_proposer(proposer, self.draft, tree_policy, cost_ms=cost_ms) if (
+            self.proposer = make_proposer(proposer, self.draft, tree_policy, cost_ms=cost_ms,
+                                          ctc_transform=ctc_transform) if (
                 self.draft is not None or not kind.needs_draft) else None
         name = getattr(self.proposer, "name", "ctc")
         policy = tree_policy or default_generator(base.device, self.draft)  # an eagle1 draft's is medusa
@@ -197,7 +199,7 @@ class SpeculativeDecoder(ChatMixin):
                         cpu_kernels: str = "auto", proposer: str | Proposer = DEFAULT_PROPOSER,
                         trust_remote_code: bool = False, cpu_threads: int | str = "auto",
                         adaptive: bool = True, switch=SpeculationSwitch,
-                        generator: str | None = None) -> "SpeculativeDecoder":
+                        generator: str | None = None, ctc_transform: bool | None = None) -> "SpeculativeDecoder":
         """Load base and draft (the draft only where the proposer takes one).
 
         cpu_kernels (CPU fp32/bf16 bases): 'auto' gives each pass size the linear kernel measured
@@ -207,7 +209,7 @@ class SpeculativeDecoder(ChatMixin):
         thread count, 'auto' = 1 or all cores, whichever the same timing found faster (unless
         OMP_NUM_THREADS fixes it), or a number. adaptive: greedy requests take each step the way measured
         fastest on the request (the proposer's modes, plain steps; decoding/switch.py); False asks the
-        whole proposer on every step.
+        whole proposer on every step. ctc_transform: see __init__.
         """
         from ..draft import load_draft
         from ..models.base import load_base_model
@@ -222,7 +224,8 @@ class SpeculativeDecoder(ChatMixin):
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
         sized = kernels.cost is not None and kind is not None and kind.sized_by_cost
         drafter = cls(base, draft, tree_policy=tree_policy, budget=budget, draft_trained=trained, proposer=proposer,
-                      cost_ms=kernels.cost.pass_ms if sized else None, adaptive=adaptive, switch=switch)
+                      cost_ms=kernels.cost.pass_ms if sized else None, adaptive=adaptive, switch=switch,
+                      ctc_transform=ctc_transform)
         drafter.kernel_report = kernels
         return drafter
 

@@ -59,6 +59,7 @@ def answer_meta(engine, bench: str, question_file, *, engine_kind: str = "ours",
         "speculative": spec,
         "proposer": settings.get("proposer"),
         "generator": settings.get("generator"),
+        "ctc_transform": settings.get("ctc_transform"),
         "budget": settings.get("budget"),
         "adaptive": settings.get("adaptive"),
         "prompt_lookup_tokens": engine.prompt_lookup_tokens if engine_kind == "hf-prompt-lookup" else None,
@@ -227,7 +228,8 @@ def check_resumable(existing: list[dict], meta: dict, path) -> None:
         if old and "engine" not in old:
             old["engine"] = "ours"  # written before HF engines existed
         for key in ("bench", "engine", "prompt_lookup_tokens", "speculative", "base_model", "max_new_tokens",
-                    "temperature", "proposer", "generator", "budget", "kernels", "draft_sha256", "adaptive"):
+                    "temperature", "proposer", "generator", "ctc_transform", "budget", "kernels", "draft_sha256",
+                    "adaptive"):
             if key in old and key in meta and old[key] != meta[key]:
                 raise CTCDrafterError(
                     f"{path} already holds answers with {key}={old[key]!r} but this run has {key}={meta[key]!r}; "

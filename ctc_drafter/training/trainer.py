@@ -154,13 +154,15 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{lp.parts['loss']:.3f}", lr=f"{self.last_lr:.2e}")
             if self.global_step % self.opts.log_every == 0:
-                summary = window.reduce(self.acc).summary()
+                reduced = window.reduce(self.acc)
+                summary = reduced.summary()
                 now = time.perf_counter()
                 self.log.write({"event": "step", "epoch": epoch, "step": self.global_step,
                                 "lr": self.last_lr, **summary,
                                 "seq_per_s": round(seqs_win * self.acc.num_processes / (now - t_win), 3),
                                 # trained positions (every process's): what --positions all multiplies
-                                "pos_per_s": round(summary.get("positions", 0) / (now - t_win), 1)})
+                                # (the reference trainer keeps no decode sums: its losses' weight is its positions)
+                                "pos_per_s": round(summary.get("positions", reduced.loss_weight) / (now - t_win), 1)})
                 window, t_win, seqs_win = DraftMetrics(k), now, 0
         bar.close()
         train = totals.reduce(self.acc).summary()

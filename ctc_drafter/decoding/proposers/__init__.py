@@ -13,7 +13,7 @@ import torch
 from ...errors import CTCDrafterError
 from .ar import ARProposer
 from .base import Proposer, SwitchModes
-from .ctc import CTCProposer
+from .ctc import CTCProposer, ctc_transform_for
 from .frame_trees import MEDUSA_63, POLICIES, BeamTree, FrameTreePolicy, MedusaTree, PrefixTree, make_policy
 from .ngram import NgramMemory, NgramProposer
 from .union import UnionProposer
@@ -119,10 +119,12 @@ def load_plugin(spec: str) -> type[Proposer]:
 
 
 def make_proposer(name: str, draft=None, generator: str | None = None,
-                  cost_ms: Callable[[int], float] | None = None, memory: NgramMemory | None = None) -> Proposer:
+                  cost_ms: Callable[[int], float] | None = None, memory: NgramMemory | None = None,
+                  ctc_transform: bool | None = None) -> Proposer:
     """'ctc' (the draft with tree policy `generator`; None: the device's default), 'ngram' (prompt lookup +
     memory, no draft needed), 'hybrid' (both, merged by calibrated acceptance, sized by `cost_ms` when given),
-    or a plugin 'package.module:Class'."""
+    or a plugin 'package.module:Class'. ctc_transform: the draft's trees with the CTC rule or literally
+    (proposers/ctc.py; None: as the draft was trained)."""
     kind = proposer_kind(name)
     if generator is None:
         generator = default_generator(next(draft.parameters()).device if draft is not None else "cpu", draft)
@@ -130,16 +132,19 @@ def make_proposer(name: str, draft=None, generator: str | None = None,
         raise CTCDrafterError(f"unknown tree policy {generator!r} (use {' or '.join(POLICIES)})")
     if kind.needs_draft and draft is None:
         raise CTCDrafterError(f"proposer {name!r} needs a draft model (or use --proposer ngram)")
-    return kind.factory(draft, generator, cost_ms, memory)
+    policy = generator if draft is None or ctc_transform is None else make_policy(
+        generator, ctc=ctc_transform_for(draft, ctc_transform))
+    return kind.factory(draft, policy, cost_ms, memory)
 
 
-def draft_proposer(draft, generator: str = "beam") -> Proposer:
+def draft_proposer(draft, generator: str | FrameTreePolicy = "beam", ctc_transform: bool | None = None) -> Proposer:
     """The proposer of a draft's architecture: frames from one state (nar) or levels (ar). The reference
     layout (eagle1) drafts every level, as `topK_genrate` does: no cut-off."""
     if getattr(draft.config, "layout", None) == "eagle1":
-        return ARProposer(draft, generator, min_path_prob=0.0)
+        return ARProposer(draft, generator, min_path_prob=0.0, ctc_transform=ctc_transform)
     ar = getattr(draft.config, "architecture", "nar") == "ar"
-    return ARProposer(draft, generator) if ar else CTCProposer(draft, generator)
+    return (ARProposer(draft, generator, ctc_transform=ctc_transform) if ar
+            else CTCProposer(draft, generator, ctc_transform))
 
 
 __all__ = ["Proposer", "SwitchModes", "ProposerKind", "REGISTRY", "proposer_kind", "load_plugin", "CTCProposer",

@@ -21,8 +21,8 @@ class ARProposer(CTCProposer):
     name = "ctc"  # the same CLI proposer (and default budgets); describe() names the architecture
 
     def __init__(self, draft: ARDraftModel, policy: str | FrameTreePolicy = "beam", levels: int | None = None,
-                 min_path_prob: float = MIN_PATH_PROB):
-        super().__init__(draft, policy)
+                 min_path_prob: float = MIN_PATH_PROB, ctc_transform: bool | None = None):
+        super().__init__(draft, policy, ctc_transform)
         self.levels = levels or draft.config.num_frames  # config default: the reference's 4
         self.min_path_prob = min_path_prob  # 0: every level
 

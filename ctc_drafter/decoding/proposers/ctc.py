@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...draft.model import CTCDraftModel, DraftCache
+from ...errors import CTCDrafterError
 from .base import Proposer
 from .frame_trees import FrameTreePolicy, make_policy
 
@@ -16,9 +17,11 @@ from .frame_trees import FrameTreePolicy, make_policy
 class CTCProposer(Proposer):
     name = "ctc"
 
-    def __init__(self, draft: CTCDraftModel, policy: str | FrameTreePolicy = "beam"):
+    def __init__(self, draft: CTCDraftModel, policy: str | FrameTreePolicy = "beam", ctc_transform: bool | None = None):
+        """ctc_transform: read the frames with the CTC rule (merge repeats, drop blanks), or take each path
+        literally (False: no merging, the blank never proposed); None: as the draft was trained (loss ctc)."""
         self.draft = draft
-        ctc = draft.config.loss == "ctc"
+        ctc = ctc_transform_for(draft, ctc_transform)
         self.policy = policy if isinstance(policy, FrameTreePolicy) else make_policy(policy, ctc=ctc)
         self.cache: DraftCache | None = None
         self.s_last: torch.Tensor | None = None  # [1,d] draft state of the newest accepted position
@@ -43,4 +46,15 @@ class CTCProposer(Proposer):
         self.cache = self.s_last = None
 
     def describe(self):
-        return {"proposer": self.name, "generator": self.policy.name}
+        return {"proposer": self.name, "generator": self.policy.name, "ctc_transform": self.policy.ctc}
+
+
+def ctc_transform_for(draft: CTCDraftModel, ctc_transform: bool | None) -> bool:
+    """The transform a draft's trees use: as asked, or (None) as it was trained; a draft trained without a
+    blank (loss ce) has nothing to collapse."""
+    if ctc_transform is None:
+        return draft.config.loss == "ctc"
+    if ctc_transform and draft.config.loss != "ctc":
+        raise CTCDrafterError("the CTC transform needs a draft trained with a blank (this one's loss is "
+                              f"{draft.config.loss!r}): use --ctc-transform off or auto")
+    return bool(ctc_transform)
