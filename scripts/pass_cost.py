@@ -187,19 +187,14 @@ def quiet_llama_cpp(L) -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
-def default_q4_gguf() -> Path:
-    from ctc_drafter.models.base import DEFAULT_GGUF, _default_gguf_dir
-
-    return _default_gguf_dir() / DEFAULT_GGUF
-
-
 def missing(engine: str, a) -> str:
     """Why `engine` cannot run here ('' when it can)."""
     if engine.startswith("llama-"):
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            return "llama_cpp is not importable (pip install llama-cpp-python; README, optional extras)"
+        from ctc_drafter.evaluation.llamacpp_engine import llama_cpp_missing
+
+        reason = llama_cpp_missing()
+        if reason:
+            return reason
         if a.base_model != "default":
             return "the GGUFs are those of the embedded default base"
         gguf = gguf_of(engine, a)
@@ -212,7 +207,9 @@ def missing(engine: str, a) -> str:
 
 
 def gguf_of(engine: str, a) -> Path:
-    return default_q4_gguf() if engine == "llama-q4_1" else Path(a.gguf_bf16)
+    from ctc_drafter.evaluation.llamacpp_engine import gguf_for
+
+    return gguf_for("default") if engine == "llama-q4_1" else Path(a.gguf_bf16)
 
 
 def measure(engine: str, a, threads: int) -> dict:
