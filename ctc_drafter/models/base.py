@@ -13,7 +13,7 @@ import os
 import shutil
 import logging
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -181,6 +181,37 @@ class BaseModel:
         finally:
             hook.remove()
         return captured[-1], out.logits
+
+    @contextmanager
+    def layer_inputs(self, layer_ids):
+        """Within it, each base pass appends to the yielded list the residual stream entering each of the
+        decoder layers `layer_ids`, concatenated [B,T,len*d]: id i is layer i-1's output (0: the embeddings,
+        num_layers: the last layer's output before the final norm), vLLM's EAGLE-3 aux hidden states. Hooks
+        are only set for the passes an eagle3 draft needs (draft/eagle3_model.py)."""
+        layers = getattr(self.model.base_model, "layers", None)
+        n = len(layers) if layers is not None else 0
+        if not n or not all(0 <= i <= n for i in layer_ids):
+            raise CTCDrafterError(f"the draft reads base layers {list(layer_ids)}, but base {self.name} has "
+                                  f"{n} decoder layers (ids 0..{n})")
+        seen: dict[int, torch.Tensor] = {}
+        got: list[torch.Tensor] = []
+
+        def keep(i):
+            def hook(_m, args, kwargs, out=None):
+                x = out if out is not None else (args[0] if args else kwargs["hidden_states"])
+                seen[i] = x[0] if isinstance(x, tuple) else x
+                if len(seen) == len(set(layer_ids)):  # the pass's last wanted layer: one entry per pass
+                    got.append(torch.cat([seen[j] for j in layer_ids], -1))
+                    seen.clear()
+            return hook
+
+        hooks = [layers[0].register_forward_pre_hook(keep(0), with_kwargs=True) if i == 0 else
+                 layers[i - 1].register_forward_hook(keep(i), with_kwargs=True) for i in sorted(set(layer_ids))]
+        try:
+            yield got
+        finally:
+            for h in hooks:
+                h.remove()
 
     def kernels_changed(self) -> None:
         """The linear kernels were swapped: what was measured of their rounding no longer holds."""
