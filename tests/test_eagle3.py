@@ -281,3 +281,26 @@ def test_train_refuses_a_feature_weight_for_eagle3(small_model_dir, data_dir, tm
     capsys.readouterr()
     assert train_cli(small_model_dir, data_dir, tmp_path / "x", "--layout", "eagle3", "--feature-weight", 1) != 0
     assert "no feature loss" in capsys.readouterr().err
+
+
+# ---- scripts/vllm_eagle_check.py --format eagle3's bookkeeping (vLLM itself is not needed) -----------
+
+def test_the_vllm_check_scores_an_eagle3_draft_over_the_base_vocabulary(toy):
+    """vLLM hands its EAGLE-3 proposer the aux states [n, 3d]; the check reruns our draft on them and names its
+    first level and top-1 path by base token id (draft-vocabulary rows through vocab_ids, blank excluded)."""
+    from conftest import load_script
+
+    check = load_script("vllm_eagle_check")
+    _, _, draft, _ = toy
+    aux = torch.randn(7, 3 * 32, dtype=torch.float64)
+    calls = [{"positions": torch.arange(5), "ids": torch.tensor([5, 6, 7, 8, 9]), "hidden": aux[:5], "next": 10,
+              "proposed": [0, 0, 0]},
+             {"positions": torch.tensor([5, 6]), "ids": torch.tensor([10, 11]), "hidden": aux[5:], "next": 12,
+              "proposed": [0, 0, 0]}]
+    inputs = check.draft_inputs(calls)
+    rows = check.our_proposals(draft, inputs)
+    for (hid, nxt, _), (first, _, path) in zip(inputs, rows):
+        T = hid.shape[0]
+        frames = draft(hid[None], nxt[None], torch.tensor([[T - 1]])).frames[0, 0, 0]  # the head at T-1 [N+1]
+        assert first == int(draft.vocab_ids[frames[:N].argmax()]) and first in draft.vocab_ids.tolist()
+        assert path[0] == first and len(path) == 3 and all(t in draft.vocab_ids.tolist() for t in path)
