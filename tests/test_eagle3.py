@@ -112,15 +112,46 @@ def test_levels_feed_the_drafts_own_state_and_match_a_fresh_pass(toy):
     assert cache.length == 7  # levels never move the accepted length
 
 
-def test_an_eagle3_folder_round_trips_and_is_refused_by_our_decoding_loop(toy):
+def test_an_eagle3_folder_round_trips_and_sets_the_bases_hidden_layers(toy):
     base, _, draft, draft_dir = toy
     back = load_draft_folder(draft_dir, dtype=torch.float64).bind(base.model)
     assert isinstance(back, Eagle3DraftModel) and back.config == draft.config
     # from_pretrained builds in float32, then casts: a float64 draft comes back rounded to float32
     assert all(torch.equal(back.state_dict()[k], v.float().to(v.dtype) if v.is_floating_point() else v)
                for k, v in draft.state_dict().items())
-    with pytest.raises(CTCDrafterError, match="export --format eagle3"):
-        load_draft(str(draft_dir), base)
+    with pytest.raises(CTCDrafterError, match="set the base's hidden_layers"):
+        back.extend(torch.zeros(1, 2, 32, dtype=torch.float64), torch.tensor([[1, 2]]), DraftCache())
+    loaded, trained = load_draft(str(draft_dir), base)
+    assert trained and isinstance(loaded, Eagle3DraftModel) and base.hidden_layers == [2, 3, 3]
+    ids = torch.randint(0, 64, (1, 5))
+    hidden, _ = base.forward(ids, None)  # the base's passes now return the aux states
+    assert hidden.shape == (1, 5, 3 * 32)
+    assert torch.equal(hidden[..., :32], base.model(ids, output_hidden_states=True).hidden_states[2])
+
+
+@pytest.mark.parametrize("generator,budget,vocab", [("medusa", 20, 0), ("prefix", 12, 40), ("beam", 12, 40)])
+def test_decoding_with_an_eagle3_draft_is_lossless(tmp_path, first_arm, generator, budget, vocab):
+    """Our loop with an eagle3 draft loaded as a user's folder: greedy output == HF generate's, and some steps
+    accept drafted tokens (fc starts as "take the deepest aux layer", here the last layer's output)."""
+    from ctc_drafter.decoding import CTCDrafter
+    from test_exactness import hf_greedy
+
+    base = BaseModel(tiny_llama(seed=1, layers=6), None, "toy")
+    folder = tmp_path / "d"
+    draft = new_eagle3_draft_for(base, seed=0, aux_layers=[1, 3, 6], draft_vocab=vocab)
+    if vocab:
+        draft.set_vocab(torch.randperm(64, generator=torch.Generator().manual_seed(0))[:vocab])
+    draft.save_pretrained(folder)
+    draft, _ = load_draft(str(folder), base)
+    drafter = CTCDrafter(base, draft, generator=generator, budget=budget, proposer="ctc", switch=first_arm)
+    g = torch.Generator().manual_seed(budget)
+    longest = 1
+    for _ in range(3):
+        ids = torch.randint(0, 64, (1, int(torch.randint(1, 12, (), generator=g))), generator=g)
+        spec = drafter.generate(ids, max_new_tokens=30)
+        assert spec.tokens == hf_greedy(base.model, ids, 30) and sum(spec.accept_lengths) == 30
+        longest = max(longest, max(spec.accept_lengths))
+    assert longest > 1, "no step accepted a draft token: the multi-token path is untested"
 
 
 # ---- export -------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ drafts. The draft vocabulary is kept sorted by token id (d2t = vocab_ids - arang
 export). With the CTC term a blank logit joins the token rows as in the AR layout (blank last); vLLM drafts
 its top-1 token, which is the top-1 non-blank symbol our levels feed on, so the exported chain is the same.
 
-Trained as the AR draft (training/losses.py: token cross-entropy at t and the CTC window over the heads
+Our decoding loop runs it as the AR draft once the base's passes return the aux states (BaseModel.hidden_layers,
+set by draft.load_draft). Trained as the AR draft (training/losses.py: token cross-entropy at t and the CTC window over the heads
 t..t+L-1, teacher-forced, no feature regression: EAGLE-3 dropped it), on the aux states of a base pass.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import CTCDrafterError
 from .ar_model import ARDraftModel
 from .cache import DraftCache
 from .config import DraftConfig
@@ -97,6 +99,10 @@ class Eagle3DraftModel(ARDraftModel):
     @torch.no_grad()
     def extend(self, hidden, next_ids, cache: DraftCache):
         """hidden [B,n,A*d]: the aux states at positions cache.length..+n-1; next_ids [B,n]. -> o of the newest [B,d]."""
+        if hidden.shape[-1] != self.fuse.in_features:
+            raise CTCDrafterError(f"an eagle3 draft reads base layers {self.config.aux_layers} ({self.fuse.in_features} "
+                                  f"wide), given states {hidden.shape[-1]} wide: set the base's hidden_layers to them "
+                                  "(load_draft does)")
         return super().extend(self.combine(hidden), next_ids, cache)
 
     def forward(self, hidden, next_ids, positions_sel=None, terms=None):

@@ -102,6 +102,9 @@ class BaseModel:
     rows_checked: int = field(default=1, init=False, repr=False)
     row_limit: int | None = field(default=None, init=False, repr=False)
     rows_probed: bool = field(default=True, init=False, repr=False)  # False: one row per call (tree_row_limit)
+    # Set for an eagle3 draft (draft.load_draft): the "hidden states" a pass returns are then these layers'
+    # inputs concatenated [B,T,len*d] (`layer_inputs`), which is what that draft reads at every position.
+    hidden_layers: list | None = field(default=None, init=False, repr=False)
 
     @property
     def config(self):
@@ -157,7 +160,8 @@ class BaseModel:
         Runs the model's own forward so that logit post-processing after the head (Gemma-2 soft-capping,
         Cohere/Granite scaling) is applied as in HF `generate`; `logits_to_keep` applies the head only
         where logits are needed (`logits_at`: None for all, a slice or indices), and a hook on the
-        backbone returns the last hidden states, which a causal-LM output does not carry.
+        backbone returns the last hidden states, which a causal-LM output does not carry (with
+        `hidden_layers` set: those layers' inputs, [B,T,len*d]).
         A 4D tree mask is adapted to the base's layers (sliding windows) by models/attention.py.
         """
         tree = attention_mask is not None and attention_mask.dim() == 4
@@ -165,11 +169,12 @@ class BaseModel:
             attention_mask = layer_masks(attention_mask, position_ids, self.attention_layout)
         exact = tree and self.exact_tree
         rows = self.tree_row_limit(input_ids.shape[1]) if exact else None
-        captured = []
-        hook = self.model.base_model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+        last = []
+        hook = self.model.base_model.register_forward_hook(lambda _m, _a, out: last.append(out[0]))
+        states = self.layer_inputs(self.hidden_layers) if self.hidden_layers else nullcontext(last)
         try:
             with exact_tree_pass() if exact else nullcontext(), \
-                    linear_rows_at_most(rows) if rows is not None else nullcontext():
+                    linear_rows_at_most(rows) if rows is not None else nullcontext(), states as captured:
                 out = self.model(
                     input_ids=input_ids,
                     **{cache_kwarg(self.model): past_key_values},
