@@ -118,10 +118,10 @@ def ar_loss_weights(config) -> dict:
     return {**default_loss_weights(config.layout), **(config.extra or {}).get("ar_loss_weights", {})}
 
 
-def _feature_loss(features, target_fn, valid, n, w) -> torch.Tensor:
-    """Smooth L1 of f_t to h_{t+1} (mean over d), a mean over the valid positions; not computed at weight 0
-    (the eagle3 layout, whose `hidden` is its aux states, not the state f_t estimates)."""
-    if not w["feature"]:
+def _feature_loss(features, target_fn, valid, n, config) -> torch.Tensor:
+    """Smooth L1 of f_t to h_{t+1} (mean over d), a mean over the valid positions; 0 for the eagle3 layout,
+    whose `hidden` is its aux states, not a state f_t estimates."""
+    if config.layout == "eagle3":
         return features.new_zeros((), dtype=torch.float32)
     feat = F.smooth_l1_loss(features.float(), target_fn().to(features.dtype).float(), reduction="none").mean(-1)
     return (feat * valid).sum() / n
@@ -158,7 +158,7 @@ def ar_losses(out, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.
     n = max(int(valid.sum()), 1)
     nxt = (positions + 1).clamp(max=T - 1)
     feature = _feature_loss(out.features, lambda: torch.gather(hidden, 1, nxt[..., None].expand(B, P, d)),
-                            valid, n, w)
+                            valid, n, config)
     tok = out.frames[:, :, 0, : config.num_tokens].float()  # head at t, blank excluded
     nll = F.cross_entropy(tok.reshape(B * P, -1), labels[..., 0].reshape(-1), reduction="none").view(B, P)
     token = (nll * valid).sum() / n
@@ -246,7 +246,7 @@ def ar_dense_losses(out, hidden: torch.Tensor, loss_len: torch.Tensor, window_le
     n = max(int(valid.sum()), 1)
     T = hidden.shape[1]
     nxt = torch.arange(1, T + 1, device=hidden.device).clamp(max=T - 1)
-    feature = _feature_loss(out.features, lambda: hidden[:, nxt], valid, n, w)  # h_{t+1} [B,T,d], clamped at T-1
+    feature = _feature_loss(out.features, lambda: hidden[:, nxt], valid, n, config)  # h_{t+1} [B,T,d], clamped at T-1
     own = valid[window_len > 0]  # [M]: which trained positions have a loss
     mean = lambda x, m: (x * m).sum() / n  # noqa: E731
     ctc = mean(out.terms["ctc"], own) if "ctc" in out.terms else None
