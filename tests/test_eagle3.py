@@ -112,6 +112,21 @@ def test_levels_feed_the_drafts_own_state_and_match_a_fresh_pass(toy):
     assert cache.length == 7  # levels never move the accepted length
 
 
+def test_the_unrolled_training_step_is_what_level_1_computes_at_decode(toy):
+    """f2 at p (training) == level 1 when the accepted positions end at p-1: the layer over (the draft's own
+    state at p-1, the token at p+1) at position p, with the accepted keys cached; f1 == the accepted states."""
+    _, _, draft, _ = toy
+    aux = torch.randn(1, 8, 3 * 32, dtype=torch.float64)
+    ids = torch.randint(0, 64, (1, 8))
+    f1, f2 = draft.unrolled(draft.combine(aux), ids)
+    for p in (1, 4, 7):
+        cache = DraftCache()
+        o = draft.extend(aux[:, :p], ids[:, :p], cache)  # accepted positions 0..p-1
+        torch.testing.assert_close(o, f1[:, p - 1])
+        lvl = draft._layers(draft._fuse(o[:, None], ids[:, p:p + 1]), torch.tensor([[p]]), cache, p, None)
+        torch.testing.assert_close(lvl[:, 0], f2[:, p])
+
+
 def test_an_eagle3_folder_round_trips_and_sets_the_bases_hidden_layers(toy):
     base, _, draft, draft_dir = toy
     back = load_draft_folder(draft_dir, dtype=torch.float64).bind(base.model)

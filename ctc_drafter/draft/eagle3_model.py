@@ -16,9 +16,11 @@ drafts. The draft vocabulary is kept sorted by token id (d2t = vocab_ids - arang
 export). With the CTC term a blank logit joins the token rows as in the AR layout (blank last); vLLM drafts
 its top-1 token, which is the top-1 non-blank symbol our levels feed on, so the exported chain is the same.
 
-Our decoding loop runs it as the AR draft once the base's passes return the aux states (BaseModel.hidden_layers,
-set by draft.load_draft). Trained as the AR draft (training/losses.py: token cross-entropy at t and the CTC window over the heads
-t..t+L-1, teacher-forced, no feature regression: EAGLE-3 dropped it), on the aux states of a base pass.
+Our decoding loop runs it as the AR draft once the base's passes return the aux states
+(BaseModel.hidden_layers, set by draft.load_draft). Trained as the AR draft (training/losses.py: token
+cross-entropy at t and the CTC window over the heads t..t+L-1, no feature regression: EAGLE-3 dropped it), on the aux states of a base pass, plus the same terms
+over one step unrolled on the draft's own states (`unrolled`: EAGLE-3's training-time test, one step), so
+the state that deeper levels read is trained too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import CTCDrafterError
-from .ar_model import ARDraftModel
+from .ar_model import ARDenseOutput, ARDraftModel
 from .cache import DraftCache
 from .config import DraftConfig
 from .model import DecoderLayer
@@ -106,8 +108,34 @@ class Eagle3DraftModel(ARDraftModel):
         return super().extend(self.combine(hidden), next_ids, cache)
 
     def forward(self, hidden, next_ids, positions_sel=None, terms=None):
-        """Teacher-forced pass over aux states hidden [B,T,A*d] (ARDraftModel.forward after fc)."""
-        return super().forward(self.combine(hidden), next_ids, positions_sel, terms)
+        """Training pass over aux states hidden [B,T,A*d]. With positions (sampled): ARDraftModel.forward
+        after fc. Without (every position): that pass and one unrolled step (`unrolled`), each scored by
+        `terms` against the same labels, summed (the metrics' greedy frames are the first pass's)."""
+        if positions_sel is not None:
+            return super().forward(self.combine(hidden), next_ids, positions_sel, terms)
+        f1, f2 = self.unrolled(self.combine(hidden), next_ids)
+        t1, t2 = terms(f1, self._head_parts), terms(f2, self._head_parts)
+        return ARDenseOutput(f1, {k: t1[k] if k == "best" else t1[k] + t2[k] for k in t1})
+
+    def unrolled(self, g, next_ids):
+        """EAGLE-3's training-time test, one step: g [B,T,d] = fc(aux), next_ids [B,T] ->
+        f1 [B,T,d], the teacher-forced states (level 0 of position p), and f2 [B,T,d]: at p, what level 1
+        computes when the accepted positions end at p-1: the layer over (f1 at p-1, the token at p+1) at
+        position p, attending to the first pass's keys of 0..p-1 and its own. f2 at p predicts what f1 at
+        p does (the token after next_ids[p]), from the draft's own state, as levels >= 1 read at decode."""
+        B, T, _ = g.shape
+        layer = self.layers[0]
+        pos = torch.arange(T, device=g.device).expand(B, T)
+        cos, sin = self._rope(g, pos)
+        x1 = self._fuse(g, next_ids)
+        k1, v1 = layer.kv(x1, cos, sin)
+        causal = torch.ones(T, T, dtype=torch.bool, device=g.device).tril()
+        f1 = layer(x1, cos, sin, k1, v1, causal[None, None])
+        x2 = self._fuse(torch.cat([f1[:, :1], f1[:, :-1]], 1), next_ids)  # p = 0 has no earlier state: its own
+        k2, v2 = layer.kv(x2, cos, sin)
+        mask = torch.cat([causal.tril(-1), torch.eye(T, dtype=torch.bool, device=g.device)], -1)  # [T,2T]
+        f2 = layer(x2, cos, sin, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), mask[None, None])
+        return f1, f2
 
 
 def new_eagle3_draft_for(base, seed: int = 0, **overrides) -> Eagle3DraftModel:
