@@ -64,8 +64,8 @@ class Eagle3Layer(DecoderLayer):
 class Eagle3DraftModel(ARDraftModel):
     """fc over the aux states + one Eagle3Layer + final norm + the head's draft-vocabulary rows (+ blank).
 
-    Levels, binding, the proposal vocabulary, save/load and the training terms are the AR draft's; only
-    the layer and the fc in front of the first level differ."""
+    Levels, binding, the proposal vocabulary, save/load and the training terms are the AR draft's; the
+    layer, the fc in front of the first level and the unrolled training step are its own."""
 
     def __init__(self, config: DraftConfig):
         super().__init__(config)
