@@ -1,16 +1,18 @@
-"""Does vLLM run our exported EAGLE-1 draft as we do? Runs the base in vLLM (CPU) with or without the draft
-and, with it, compares vLLM's first-level proposals with our eagle1 draft's on the same inputs.
+"""Does vLLM run our exported EAGLE-1 / EAGLE-3 draft as we do? Runs the base in vLLM (CPU) with or without the
+draft and, with it, compares vLLM's first-level proposals with our eagle1 / eagle3 draft's on the same inputs.
 
     cd <repo> && PYTHONPATH=$PWD VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=1 \\
       VLLM_CPU_KVCACHE_SPACE=1 nice -n 10 /work/venv-vllm/bin/python scripts/vllm_eagle_check.py \\
       --base ~/.cache/ctc-drafter/smollm2-135m-instruct --draft DRAFT --exported OUT --k 4 --out eagle.json
-    (add --plain for the run without the draft; --compare-to plain.json checks vLLM's own losslessness)
+    (add --plain for the run without the draft; --compare-to plain.json checks vLLM's own losslessness;
+    --format eagle3 for an eagle3-layout draft and its `export --format eagle3` folder)
 
 How: vLLM's EagleProposer.propose (v1/spec_decode/llm_base_proposer.py) is wrapped to record what it receives
 (target token ids, positions, the base's hidden states, the sampled next token, the index of the last valid
 token) and the tokens it returns. vLLM feeds the draft, at each valid position p, (h_p, token at p+1) and
 takes the first-level proposal from position p* = the last valid one, attending to the draft's keys of
-positions 0..p* (written by this and earlier calls). Our draft (DRAFT, the folder before export, in float32)
+positions 0..p* (written by this and earlier calls); with EAGLE-3, h_p is the concatenation of the target's
+aux layers' states, which vLLM's draft passes through fc. Our draft (DRAFT, the folder before export, in float32)
 then runs teacher-forced over the same (h_p, x_{p+1}) for p = 0..p*, the latest recorded value of each
 position being the one vLLM's draft cache holds, and its argmax at p* is compared with vLLM's.
 
@@ -99,15 +101,36 @@ def our_proposals(draft, inputs) -> list[tuple[int, list[int], list[int]]]:
     for hidden, nxt, theirs in inputs:
         cache = DraftCache()
         f_last = draft.extend(hidden[None], nxt[None], cache)  # [1,d] teacher-forced over p = 0..p*, causal
-        logits = draft._head(f_last)[0]  # [V] the base's head in float32
+        logits = first_level_logits(draft, f_last)  # [V] float32
         first = int(logits.argmax())
         if first != theirs[0]:  # how close a call it was for us: our logit of ours minus our logit of theirs
             MISMATCHES.append({"ours": first, "theirs": theirs[0],
                                "margin": round(float(logits[first] - logits[theirs[0]]), 5)})
-        levels = draft.levels(f_last, cache, len(theirs))[0]  # [k, V+1], token 0 in the last column
-        path = [0 if t == levels.shape[-1] - 1 else t for t in levels.argmax(-1).tolist()]
-        rows.append((first, theirs, path))
+        levels = draft.levels(f_last, cache, len(theirs))[0]  # [k, N+1]
+        rows.append((first, theirs, path_tokens(draft, levels)))
     return rows
+
+
+def first_level_logits(draft, f_last) -> torch.Tensor:
+    """f_last [1,d] -> our first level's logits over the base vocabulary [V]: eagle1, the base's head over f
+    (no final norm); eagle3, its head rows over norm(f), -inf off the draft vocabulary as vLLM's d2t mapping."""
+    if draft.config.layout != "eagle3":
+        return draft._head(f_last)[0]
+    tok = draft._head(draft.norm(f_last))[0].float()  # [N]
+    if draft.vocab_ids is None:
+        return tok
+    full = tok.new_full((draft.config.vocab_size,), float("-inf"))
+    full[draft.vocab_ids] = tok
+    return full
+
+
+def path_tokens(draft, levels) -> list[int]:
+    """Our top-1 token per level (levels [k, N+1]): eagle1, over the whole row (the blank column is token 0);
+    eagle3, over the token symbols (vLLM drafts no blank), mapped to token ids."""
+    if draft.config.layout != "eagle3":
+        return [0 if t == levels.shape[-1] - 1 else t for t in levels.argmax(-1).tolist()]
+    sym = levels[:, : draft.config.num_tokens].argmax(-1)
+    return (sym if draft.vocab_ids is None else draft.vocab_ids[sym]).tolist()
 
 
 def run_vllm(args, prompts):
@@ -115,7 +138,8 @@ def run_vllm(args, prompts):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    spec = None if args.plain else {"method": "eagle", "model": str(args.exported), "num_speculative_tokens": args.k}
+    spec = None if args.plain else {"method": args.format, "model": str(args.exported),
+                                    "num_speculative_tokens": args.k}
     llm = LLM(model=str(args.base), speculative_config=spec, enforce_eager=True, dtype=args.dtype,
               max_model_len=args.max_model_len, seed=0, disable_log_stats=False, max_num_seqs=1)
     tok = AutoTokenizer.from_pretrained(str(args.base))
@@ -144,8 +168,10 @@ def spec_metrics(llm) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=Path.home() / ".cache/ctc-drafter/smollm2-135m-instruct")
-    ap.add_argument("--draft", type=Path, help="our eagle1 draft folder (before export)")
-    ap.add_argument("--exported", type=Path, help="its `ctc-drafter export --format eagle` folder")
+    ap.add_argument("--format", choices=["eagle", "eagle3"], default="eagle",
+                    help="eagle: an eagle1-layout draft; eagle3: an eagle3-layout one (vLLM's method of the same name)")
+    ap.add_argument("--draft", type=Path, help="our eagle1 / eagle3 draft folder (before export)")
+    ap.add_argument("--exported", type=Path, help="its `ctc-drafter export --format eagle|eagle3` folder")
     ap.add_argument("--plain", action="store_true", help="the base alone, no draft")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--dtype", default="float32")
@@ -163,7 +189,7 @@ def main():
     answers, metrics, start = run_vllm(args, arena_prompts(args.data, args.prompts))
     new = sum(len(a["tokens"]) for a in answers)
     secs = sum(a["seconds"] for a in answers)
-    res = {"mode": "plain" if args.plain else f"eagle k={args.k}", "dtype": args.dtype, "prompts": len(answers),
+    res = {"mode": "plain" if args.plain else f"{args.format} k={args.k}", "dtype": args.dtype, "prompts": len(answers),
            "new_tokens": new, "seconds": round(secs, 2), "tok_per_s": round(new / secs, 2), "answers": answers}
     if not args.plain:
         drafts = metrics.get("vllm:spec_decode_num_drafts", 0)

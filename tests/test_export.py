@@ -138,7 +138,7 @@ def _saved(draft, folder):
 @pytest.mark.parametrize("kind, fmt, reason", [
     ("ar", "eagle", "the standard AR layout has layer 0's input norm, a final norm and a reduced 16-token head"),
     ("nar", "eagle", "a non-autoregressive draft"),
-    ("eagle1", "eagle3", "no draft layout here maps onto EAGLE-3 yet"),
+    ("eagle1", "eagle3", "a draft of the eagle1 layout reads the last state alone: train with --layout eagle3"),
 ])
 def test_drafts_that_cannot_map_exactly_are_refused_in_one_line(toy, tmp_path, capsys, kind, fmt, reason):
     base, base_dir, eagle1, draft_dir = toy

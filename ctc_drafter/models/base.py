@@ -13,7 +13,7 @@ import os
 import shutil
 import logging
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,6 +102,9 @@ class BaseModel:
     rows_checked: int = field(default=1, init=False, repr=False)
     row_limit: int | None = field(default=None, init=False, repr=False)
     rows_probed: bool = field(default=True, init=False, repr=False)  # False: one row per call (tree_row_limit)
+    # Set for an eagle3 draft (draft.load_draft): the "hidden states" a pass returns are then these layers'
+    # inputs concatenated [B,T,len*d] (`layer_inputs`), which is what that draft reads at every position.
+    hidden_layers: list | None = field(default=None, init=False, repr=False)
 
     @property
     def config(self):
@@ -157,7 +160,8 @@ class BaseModel:
         Runs the model's own forward so that logit post-processing after the head (Gemma-2 soft-capping,
         Cohere/Granite scaling) is applied as in HF `generate`; `logits_to_keep` applies the head only
         where logits are needed (`logits_at`: None for all, a slice or indices), and a hook on the
-        backbone returns the last hidden states, which a causal-LM output does not carry.
+        backbone returns the last hidden states, which a causal-LM output does not carry (with
+        `hidden_layers` set: those layers' inputs, [B,T,len*d]).
         A 4D tree mask is adapted to the base's layers (sliding windows) by models/attention.py.
         """
         tree = attention_mask is not None and attention_mask.dim() == 4
@@ -165,11 +169,12 @@ class BaseModel:
             attention_mask = layer_masks(attention_mask, position_ids, self.attention_layout)
         exact = tree and self.exact_tree
         rows = self.tree_row_limit(input_ids.shape[1]) if exact else None
-        captured = []
-        hook = self.model.base_model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+        last = []
+        hook = self.model.base_model.register_forward_hook(lambda _m, _a, out: last.append(out[0]))
+        states = self.layer_inputs(self.hidden_layers) if self.hidden_layers else nullcontext(last)
         try:
             with exact_tree_pass() if exact else nullcontext(), \
-                    linear_rows_at_most(rows) if rows is not None else nullcontext():
+                    linear_rows_at_most(rows) if rows is not None else nullcontext(), states as captured:
                 out = self.model(
                     input_ids=input_ids,
                     **{cache_kwarg(self.model): past_key_values},
@@ -181,6 +186,37 @@ class BaseModel:
         finally:
             hook.remove()
         return captured[-1], out.logits
+
+    @contextmanager
+    def layer_inputs(self, layer_ids):
+        """Within it, each base pass appends to the yielded list the residual stream entering each of the
+        decoder layers `layer_ids`, concatenated [B,T,len*d]: id i is layer i-1's output (0: the embeddings,
+        num_layers: the last layer's output before the final norm), vLLM's EAGLE-3 aux hidden states. Hooks
+        are only set for the passes an eagle3 draft needs (draft/eagle3_model.py)."""
+        layers = getattr(self.model.base_model, "layers", None)
+        n = len(layers) if layers is not None else 0
+        if not n or not all(0 <= i <= n for i in layer_ids):
+            raise CTCDrafterError(f"the draft reads base layers {list(layer_ids)}, but base {self.name} has "
+                                  f"{n} decoder layers (ids 0..{n})")
+        seen: dict[int, torch.Tensor] = {}
+        got: list[torch.Tensor] = []
+
+        def keep(i):
+            def hook(_m, args, kwargs, out=None):
+                x = out if out is not None else (args[0] if args else kwargs["hidden_states"])
+                seen[i] = x[0] if isinstance(x, tuple) else x
+                if len(seen) == len(set(layer_ids)):  # the pass's last wanted layer: one entry per pass
+                    got.append(torch.cat([seen[j] for j in layer_ids], -1))
+                    seen.clear()
+            return hook
+
+        hooks = [layers[0].register_forward_pre_hook(keep(0), with_kwargs=True) if i == 0 else
+                 layers[i - 1].register_forward_hook(keep(i), with_kwargs=True) for i in sorted(set(layer_ids))]
+        try:
+            yield got
+        finally:
+            for h in hooks:
+                h.remove()
 
     def kernels_changed(self) -> None:
         """The linear kernels were swapped: what was measured of their rounding no longer holds."""

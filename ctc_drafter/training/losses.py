@@ -104,11 +104,27 @@ def compute_losses(logits: torch.Tensor, labels: torch.Tensor, label_len: torch.
 # The reference code's weights: EAGLE's feature regression 1.0 and token cross-entropy 0.1, plus a CTC
 # term 0.01. CTC weight 0 is EAGLE-style (the draft is then saved with loss "ce": no blank symbol).
 AR_LOSS_WEIGHTS = {"feature": 1.0, "token": 0.1, "ctc": 0.01}
+# The eagle3 layout's: EAGLE-3 has no feature regression (its input is several layers, not the state the
+# draft would regress); token and CTC keep the reference's 10:1.
+EAGLE3_LOSS_WEIGHTS = {"feature": 0.0, "token": 1.0, "ctc": 0.1}
+
+
+def default_loss_weights(layout: str | None) -> dict:
+    return EAGLE3_LOSS_WEIGHTS if layout == "eagle3" else AR_LOSS_WEIGHTS
 
 
 def ar_loss_weights(config) -> dict:
     """The weights a draft was (or is being) trained with: config.extra["ar_loss_weights"] over the defaults."""
-    return {**AR_LOSS_WEIGHTS, **(config.extra or {}).get("ar_loss_weights", {})}
+    return {**default_loss_weights(config.layout), **(config.extra or {}).get("ar_loss_weights", {})}
+
+
+def _feature_loss(features, target_fn, valid, n, config) -> torch.Tensor:
+    """Smooth L1 of f_t to h_{t+1} (mean over d), a mean over the valid positions; 0 for the eagle3 layout,
+    whose `hidden` is its aux states, not a state f_t estimates."""
+    if config.layout == "eagle3":
+        return features.new_zeros((), dtype=torch.float32)
+    feat = F.smooth_l1_loss(features.float(), target_fn().to(features.dtype).float(), reduction="none").mean(-1)
+    return (feat * valid).sum() / n
 
 
 def ar_uses_ctc(config) -> bool:
@@ -141,9 +157,8 @@ def ar_losses(out, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.
     valid = loss_len > 0  # [B,P]: label 0 exists (so does h_{t+1}) and is a proposal symbol
     n = max(int(valid.sum()), 1)
     nxt = (positions + 1).clamp(max=T - 1)
-    target = torch.gather(hidden, 1, nxt[..., None].expand(B, P, d)).to(out.features.dtype)
-    feat = F.smooth_l1_loss(out.features.float(), target.float(), reduction="none").mean(-1)  # [B,P]
-    feature = (feat * valid).sum() / n
+    feature = _feature_loss(out.features, lambda: torch.gather(hidden, 1, nxt[..., None].expand(B, P, d)),
+                            valid, n, config)
     tok = out.frames[:, :, 0, : config.num_tokens].float()  # head at t, blank excluded
     nll = F.cross_entropy(tok.reshape(B * P, -1), labels[..., 0].reshape(-1), reduction="none").view(B, P)
     token = (nll * valid).sum() / n
@@ -231,10 +246,9 @@ def ar_dense_losses(out, hidden: torch.Tensor, loss_len: torch.Tensor, window_le
     n = max(int(valid.sum()), 1)
     T = hidden.shape[1]
     nxt = torch.arange(1, T + 1, device=hidden.device).clamp(max=T - 1)
-    target = hidden[:, nxt].to(out.features.dtype)  # h_{t+1} [B,T,d], clamped at T-1
-    feat = F.smooth_l1_loss(out.features.float(), target.float(), reduction="none").mean(-1)  # [B,T]
+    feature = _feature_loss(out.features, lambda: hidden[:, nxt], valid, n, config)  # h_{t+1} [B,T,d], clamped at T-1
     own = valid[window_len > 0]  # [M]: which trained positions have a loss
     mean = lambda x, m: (x * m).sum() / n  # noqa: E731
     ctc = mean(out.terms["ctc"], own) if "ctc" in out.terms else None
-    total, parts = _ar_total(mean(feat, valid), mean(out.terms["token"], own), ctc, w)
+    total, parts = _ar_total(feature, mean(out.terms["token"], own), ctc, w)
     return LossParts(total, parts, int(valid.sum()))

@@ -17,7 +17,7 @@ from ..draft.config import ARCHITECTURES, LAYOUTS
 from ..errors import CTCDrafterError, read_json_object
 from ..models.base import resolve_device
 from ..models.cpu_info import CPU, host_cpu
-from .losses import AR_LOSS_WEIGHTS, LOSSES
+from .losses import AR_LOSS_WEIGHTS, LOSSES, default_loss_weights
 
 MAX_BATCH = 4096  # sequences per step: an epoch's batch plan is bs x steps indices
 SAMPLED_POSITIONS = 32  # --positions of a draft that cannot train every position in one pass (NAR)
@@ -86,8 +86,10 @@ class TrainOptions:
     loss: str | None = _opt(None, choices=LOSSES, help="ctc (default), ce (Medusa-style heads, no blank) or ctc+ce")
     frames: int | None = _opt(None, type=int, help="L, draft frames (default 8; with --arch ar: levels, 4)")
     layout: str | None = _opt(None, choices=LAYOUTS,
-                              help="with --arch ar: standard (this project's layers and blank head) or eagle1 (the "
-                                   "reference code's: no input/final norm, the base's head, blank = token 0)")
+                              help="with --arch ar: standard (this project's layers and blank head), eagle1 (the "
+                                   "reference code's: no input/final norm, the base's head, blank = token 0) or "
+                                   "eagle3 (EAGLE-3's: fc over 3 base layers' states, for `export --format eagle3`; "
+                                   "no feature loss, token weight 1, CTC 0.1; the base runs every step)")
     input_noise: float = _opt(0.0, type=validate.finite_float(0.0),
                               help="eagle1 layout: uniform noise on the input hidden states, amplitude x 512 / "
                                    "sequence length (the reference's data_noise: 0.2)")
@@ -242,9 +244,12 @@ def config_overrides(opts: TrainOptions) -> tuple[dict, str]:
         over["architecture"] = opts.arch
     if opts.layout is not None:
         over["layout"] = opts.layout
-    if over.get("layout") == "eagle1":
+    if over.get("layout") in ("eagle1", "eagle3"):
         if over.setdefault("architecture", "ar") != "ar":
-            raise CTCDrafterError("the eagle1 layout drafts level by level: it needs --arch ar")
+            raise CTCDrafterError(f"the {over['layout']} layout drafts level by level: it needs --arch ar")
+    if over.get("layout") == "eagle3" and (opts.feature_weight or 0) > 0:
+        raise CTCDrafterError("the eagle3 layout has no feature loss (its input is several base layers): "
+                              "leave --feature-weight out or at 0")
     if over.get("architecture") == "ar":
         kind = _ar_loss_weights(opts, over)
     if over.get("layout") == "eagle1":
@@ -267,7 +272,7 @@ def _ar_loss_weights(opts: TrainOptions, over: dict) -> str:
             weights[part] = getattr(opts, f"{part}_weight")
     if opts.loss == "ce":
         weights["ctc"] = 0.0
-    weights = {**AR_LOSS_WEIGHTS, **weights}
+    weights = {**default_loss_weights(over.get("layout")), **weights}
     if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights.values()):
         raise CTCDrafterError(f"the AR loss weights must be finite numbers >= 0, got {weights}")
     if sum(weights.values()) == 0:  # the loss would be 0 at every step: nothing trains, yet it would "succeed"

@@ -71,7 +71,7 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import set_seed
 
-    from ..draft import new_ar_draft_for, new_draft_for, new_eagle1_draft_for
+    from ..draft import new_ar_draft_for, new_draft_for, new_eagle1_draft_for, new_eagle3_draft_for
     from ..models.base import load_base_model, resolve_device
 
     if not isinstance(opts, TrainOptions):
@@ -112,8 +112,8 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
                 raise CTCDrafterError(f"--config {opts.config} has {key} {overrides[key]}, but base {base.name} has "
                                       f"{getattr(base.config, key)}; it is a config for another base")
         eagle1 = overrides.get("layout") == "eagle1"
-        new = new_eagle1_draft_for if eagle1 else new_ar_draft_for if overrides.get("architecture") == "ar" \
-            else new_draft_for
+        new = new_eagle1_draft_for if eagle1 else new_eagle3_draft_for if overrides.get("layout") == "eagle3" \
+            else new_ar_draft_for if overrides.get("architecture") == "ar" else new_draft_for
         draft = new(base, seed=opts.seed, **overrides)
         # fp32 master weights (fp64 only next to an fp64 base); bf16/fp16 come from autocast
         draft = draft.to(torch.float64 if base_dtype == torch.float64 else torch.float32)

@@ -101,7 +101,12 @@ class Trainer:
         return None if self.opts.positions == "all" else self.opts.positions
 
     def hidden_for(self, batch) -> torch.Tensor:
-        """Stored hidden states when every sequence has them, else one frozen base pass (no grad)."""
+        """Stored hidden states when every sequence has them, else one frozen base pass (no grad); for the
+        eagle3 layout always that pass, returning its aux layers' states [B,T,A*d] (shards store the last)."""
+        if self.cfg.layout == "eagle3":
+            with self.base.layer_inputs(self.cfg.aux_layers) as aux:
+                self.base.forward(batch.input_ids, None, logits_at=slice(0, 0))
+            return aux[-1]
         if batch.hidden is not None:
             return batch.hidden
         hidden, _ = self.base.forward(batch.input_ids, None, logits_at=slice(0, 0))
