@@ -127,7 +127,7 @@ def test_the_unrolled_training_step_is_what_level_1_computes_at_decode(toy):
         torch.testing.assert_close(lvl[:, 0], f2[:, p])
 
 
-def test_an_eagle3_folder_round_trips_and_sets_the_bases_hidden_layers(toy):
+def test_an_eagle3_folder_round_trips_and_its_engine_sets_the_bases_hidden_layers(toy):
     base, _, draft, draft_dir = toy
     back = load_draft_folder(draft_dir, dtype=torch.float64).bind(base.model)
     assert isinstance(back, Eagle3DraftModel) and back.config == draft.config
@@ -137,7 +137,10 @@ def test_an_eagle3_folder_round_trips_and_sets_the_bases_hidden_layers(toy):
     with pytest.raises(CTCDrafterError, match="set the base's hidden_layers"):
         back.extend(torch.zeros(1, 2, 32, dtype=torch.float64), torch.tensor([[1, 2]]), DraftCache())
     loaded, trained = load_draft(str(draft_dir), base)
-    assert trained and isinstance(loaded, Eagle3DraftModel) and base.hidden_layers == [2, 3, 3]
+    assert trained and isinstance(loaded, Eagle3DraftModel) and base.hidden_layers is None
+    from ctc_drafter.decoding import CTCDrafter
+    CTCDrafter(base, loaded, proposer="ctc")  # the engine that binds the draft sets the base's layers
+    assert base.hidden_layers == [2, 3, 3]
     ids = torch.randint(0, 64, (1, 5))
     hidden, _ = base.forward(ids, None)  # the base's passes now return the aux states
     assert hidden.shape == (1, 5, 3 * 32)

@@ -158,6 +158,9 @@ class SpeculativeDecoder(ChatMixin):
         self.switch, self.clock = switch, clock
         self.kernel_report = None  # set by from_pretrained: the CPU kernel choice and pass cost model
         self.draft = None if draft is None else draft if draft.bound_to(base.model) else draft.bind(base.model)
+        # an eagle3 draft reads several base layers: the base's passes then return those, not the last state
+        eagle3 = self.draft is not None and self.draft.config.layout == "eagle3"
+        base.hidden_layers = list(self.draft.config.aux_layers) if eagle3 else None
         self.draft_trained = draft_trained
         self.vocab_size = int(base.config.vocab_size)
         if isinstance(proposer, Proposer):

@@ -63,8 +63,6 @@ def load_draft(name_or_path: str, base, quiet: bool = False) -> tuple[CTCDraftMo
             return UNTRAINED.get(name_or_path, new_draft_for)(base, seed=0), False
         name_or_path = SHIPPED_DRAFT
     draft = load_draft_folder(name_or_path, device=base.device, dtype=base.dtype).bind(base.model)
-    # an eagle3 draft reads several base layers: the base's passes return those instead of the last state
-    base.hidden_layers = list(draft.config.aux_layers) if draft.config.layout == "eagle3" else None
     if draft.config.base_model and draft.config.base_model != base.name and not quiet:
         log.warning("draft was trained for %s, base is %s", draft.config.base_model, base.name)
     return draft, True

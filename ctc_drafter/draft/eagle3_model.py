@@ -17,7 +17,7 @@ export). With the CTC term a blank logit joins the token rows as in the AR layou
 its top-1 token, which is the top-1 non-blank symbol our levels feed on, so the exported chain is the same.
 
 Our decoding loop runs it as the AR draft once the base's passes return the aux states
-(BaseModel.hidden_layers, set by draft.load_draft). Trained as the AR draft (training/losses.py: token
+(BaseModel.hidden_layers, set by the engine that binds the draft: decoding/generate.py). Trained as the AR draft (training/losses.py: token
 cross-entropy at t and the CTC window over the heads t..t+L-1, no feature regression: EAGLE-3 dropped it), on the aux states of a base pass, plus the same terms
 over one step unrolled on the draft's own states (`unrolled`: EAGLE-3's training-time test, one step), so
 the state that deeper levels read is trained too.
@@ -104,7 +104,7 @@ class Eagle3DraftModel(ARDraftModel):
         if hidden.shape[-1] != self.fuse.in_features:
             raise CTCDrafterError(f"an eagle3 draft reads base layers {self.config.aux_layers} ({self.fuse.in_features} "
                                   f"wide), given states {hidden.shape[-1]} wide: set the base's hidden_layers to them "
-                                  "(load_draft does)")
+                                  "(SpeculativeDecoder does)")
         return super().extend(self.combine(hidden), next_ids, cache)
 
     def forward(self, hidden, next_ids, positions_sel=None, terms=None):
