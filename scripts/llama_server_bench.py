@@ -121,6 +121,16 @@ def _http(port: int, path: str, body: dict | None = None, timeout: float = 600) 
         return json.loads(r.read().decode())
 
 
+def _ask(port: int, path: str, body: dict) -> dict:
+    """A request to a running server; a refusal or a dead server is one clear line, not a traceback."""
+    try:
+        return _http(port, path, body)
+    except urllib.error.HTTPError as e:
+        raise _error(f"llama-server {path} answered {e.code}: {e.read().decode(errors='replace')[:300]}") from None
+    except (urllib.error.URLError, ConnectionError, OSError) as e:
+        raise _error(f"llama-server on port {port} stopped answering {path}: {e}") from None
+
+
 class Server:
     """One llama-server process for one mode; its log goes to a file (the last line explains a failed start)."""
 
@@ -157,7 +167,7 @@ class Server:
 
 def chat_prompt(port: int, user: str) -> str:
     """The model's own chat template applied by the server (the GGUF's tokenizer.chat_template)."""
-    return _http(port, "/apply-template", {"messages": [{"role": "user", "content": user}]})["prompt"]
+    return _ask(port, "/apply-template", {"messages": [{"role": "user", "content": user}]})["prompt"]
 
 
 def complete(port: int, prompt: str, n_predict: int, seed: int) -> dict:
@@ -165,7 +175,7 @@ def complete(port: int, prompt: str, n_predict: int, seed: int) -> dict:
     body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "seed": seed,
             "cache_prompt": False, "return_tokens": True, "stream": False}
     t0 = time.perf_counter()
-    r = _http(port, "/completion", body)
+    r = _ask(port, "/completion", body)
     wall = time.perf_counter() - t0
     return {"tokens": r.get("tokens", []), "timings": r.get("timings", {}), "wall_s": wall,
             "stop_type": r.get("stop_type")}
