@@ -83,20 +83,11 @@ def parse_threads(spec: str) -> list[int]:
 
 
 def read_prompts(path: str, limit: int | None) -> list[tuple[str, str]]:
-    """(question_id, first user turn) of a question file (MT-bench style: `turns`, or `prompt`)."""
-    from ctc_drafter.evaluation.questions import read_jsonl
+    """(question_id, first user turn) of an MT-bench-style question file (`turns`), as `eval` reads it."""
+    from ctc_drafter.evaluation.questions import load_questions
 
-    rows, _ = read_jsonl(path, "prompt file")
-    out = []
-    for n, obj in rows:
-        turns = obj.get("turns")
-        text = turns[0] if isinstance(turns, list) and turns else obj.get("prompt")
-        if not isinstance(text, str) or not text.strip():
-            raise _error(f"prompt file {path} line {n}: no `turns` list or `prompt` string")
-        out.append((str(obj.get("question_id", n)), text))
-    if not out:
-        raise _error(f"prompt file {path} has no prompts")
-    return out[:limit] if limit else out
+    qs = load_questions(path, "mt_bench")
+    return [(str(q.question_id), q.turns[0]) for q in qs[:limit] if q.turns]
 
 
 # ---- the servers
