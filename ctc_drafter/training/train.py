@@ -122,6 +122,8 @@ def run_training(opts: TrainOptions | argparse.Namespace) -> int:
             draft.blank_head.requires_grad_(False)  # unused without a blank; DDP must not wait for its grad
         max_len = min(opts.max_len, base.max_length)
         seqs, summaries = load_sequences(opts.data, base, draft.config.label_len, max_len, opts.allow_incomplete)
+        if draft.config.layout == "eagle3":  # it reads several base layers, never the stored last state
+            seqs = [replace(s, has_hidden=False) for s in seqs]
         train_seqs, eval_seqs = split_eval(seqs, opts.eval_frac, opts.seed)
         if draft.config.draft_vocab:  # from the training split only; --recover restores the saved list
             draft.set_vocab(most_frequent_targets(train_seqs, draft.config.draft_vocab))

@@ -102,7 +102,8 @@ class Trainer:
 
     def hidden_for(self, batch) -> torch.Tensor:
         """Stored hidden states when every sequence has them, else one frozen base pass (no grad); for the
-        eagle3 layout always that pass, returning its aux layers' states [B,T,A*d] (shards store the last)."""
+        eagle3 layout always that pass, returning its aux layers' states [B,T,A*d] (its sequences are loaded
+        without stored states: shards store the last layer only)."""
         if self.cfg.layout == "eagle3":
             with self.base.layer_inputs(self.cfg.aux_layers) as aux:
                 self.base.forward(batch.input_ids, None, logits_at=slice(0, 0))
