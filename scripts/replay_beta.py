@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--dtype", default=None, help="the base's dtype (default: the answers')")
     ap.add_argument("--draft", action="append", required=True, metavar="NAME=PATH")
     ap.add_argument("--ctc-transform", default="on,off", help="comma-separated: on, off, auto")
+    ap.add_argument("--budget", type=int, default=None, help="tree nodes per step (default: the device's)")
+    ap.add_argument("--tree-policy", default=None, help="beam, medusa, prefix (default: the device's)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--check", default=None, metavar="DIR", help="real decodes' answer files to compare with")
     a = ap.parse_args()
@@ -121,7 +123,8 @@ def main():
         draft, _ = load_draft(path, base, quiet=True)
         memos.append(memo_levels(draft))
         for mode in a.ctc_transform.split(","):
-            drafters[f"{name}-{mode}"] = SpeculativeDecoder(base, draft, proposer="ctc",
+            drafters[f"{name}-{mode}"] = SpeculativeDecoder(base, draft, proposer="ctc", budget=a.budget,
+                                                            tree_policy=a.tree_policy,
                                                             ctc_transform=CTC_TRANSFORM[mode])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
