@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..decoding.proposers import DEFAULT_PROPOSER, PROPOSERS, proposer_kind
+from ..models.compiled_base import BACKENDS
 from ..models.templates import TEMPLATES
 from ..validate import accepted_by
 from . import checks
@@ -63,6 +64,10 @@ def add_decoding_args(p) -> None:
                    help="linear layers of our loop on a CPU fp32/bf16 base: auto (the fastest per pass size, timed "
                         "once per machine and cached), oneDNN with packed weights, or PyTorch's stock ones (what HF "
                         "generate uses)")
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS),
+                   help="how our loop runs the base on a CPU: the HF model (torch), or a compiled static engine with "
+                        "int4 / int8 / bf16 weights (compiled-int4: llama.cpp's per-token speed; lossless with respect "
+                        "to that engine's own greedy, not HF's; the first load compiles for a minute)")
     p.add_argument("--threads", type=checks.threads, default="auto",
                    help="torch threads on a CPU: auto (1 or all cores, whichever the kernel timing found faster; "
                         "OMP_NUM_THREADS fixes it) or a number")
@@ -78,5 +83,6 @@ def load_drafter(args, draft_model):
                                            cpu_kernels=args.cpu_kernels, proposer=args.proposer,
                                            trust_remote_code=args.trust_remote_code, cpu_threads=args.threads,
                                            adaptive=not args.always_speculate,
-                                           ctc_transform=CTC_TRANSFORM[args.ctc_transform])
+                                           ctc_transform=CTC_TRANSFORM[args.ctc_transform],
+                                           backend=getattr(args, "backend", "torch"))
     return d, d.kernel_report

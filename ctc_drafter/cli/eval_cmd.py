@@ -59,6 +59,8 @@ def _check_args(args) -> None:
     if args.baseline and args.engine != "ours":
         raise CTCDrafterError(f"--baseline is our own vanilla loop; it does not combine with --engine {args.engine} "
                               "(--engine hf is HF's vanilla loop)")
+    if args.backend != "torch" and args.engine != "ours":
+        raise CTCDrafterError(f"--backend {args.backend} runs our loop; --engine {args.engine} answers through its own")
     if args.prompt_lookup_tokens is not None:
         if args.engine != "hf-prompt-lookup":
             raise CTCDrafterError("--prompt-lookup-tokens applies only to --engine hf-prompt-lookup")

@@ -202,7 +202,8 @@ class SpeculativeDecoder(ChatMixin):
                         cpu_kernels: str = "auto", proposer: str | Proposer = DEFAULT_PROPOSER,
                         trust_remote_code: bool = False, cpu_threads: int | str = "auto",
                         adaptive: bool = True, switch=SpeculationSwitch,
-                        generator: str | None = None, ctc_transform: bool | None = None) -> "SpeculativeDecoder":
+                        generator: str | None = None, ctc_transform: bool | None = None,
+                        backend: str = "torch", context: int | None = None) -> "SpeculativeDecoder":
         """Load base and draft (the draft only where the proposer takes one).
 
         cpu_kernels (CPU fp32/bf16 bases): 'auto' gives each pass size the linear kernel measured
@@ -212,16 +213,25 @@ class SpeculativeDecoder(ChatMixin):
         thread count, 'auto' = 1 or all cores, whichever the same timing found faster (unless
         OMP_NUM_THREADS fixes it), or a number. adaptive: greedy requests take each step the way measured
         fastest on the request (the proposer's modes, plain steps; decoding/switch.py); False asks the
-        whole proposer on every step. ctc_transform: see __init__.
+        whole proposer on every step. ctc_transform: see __init__. backend: 'torch' (the HF model, eager) or
+        a compiled static engine on a CPU ('compiled-int4', 'compiled-int8', 'compiled-bf16';
+        models/compiled_base.py: lossless with respect to that engine's own greedy) of `context` rows.
         """
         from ..draft import load_draft
         from ..models.base import load_base_model
+        from ..models.compiled_base import BACKENDS, DEFAULT_CONTEXT, TORCH, compile_base, static_engine_report
         from ..models.kernel_choice import apply_cpu_kernels
 
         tree_policy = _policy_alias(tree_policy, generator)
         kind = None if isinstance(proposer, Proposer) else proposer_kind(proposer)  # a bad name fails before loading
+        if backend not in BACKENDS:
+            raise CTCDrafterError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
         base = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        kernels = apply_cpu_kernels(base, cpu_kernels, threads=cpu_threads)
+        if backend == TORCH:
+            kernels = apply_cpu_kernels(base, cpu_kernels, threads=cpu_threads)
+        else:  # the engine's own kernels; its trees are sized by the budget, not by a measured cost
+            base = compile_base(base, backend, context=context or DEFAULT_CONTEXT)
+            kernels = static_engine_report(backend, cpu_threads)
         if kind is not None and not kind.takes_draft:
             draft_model = None  # n-gram lookup (or a plugin without `draft`) needs no draft
         draft, trained = (None, True) if draft_model is None else load_draft(draft_model, base)
@@ -230,6 +240,8 @@ class SpeculativeDecoder(ChatMixin):
                       cost_ms=kernels.cost.pass_ms if sized else None, adaptive=adaptive, switch=switch,
                       ctc_transform=ctc_transform)
         drafter.kernel_report = kernels
+        if backend != TORCH:  # compile the pass sizes this engine will run now, not in its first requests
+            base.warm(drafter.budget if drafter.proposer is not None else 1)
         return drafter
 
     def arms(self) -> tuple[str, ...]:

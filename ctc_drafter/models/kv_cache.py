@@ -89,6 +89,8 @@ def new_kv_cache(base):
     whose attention a tree pass cannot verify."""
     from transformers import DynamicCache
 
+    if hasattr(base, "new_cache"):  # a base with its own cache storage (models/compiled_base.py)
+        return base.new_cache()
     base.attention_layout  # noqa: B018 - validates the base's layer kinds once (cached)
     cache = DynamicCache()  # no config: one layer per model layer, created on first update
     cache.layer_class_to_replicate = GrowingLayer  # Cache's constructor field: the class it replicates
@@ -102,6 +104,9 @@ def compact_kv(cache, past_len: int, keep: list[int]) -> None:
     is never below its destination, as `keep` ascends from the root), then each layer is cut to a
     view of its first past_len + len(keep) rows.
     """
+    if hasattr(cache, "compact"):  # a cache that keeps its rows elsewhere (models/compiled_base.py StaticKV)
+        cache.compact(past_len, keep)
+        return
     plain = (DynamicLayer, GrowingLayer)
     n_keep = len(keep)
     moved = keep != list(range(n_keep))  # the accepted path is not already in place

@@ -113,8 +113,9 @@ class Block(nn.Module):
         self.register_buffer("k_cache", torch.zeros(1, self.n_kv, max_len, self.hd, dtype=dtype))
         self.register_buffer("v_cache", torch.zeros(1, self.n_kv, max_len, self.hd, dtype=dtype))
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        # x [1,n,d]; cos/sin [1,1,n,hd]; mask [1,1,n,max_len] bool; input_pos [n]
+    def forward(self, x, cos, sin, mask, input_pos, perm=None):
+        # x [1,n,d]; cos/sin [1,1,n,hd]; input_pos [n]; mask [1,1,n,max_len] bool (SDPA), or with perm [n,max_len]
+        # (each row's keys in position order, row_attention) mask [n,max_len] bool
         n = x.shape[1]
         q, k, v = self.wqkv(self.attn_norm(x)).split(
             [self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
@@ -124,10 +125,34 @@ class Block(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+        if perm is None:
+            y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+        else:
+            y = row_attention(q, self.k_cache[0], self.v_cache[0], perm, mask).to(x.dtype)
         h = x + self.wo(y.transpose(1, 2).reshape(1, n, -1))
         gate, up = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
         return h + self.w2(F.silu(gate) * up)
+
+
+def row_attention(q, k_cache, v_cache, perm, valid):
+    """Attention that computes each row as it would be computed alone, in a plain sequence: q [1,H,n,hd];
+    k_cache/v_cache [Hkv,max_len,hd]; perm [n,L]: the cache row holding row r's key at position c (its
+    past, then its ancestors in a tree: position order, whatever rows they sit in); valid [n,L]: the
+    positions it sees (L: the rows in use, rounded up; trailing positions are masked and add exact zeros).
+    -> [1,H,n,hd] fp32. Scores are per-position dot products, softmax and the weighted sum run in position
+    order per row: nothing whose rounding moves with the rows per call (CPU flash attention's does, in bf16
+    and fp32 alike), so a tree node's output is bit for bit the 1-token step's at that position
+    (tests/test_compiled_base.py)."""
+    H, n, hd = q.shape[1], q.shape[2], q.shape[3]
+    hkv, L = k_cache.shape[0], perm.shape[-1]
+    qg = q[0].float().view(hkv, H // hkv, n, 1, hd)                                     # [Hkv,g,n,1,hd]
+    s = (qg * k_cache[:, None, None, :L]).sum(-1, dtype=torch.float32) * hd ** -0.5   # [Hkv,g,n,L] by cache row
+    s = s.gather(-1, perm.expand(hkv, H // hkv, n, L))                                  # by position
+    s = s.masked_fill(~valid, float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    y = torch.einsum("hgnl,hnld->hgnd", p, v_cache[:, perm].float())                    # [Hkv,g,n,hd]
+    return y.reshape(1, H, n, hd)
 
 
 def rope(x, cos, sin):
@@ -160,17 +185,23 @@ class StaticLlama(nn.Module):
         self.register_buffer("cos", cos.to(dtype)[0])
         self.register_buffer("sin", sin.to(dtype)[0])
         self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
-        self._block = self._head = None  # compiled callables (compile())
+        self._block = self._head = self._norm_head = None  # compiled callables (compile())
 
     def compile(self, **kw) -> "StaticLlama":
         """One compiled graph shared by the layers, one for the head; each pass size compiles on first use."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._block = torch.compile(Block.forward, dynamic=False, **kw)
+        # dynamic=None: a tree pass's attention length (perm's) is marked dynamic, the pass size stays static
+        self._block = torch.compile(Block.forward, dynamic=None, **kw)
         self._head = torch.compile(self._head_eager, dynamic=False, **kw)
+        self._norm_head = torch.compile(self._norm_head_eager, dynamic=False, **kw)
         return self
 
     def _head_eager(self, h):
         return self.lm_head(self.norm(h))
+
+    def _norm_head_eager(self, h):  # -> (the last hidden states, as HF's model output: normed; logits)
+        h = self.norm(h)
+        return h, self.lm_head(h)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, eager: bool = False) -> torch.Tensor:
@@ -190,3 +221,29 @@ class StaticLlama(nn.Module):
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """The first ids.shape[1] positions, eagerly (a one-off shape: not worth a compile)."""
         return self.forward(ids, torch.arange(ids.shape[1], device=ids.device), eager=True)
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+            head_rows: int | None = None, eager: bool = False, perm: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pass whose rows need not be consecutive positions (a token tree): ids [1,n] at RoPE positions
+        [n], keys/values written at cache rows `slots` [n], row i attending to the cache rows where mask
+        [1,1,n,max_len] (bool) is True, or with perm [n,max_len] (row_attention) to positions c where mask
+        [n,max_len] is True, read from cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits
+        [1,n or head_rows,V] in the engine's dtype); head_rows: the head only over the last rows (a prefill)."""
+        if int(slots.max()) >= self.max_len:
+            raise CTCDrafterError(f"row {int(slots.max())} is past the static cache ({self.max_len} rows)")
+        block = Block.forward if eager or self._block is None else self._block
+        head = self._norm_head_eager if eager or self._norm_head is None else self._norm_head
+        x = self.embed(ids)
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        if perm is not None and not eager:
+            torch._dynamo.maybe_mark_dynamic(perm, 1)
+            torch._dynamo.maybe_mark_dynamic(mask, 1)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # pass sizes: one graph each
+            for layer in self.layers:
+                x = block(layer, x, cos, sin, mask, slots, perm)
+        if head_rows is not None:
+            h = self.norm(x)
+            return h, self.lm_head(h[:, -head_rows:])
+        return head(x)
