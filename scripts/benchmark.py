@@ -34,6 +34,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ctc_drafter.models.compiled_base import COMPILED
+
 
 def base_methods(a) -> list[tuple[str, list[str]]]:
     budget = ["--budget", str(a.budget)] if a.budget else []
@@ -72,6 +74,10 @@ def base_methods(a) -> list[tuple[str, list[str]]]:
     # a draft in the engine's defaults (the hybrid, its tree policy and budget, the speculation switch)
     out += [(f"{spec.split('=', 1)[0]}-default", ["--draft-model", spec.split("=", 1)[1]])
             for spec in getattr(a, "default_with", None) or []]
+    # our loop on a compiled backend: its own greedy (BACKEND-vanilla) and the defaults on it (BACKEND-default)
+    for backend in getattr(a, "backend_also", None) or []:
+        out += [(f"{backend}-vanilla", ["--baseline", "--backend", backend]),
+                (f"{backend}-default", ["--draft-model", a.ctc_draft, "--backend", backend])]
     return [m for m in out if not a.only or m[0] in a.only.split(",")]
 
 
@@ -114,8 +120,13 @@ def methods(a) -> list[tuple[str, list[str]]]:
 
 
 def baseline_of(name: str) -> str:
-    """The HF generate method a method is compared with: the one in its dtype."""
-    return "hf-generate" + (name[name.index("@"):] if "@" in name else "")
+    """The method a method is compared with: HF generate in its dtype; on a compiled backend, that engine's
+    own greedy (its losslessness is with respect to it; BACKEND-vanilla itself is compared with HF)."""
+    dtype = name[name.index("@"):] if "@" in name else ""
+    backend = next((b for b in COMPILED if name.startswith(b + "-")), None)
+    if backend and not name.startswith(f"{backend}-vanilla"):
+        return f"{backend}-vanilla{dtype}"
+    return "hf-generate" + dtype
 
 
 def windows(a) -> list[tuple[int, int, int]]:
@@ -201,6 +212,9 @@ def main():
     ap.add_argument("--default-with", action="append", metavar="NAME=PATH",
                     help="the engine's defaults (hybrid proposer, default tree and budget, the switch) with this "
                          "draft: method NAME-default (repeatable)")
+    ap.add_argument("--backend-also", action="append", metavar="BACKEND", choices=list(COMPILED),
+                    help="our loop on a compiled backend too: methods BACKEND-vanilla (its own greedy) and "
+                         "BACKEND-default (the defaults on it, compared with BACKEND-vanilla) (repeatable)")
     ap.add_argument("--part", default=None, metavar="K/N",
                     help="run only windows K, K+N, K+2N, ... (1-based): N processes share one bench")
     ap.add_argument("--answers-from", nargs="+", default=[], metavar="DIR",
@@ -253,8 +267,8 @@ def summarize(a, files: dict[str, Path]) -> None:
     Path(a.out, "summary.json").write_text(json.dumps(rows, indent=1, default=str))
     # a second HF reference (--hf-also): its tokens/s over the same questions, as measured in its own row
     also = {n: rows[n]["tokens_per_s"]["spec"] for n in sorted(extra_refs) if n in rows}
-    lines = ["| method | tokens/s | speedup vs HF generate (same dtype) | "
-             + "".join(f"vs {n} | " for n in also) + "beta | node budget | token-identical to HF | accuracy |",
+    lines = ["| method | tokens/s | speedup vs its reference (HF generate, same dtype; a backend's own greedy) | "
+             + "".join(f"vs {n} | " for n in also) + "beta | node budget | token-identical to its reference | accuracy |",
              "|---|---|---|" + "---|" * len(also) + "---|---|---|---|"]
     for name, r in rows.items():
         meta = r["meta"]["spec"] or {}
@@ -263,7 +277,11 @@ def summarize(a, files: dict[str, Path]) -> None:
         vs = "".join(f"{r['tokens_per_s']['spec'] / t:.2f}x | " for t in also.values())
         lines.append(f"| {name} | {r['tokens_per_s']['spec']:.2f} | {r['gamma']:.2f}x (mean {r['gamma_mean']:.2f}x) | "
                      f"{vs}{r['beta']:.2f} | {meta.get('budget') or '-'} | {r['n_identical']}/{r['n_questions']} | {acc_s} |")
-    hist_lines = ["", "Accepted tokens per step (share of steps):", ""]
+    refs = {n: baseline_of(n) for n in rows if baseline_of(n) != method_name("hf-generate", dtypes(a)[0], a)
+            and n not in extra_refs}
+    hist_lines = ([""] + [f"- {n}: speedup and identity against {ref} (that engine's own greedy)"
+                          for n, ref in refs.items()] if refs else [])
+    hist_lines += ["", "Accepted tokens per step (share of steps):", ""]
     for name, r in rows.items():
         h = r.get("accept_length_hist") or {}
         tot = sum(h.values()) or 1

@@ -12,6 +12,10 @@ Engines (logits for all N tokens, as a verification pass needs):
   compiled-*               the same weights in gpt-fast's form (models/static_llama.py): a static KV cache,
                            `torch.compile` per pass size (bucket), fp32, bf16, weight-only int8 or int4 (bf16
                            activations); the first call of each bucket is the compile, reported apart
+  backend-int4, -int8      the compiled backend our loop runs (`--backend compiled-int4|int8`,
+                           models/compiled_base.py): the same static engine with its 2048-row cache, each
+                           row's attention in position order (row_attention: exact against the 1-token step)
+                           over the rows in use; N > 1 a chain tree
   llama-q4_1, llama-bf16   llama.cpp through llama_cpp's low-level API: one `llama_decode` of an N-token batch
                            after a P-token past, the N cells removed again (`llama_memory_seq_rm`) so P stays
                            fixed; the Q4_1 GGUF the embedded default comes from, and a bf16 GGUF (--gguf-bf16)
@@ -43,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-TORCH_ENGINES = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "compiled-int8", "compiled-int4")
+TORCH_ENGINES = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "compiled-int8", "compiled-int4",
+                 "backend-int4", "backend-int8")
 LLAMA_ENGINES = ("llama-q4_1", "llama-bf16")
 ENGINES = TORCH_ENGINES + LLAMA_ENGINES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
@@ -119,6 +124,30 @@ def compiled_engine(base_model: str, dtype: str, threads: int, pasts, sizes, rep
         out[past] = samples
     return {"cells": out, "compile_s": round(compile_s, 1),
             "note": "static cache of past + max N rows, one compiled graph per N shared by the layers"}
+
+
+def backend_engine(base_model: str, quant: str, threads: int, pasts, sizes, reps) -> dict:
+    from ctc_drafter.models import load_base_model
+    from ctc_drafter.models.compiled_base import compile_base
+    from ctc_drafter.models.kv_cache import new_kv_cache
+
+    torch.set_num_threads(threads)
+    base = compile_base(load_base_model(base_model, device="cpu", dtype=torch.float32), f"compiled-{quant}")
+    vocab, out, compile_s = int(base.config.vocab_size), {}, 0.0
+    for past in pasts:
+        cache = new_kv_cache(base)
+        base.forward(random_ids(past, vocab, 0), cache, logits_at=slice(-1, None))
+        inputs = {n: random_ids(n, vocab, n) for n in sizes}
+
+        def run(n):
+            cache.length = past  # drop the last pass's rows, as a rejected tree is dropped
+            base.forward(inputs[n], cache)
+
+        samples, first = time_passes(run, sizes, reps)
+        compile_s += sum(first[n] - statistics.median(samples[n]) for n in sizes) / 1e3
+        out[past] = samples
+    return {"cells": out, "compile_s": round(compile_s, 1),
+            "note": f"our loop's backend: {base.engine.max_len}-row static cache, row attention over the rows in use"}
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------------------
@@ -200,7 +229,7 @@ def missing(engine: str, a) -> str:
         gguf = gguf_of(engine, a)
         if not gguf.is_file():
             return f"no GGUF at {gguf} (--gguf-bf16)"
-    if engine.startswith("compiled-") and engine.endswith("int4") and not hasattr(torch.ops.aten,
+    if engine.startswith(("compiled-", "backend-")) and engine.endswith("int4") and not hasattr(torch.ops.aten,
                                                                                 "_weight_int4pack_mm_for_cpu"):
         return "this torch has no _weight_int4pack_mm_for_cpu"
     return ""
@@ -221,6 +250,8 @@ def measure(engine: str, a, threads: int) -> dict:
         r = eager_engine(a.base_model, dtype, threads, pasts, sizes, a.reps)
     elif kind == "compiled":
         r = compiled_engine(a.base_model, dtype, threads, pasts, sizes, a.reps)
+    elif kind == "backend":
+        r = backend_engine(a.base_model, dtype, threads, pasts, sizes, a.reps)
     else:
         r = llama_engine(gguf_of(engine, a), threads, pasts, sizes, a.reps)
     r["wall_s"] = round(time.perf_counter() - t0, 1)

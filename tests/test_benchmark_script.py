@@ -74,6 +74,18 @@ def test_every_method_runs_in_every_dtype_against_hf_in_the_same_dtype():
     assert "hybrid" in dict(bm.methods(a)) and bm.baseline_of("hybrid") == "hf-generate"
 
 
+def test_a_compiled_backend_is_compared_with_its_own_greedy():
+    bm = _load()
+    a = types.SimpleNamespace(budget=None, medusa_budget=None, ctc_draft="d", ce_draft=None, only=None,
+                              dtypes="auto", backend_also=["compiled-int4"])
+    got = dict(bm.base_methods(a))
+    assert got["compiled-int4-vanilla"] == ["--baseline", "--backend", "compiled-int4"]
+    assert got["compiled-int4-default"] == ["--draft-model", "d", "--backend", "compiled-int4"]
+    assert bm.baseline_of("compiled-int4-default") == "compiled-int4-vanilla"
+    assert bm.baseline_of("compiled-int4-vanilla") == "hf-generate"  # how far int4 moves the answers from HF's
+    assert bm.baseline_of("compiled-int4-default@bfloat16") == "compiled-int4-vanilla@bfloat16"
+
+
 def test_parts_share_the_windows_and_their_answers_tabulate_as_one(tmp_path):
     bm = _load()
     import argparse

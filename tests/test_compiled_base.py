@@ -145,3 +145,24 @@ def test_cli_refuses_a_backend_for_other_engines(capsys):
                  "never-written.jsonl"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1 and "--backend compiled-int4" in err[0] and "Traceback" not in err[0]
+
+
+def test_demo_judges_a_compiled_backend_against_its_own_greedy():
+    from types import SimpleNamespace as R
+
+    from ctc_drafter.cli.demo import _differences
+
+    runs = {"spec": R(tokens=[1, 2, 3]), "base": R(tokens=[1, 2, 3]), "hf": R(tokens=[1, 2, 4])}
+    assert _differences(runs, own=True) == "yes; HF generate's fp32 answer differs from new token 2 on"
+    assert _differences(runs).startswith("NO (speculative differs from HF generate at new token 2")
+    runs["spec"] = R(tokens=[1, 5, 3])
+    assert _differences(runs, own=True).startswith("NO (speculative differs from the engine's own greedy at new token 1)")
+
+
+def test_backend_rows_script_finds_row_attention_exact(tiny_model_dir, capsys):
+    from conftest import load_script
+
+    load_script("backend_rows").main(["--base-model", str(tiny_model_dir), "--past", "40", "--sizes", "4,8",
+                                      "--eager"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("rows")]
+    assert len(rows) == 3 and all(ln.endswith("row 0 0, row 1 0") for ln in rows), rows
