@@ -166,3 +166,17 @@ def test_backend_rows_script_finds_row_attention_exact(tiny_model_dir, capsys):
                                       "--eager"])
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("rows")]
     assert len(rows) == 3 and all(ln.endswith("row 0 0, row 1 0") for ln in rows), rows
+
+
+@pytest.mark.slow
+def test_compiled_int4_on_the_embedded_model_is_its_own_greedy():
+    """The real graphs (torch.compile, each pass size) on SmolLM2: the defaults' answers equal the engine's own."""
+    from ctc_drafter.decoding import SpeculativeDecoder
+
+    d = SpeculativeDecoder.from_pretrained("default", "default", device="cpu", dtype="float32",
+                                           backend="compiled-int4", cpu_threads=1)
+    assert d.kernels == "compiled-int4"
+    for prompt in ("Write a short poem about autumn leaves.", "What is 17 * 23? Explain step by step."):
+        spec = d.chat(prompt, max_new_tokens=64)
+        own = d.chat(prompt, max_new_tokens=64, speculative=False)
+        assert spec.tokens == own.tokens and spec.mean_accept_length > 1
