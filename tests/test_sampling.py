@@ -87,3 +87,27 @@ def test_speculative_sampling_matches_base_distribution(proposer, temperature, t
         wrong = exact_joint(model, temperature * 1.6, top_k, top_p)
     stat_w, dof_w = chi2_stat(counts, wrong, N)
     assert stat_w > chi2_critical(dof_w)
+
+
+def test_sampling_on_the_static_engine_matches_the_base_distribution():
+    """The compiled backends' layout (static cache, row attention, bucket padding, compaction): in float64
+    without quantisation it is the HF model, so its speculative samples must follow the HF distribution."""
+    from ctc_drafter.models.compiled_base import compile_base
+
+    model = tiny_llama(vocab_size=V, seed=11)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+        exact = exact_joint(model, 0.7, 5, 0.9)
+    base = compile_base(BaseModel(model, None, "toy"), "compiled-bf16", context=128, eager=True, dtype=torch.float64)
+    drafter = CTCDrafter(base, new_draft_for(base, seed=0), generator="medusa", budget=16, proposer="hybrid")
+    counts, multi = {}, 0
+    for i in range(N):
+        r = drafter.generate(PROMPT, max_new_tokens=3, temperature=0.7, top_k=5, top_p=0.9, seed=i)
+        counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+        multi += r.steps < 3
+    assert multi > N // 4, f"draft tokens were rarely accepted ({multi}/{N})"
+    stat, dof = chi2_stat(counts, exact, N)
+    assert stat < chi2_critical(dof), f"chi2 {stat:.1f} over {dof} dof"
+    with torch.no_grad():
+        wrong = exact_joint(model, 0.7 * 1.6, 5, 0.9)
+    assert chi2_stat(counts, wrong, N)[0] > chi2_critical(chi2_stat(counts, wrong, N)[1])
