@@ -1,7 +1,7 @@
 """Choose the proposer and node budget: beta and tokens/s against tree size, on prompts that are not benchmarks.
 
     python scripts/budget_sweep.py --draft-model default [--proposers ctc,ngram,hybrid] [--budgets 4,8,12,16,24,32] \
-        [--prompts 6] [--generator beam] [--cpu-kernels packed|stock]
+        [--prompts 6] [--generator beam] [--cpu-kernels packed|stock] [--backend compiled-int4] [--switch]
 
 Each proposer x budget starts from a fresh proposer (the n-gram memory fills over its own prompts only).
 Uses the LAST --prompts questions (or every --every-th) of ../shared/data/arena/question.jsonl (the distillation run that
@@ -33,14 +33,17 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--questions", default=str(ARENA))
     ap.add_argument("--cpu-kernels", default="packed", choices=["packed", "stock"])
+    ap.add_argument("--backend", default="torch", help="torch or a compiled backend (compiled-int4, ...)")
+    ap.add_argument("--switch", action="store_true",
+                    help="let the speculation switch choose each step (as the defaults do) instead of always drafting")
     ap.add_argument("--min-path-probs", default=None,
                     help="an autoregressive draft: comma-separated cut-offs for its levels (ARProposer "
                          "min_path_prob, 0 = all levels), each its own row; default: the proposer's")
     a = ap.parse_args()
     qs = [json.loads(line)["turns"][0] for line in Path(a.questions).read_text().split("\n") if line.strip()]
     qs = qs[:: a.every][: a.prompts] if a.every else qs[-a.prompts:]
-    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, cpu_kernels=a.cpu_kernels,
-                                   adaptive=False)  # every step speculates: beta is the tree's
+    d = CTCDrafter.from_pretrained(a.base_model, a.draft_model, cpu_kernels=a.cpu_kernels, backend=a.backend,
+                                   adaptive=a.switch)  # by default every step speculates: beta is the tree's
     d.chat("Hi", max_new_tokens=8)  # warm-up
     rows = []
 
@@ -59,6 +62,8 @@ def main():
             for cut in cuts if name != "ngram" else [None]:
                 cost = d.kernel_report.cost.pass_ms if name == "hybrid-sized" else None
                 d.proposer, d.budget = make_proposer(name.replace("-sized", ""), d.draft, a.generator, cost_ms=cost), b
+                if hasattr(d.base, "warm"):
+                    d.base.warm(b)  # a compiled backend: this budget's pass sizes compile before the timing
                 label = f"{name} {a.generator if name != 'ngram' else ''} budget {b}".replace("  ", " ")
                 if cut is not None:
                     for part in getattr(d.proposer, "parts", [d.proposer]):
