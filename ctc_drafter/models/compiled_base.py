@@ -1,15 +1,17 @@
 """The base on a compiled static engine: our loop over gpt-fast's layout (models/static_llama.py), with
 weight-only int4 or int8 linears or plain bf16 (`--backend compiled-int4 | compiled-int8 | compiled-bf16`).
 
-Why: on a CPU the eager HF pass costs several times llama.cpp's, while the compiled int4 pass of 1-4
-tokens costs about one token's (BENCHMARKS.md, "Per-pass cost of each engine"), which is what a tree
-needs. Its weights round differently from the HF base's, so this backend is lossless with respect to
-itself: speculative output equals this engine's own greedy (1-token passes), as llama.cpp's speculation
-is with respect to its Q4 greedy.
+Why: on a CPU the eager HF pass costs several times llama.cpp's; the compiled int4 engine generates about
+as fast as llama.cpp does through llama-cpp-python, and its passes grow slowly with the tokens in them
+(BENCHMARKS.md, "Our loop on a compiled int4 engine"). Its weights round differently from the HF base's,
+so this backend is lossless with respect to itself: speculative output equals this engine's own greedy
+(1-token passes), as llama.cpp's speculation is with respect to its Q4 greedy. That needs each tree row to
+round exactly as the 1-token step at its position, which CPU flash attention does not do; the passes after
+the prefill attend with static_llama.row_attention over a per-row layout (row_layout) instead.
 
 How a pass maps onto the static cache (one per engine, so one request at a time): a pass of n tokens
 runs as a bucket of B >= n rows (the next power of two: one compiled graph per bucket) written at cache
-rows past..past+B-1; the padding rows see only themselves and are overwritten by the next pass, since
+rows past..past+B-1; the padding rows see only the past and are overwritten by the next pass, since
 every pass writes from the first row after the kept ones. Compaction copies the accepted nodes' rows
 down, as models/kv_cache.py does for the eager cache.
 """
@@ -33,7 +35,7 @@ TORCH = "torch"  # the eager HF model with the kernels chosen per pass size (mod
 COMPILED = {"compiled-int4": ("int4", torch.bfloat16), "compiled-int8": ("int8", torch.bfloat16),
             "compiled-bf16": (None, torch.bfloat16)}  # backend -> (weight quantisation, activation dtype)
 BACKENDS = (TORCH, *COMPILED)
-DEFAULT_CONTEXT = 2048  # static cache rows: every pass attends over all of them (masked)
+DEFAULT_CONTEXT = 2048  # static cache rows (prompt + answer); a pass attends over the rows in use
 MAX_PASS = 64  # the largest pass after the prefill; rows kept free above the context for it
 ROWS_STEP = 64  # a pass attends over the rows in use rounded up to this (the masked rest adds exact zeros)
 
