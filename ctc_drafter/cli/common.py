@@ -66,8 +66,9 @@ def add_decoding_args(p) -> None:
                         "generate uses)")
     p.add_argument("--backend", default="torch", choices=list(BACKENDS),
                    help="how our loop runs the base on a CPU: the HF model (torch), or a compiled static engine with "
-                        "int4 / int8 / bf16 weights (compiled-int4: llama.cpp's per-token speed; lossless with respect "
-                        "to that engine's own greedy, not HF's; the first load compiles for a minute)")
+                        "int4 / int8 / bf16 weights (compiled-int4: about llama.cpp's speed; lossless with respect to "
+                        "that engine's own greedy, not HF's; each load compiles its pass sizes: ~20 s the first time, "
+                        "seconds after)")
     p.add_argument("--threads", type=checks.threads, default="auto",
                    help="torch threads on a CPU: auto (1 or all cores, whichever the kernel timing found faster; "
                         "OMP_NUM_THREADS fixes it) or a number")
