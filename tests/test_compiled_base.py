@@ -180,3 +180,20 @@ def test_compiled_int4_on_the_embedded_model_is_its_own_greedy():
         spec = d.chat(prompt, max_new_tokens=64)
         own = d.chat(prompt, max_new_tokens=64, speculative=False)
         assert spec.tokens == own.tokens and spec.mean_accept_length > 1
+
+
+def test_warm_refuses_an_engine_whose_tree_rows_round_apart(monkeypatch):
+    """The load-time check (check_rows): a pass whose rows differ from 1-token steps, by however little, is
+    refused with one clear line instead of decoding non-losslessly."""
+    base = engine("compiled-int4")
+    assert base.warm(16) >= 0  # the real engine passes on this CPU
+    pass_ = base._pass
+
+    def drifting(ids, past, position_ids, attention_mask):
+        hidden, logits = pass_(ids, past, position_ids, attention_mask)
+        return hidden, logits + (1e-3 if ids.shape[1] > 2 else 0.0)  # passes of 3+ rows round apart
+
+    monkeypatch.setattr(base, "_pass", drifting)
+    assert base.warm(2) >= 0  # 2-row passes are still exact
+    with pytest.raises(CTCDrafterError, match="4-token pass rounds row 0 apart"):
+        base.warm(4)

@@ -96,18 +96,35 @@ class CompiledBase(BaseModel):
                                   "earlier request (make a new one with new_kv_cache)")
 
     def warm(self, nodes: int) -> float:
-        """Compile every pass size that trees of up to `nodes` nodes run (1, 2, 4, ... buckets) on a dummy
-        context; -> seconds taken. Leaves no request state behind."""
+        """Compile every pass size that trees of up to `nodes` nodes run (1, 2, 4, ... buckets), checking on
+        this CPU that each rounds its rows as 1-token steps do (check_rows); -> seconds taken. Leaves no
+        request state behind."""
         t0 = time.perf_counter()
-        if not self.eager:
-            for b in sorted({bucket(n) for n in range(1, min(nodes, MAX_PASS) + 1)}):
-                cache = self.new_cache()
-                self.forward(torch.zeros(1, 8, dtype=torch.long), cache, logits_at=slice(-1, None))
-                self.forward(torch.zeros(1, b, dtype=torch.long), cache)
+        for b in sorted({bucket(n) for n in range(1, min(nodes, MAX_PASS) + 1)}):
+            if b > 1:
+                self.check_rows(b)
         self._owner = None
         took = time.perf_counter() - t0
-        log.info("%s: compiled the pass sizes up to %d nodes in %.1f s", self.backend, nodes, took)
+        log.info("%s: compiled and checked the pass sizes up to %d nodes in %.1f s", self.backend, nodes, took)
         return took
+
+    def check_rows(self, rows: int, past: int = 40, seed: int = 0) -> None:
+        """A chain of `rows` random tokens in one pass must give each row the logits bit for bit that
+        1-token steps give it: what makes speculation lossless on this engine. Kernels and compilers vary
+        by CPU, so this is measured where the backend runs; CTCDrafterError if a row rounds apart."""
+        g = torch.Generator().manual_seed(seed)
+        vocab = int(self.config.vocab_size)
+        prompt, chain = torch.randint(0, vocab, (1, past), generator=g), torch.randint(0, vocab, (1, rows), generator=g)
+        cache = self.new_cache()
+        self.forward(prompt, cache, logits_at=slice(-1, None))
+        _, together = self.forward(chain, cache)
+        cache = self.new_cache()
+        self.forward(prompt, cache, logits_at=slice(-1, None))
+        alone = torch.cat([self.forward(chain[:, i: i + 1], cache)[1] for i in range(rows)], 1)
+        if not torch.equal(together, alone):
+            row = int((together != alone).any(-1)[0].nonzero()[0])
+            raise CTCDrafterError(f"on this CPU the {self.backend} backend's {rows}-token pass rounds row {row} apart "
+                                  "from its 1-token step, so its speculation would not be lossless; use --backend torch")
 
     @torch.no_grad()
     def forward(self, input_ids, past_key_values, position_ids=None, attention_mask=None, logits_at=None):
