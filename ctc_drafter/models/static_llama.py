@@ -12,6 +12,10 @@ guard check per layer call.
     m.prefill(ids[:, :P])                                   # fills rows 0..P-1
     logits = m(ids_new, input_pos=torch.arange(P, P + n))   # [1, n, V]; rows P..P+n-1 are overwritten next time
 
+`run` is the pass our loop's compiled backends make (models/compiled_base.py): rows at any RoPE positions and
+cache rows, attending either through SDPA and a mask (the prefill) or through `row_attention`, which
+computes every row as its 1-token step would, whatever the rows per call (what lossless trees need).
+
 quant: None (the dtype's own linears), "int8" (per-channel symmetric, `aten._weight_int8pack_mm`) or
 "int4" (groups of 32 with a zero point, as llama.cpp's Q4_1 blocks; `aten._weight_int4pack_mm_for_cpu`),
 as gpt-fast's quantize.py on a CPU. Only plain Llama layers (no biases, no sliding windows, default RoPE).
@@ -228,8 +232,8 @@ class StaticLlama(nn.Module):
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """A pass whose rows need not be consecutive positions (a token tree): ids [1,n] at RoPE positions
         [n], keys/values written at cache rows `slots` [n], row i attending to the cache rows where mask
-        [1,1,n,max_len] (bool) is True, or with perm [n,max_len] (row_attention) to positions c where mask
-        [n,max_len] is True, read from cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits
+        [1,1,n,max_len] (bool) is True, or with perm [n,L] (row_attention; L <= max_len) to positions c where
+        mask [n,L] is True, read from cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits
         [1,n or head_rows,V] in the engine's dtype); head_rows: the head only over the last rows (a prefill)."""
         if int(slots.max()) >= self.max_len:
             raise CTCDrafterError(f"row {int(slots.max())} is past the static cache ({self.max_len} rows)")
