@@ -18,7 +18,7 @@ import torch
 
 def logits_by_size(base, past_ids, new_ids, sizes, attention: str) -> dict[int, torch.Tensor]:
     """N -> logits [N,V] of a chain pass of new_ids[:N] after past_ids (fp32), through the compiled engine."""
-    from ctc_drafter.models.compiled_base import bucket, row_layout
+    from ctc_drafter.models.compiled_base import attention_length, bucket, row_layout
 
     eng, past, out = base.engine, past_ids.shape[1], {}
     rows = torch.arange(past)
@@ -29,8 +29,7 @@ def logits_by_size(base, past_ids, new_ids, sizes, attention: str) -> dict[int, 
         pos = torch.arange(past, past + B)
         seen = torch.ones(n, n, dtype=torch.bool).tril()
         if attention == "rows":
-            length = min(eng.max_len, -(-(past + B) // 64) * 64)
-            perm, valid = row_layout(seen, past, B, length)
+            perm, valid = row_layout(seen, past, B, attention_length(past + B, eng.max_len))
             _, logits = eng.run(ids, pos, pos, valid, perm=perm, eager=base.eager)
         else:
             mask = torch.zeros(B, eng.max_len, dtype=torch.bool)

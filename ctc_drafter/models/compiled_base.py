@@ -170,11 +170,16 @@ class CompiledBase(BaseModel):
             seen = torch.ones(n, n, dtype=torch.bool).tril()
         else:  # additive: 0 where a node sees another
             seen = attention_mask[0, 0, :, past: past + n] == 0
-        perm, valid = row_layout(seen, past, B, min(self.engine.max_len, -(-(past + B) // ROWS_STEP) * ROWS_STEP))
+        perm, valid = row_layout(seen, past, B, attention_length(past + B, self.engine.max_len))
         ids = torch.cat([ids, ids.new_zeros(1, B - n)], 1)
         pos = torch.cat([pos, pos[-1:].expand(B - n)])
         hidden, logits = self.engine.run(ids, pos, torch.arange(past, past + B), valid, eager=self.eager, perm=perm)
         return hidden[:, :n], logits[:, :n]
+
+
+def attention_length(rows_in_use: int, max_len: int) -> int:
+    """The positions a pass attends over: the rows in use rounded up to ROWS_STEP (one compiled length per step)."""
+    return min(max_len, -(-rows_in_use // ROWS_STEP) * ROWS_STEP)
 
 
 def row_layout(seen: torch.Tensor, past: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,8 +118,8 @@ class Block(nn.Module):
         self.register_buffer("v_cache", torch.zeros(1, self.n_kv, max_len, self.hd, dtype=dtype))
 
     def forward(self, x, cos, sin, mask, input_pos, perm=None):
-        # x [1,n,d]; cos/sin [1,1,n,hd]; input_pos [n]; mask [1,1,n,max_len] bool (SDPA), or with perm [n,max_len]
-        # (each row's keys in position order, row_attention) mask [n,max_len] bool
+        # x [1,n,d]; cos/sin [1,1,n,hd]; input_pos [n]; mask [1,1,n,max_len] bool (SDPA), or with perm [n,L]
+        # (each row's keys in position order, row_attention) mask [n,L] bool
         n = x.shape[1]
         q, k, v = self.wqkv(self.attn_norm(x)).split(
             [self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
@@ -189,7 +189,7 @@ class StaticLlama(nn.Module):
         self.register_buffer("cos", cos.to(dtype)[0])
         self.register_buffer("sin", sin.to(dtype)[0])
         self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
-        self._block = self._head = self._norm_head = None  # compiled callables (compile())
+        self._block = self._head = None  # compiled callables (compile())
 
     def compile(self, **kw) -> "StaticLlama":
         """One compiled graph shared by the layers, one for the head; each pass size compiles on first use."""
@@ -197,13 +197,9 @@ class StaticLlama(nn.Module):
         # dynamic=None: a tree pass's attention length (perm's) is marked dynamic, the pass size stays static
         self._block = torch.compile(Block.forward, dynamic=None, **kw)
         self._head = torch.compile(self._head_eager, dynamic=False, **kw)
-        self._norm_head = torch.compile(self._norm_head_eager, dynamic=False, **kw)
         return self
 
-    def _head_eager(self, h):
-        return self.lm_head(self.norm(h))
-
-    def _norm_head_eager(self, h):  # -> (the last hidden states, as HF's model output: normed; logits)
+    def _head_eager(self, h):  # -> (the last hidden states, as HF's model output: normed; logits)
         h = self.norm(h)
         return h, self.lm_head(h)
 
@@ -220,7 +216,7 @@ class StaticLlama(nn.Module):
         mask = self.causal[input_pos][None, None]
         for layer in self.layers:
             x = block(layer, x, cos, sin, mask, input_pos)
-        return head(x).float()
+        return head(x)[1].float()
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """The first ids.shape[1] positions, eagerly (a one-off shape: not worth a compile)."""
@@ -238,7 +234,7 @@ class StaticLlama(nn.Module):
         if int(slots.max()) >= self.max_len:
             raise CTCDrafterError(f"row {int(slots.max())} is past the static cache ({self.max_len} rows)")
         block = Block.forward if eager or self._block is None else self._block
-        head = self._norm_head_eager if eager or self._norm_head is None else self._norm_head
+        head = self._head_eager if eager or self._head is None else self._head
         x = self.embed(ids)
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
         if perm is not None and not eager:
