@@ -22,7 +22,7 @@ def logits_by_size(base, past_ids, new_ids, sizes, attention: str) -> dict[int, 
 
     eng, past, out = base.engine, past_ids.shape[1], {}
     rows = torch.arange(past)
-    eng.run(past_ids, rows, rows, eng.causal[:past][None, None], head_rows=1, eager=True)  # the context's rows
+    eng.run(past_ids, rows, rows, None, head_rows=1, eager=True)  # the context's rows
     for n in sizes:
         B = bucket(n)
         ids = torch.cat([new_ids[:, :n], new_ids.new_zeros(1, B - n)], 1)

@@ -61,6 +61,26 @@ def test_bf16_layout_in_float64_is_the_hf_models_greedy(proposer, policy, budget
         assert d.generate(ids, max_new_tokens=30).tokens == hf[0, ids.shape[1]:].tolist()
 
 
+def test_a_long_prompt_is_prefilled_densely_and_stays_lossless(first_arm):
+    """A prompt longer than DENSE_ROWS is prefilled through dense products of the dequantized weights and
+    causal attention over its own rows only: speculation and the engine's own greedy share that prefill and
+    stay equal; in float64 without quantisation the long prefill is still the HF model's greedy."""
+    from ctc_drafter.models.static_llama import DENSE_ROWS
+
+    ids = torch.randint(0, 64, (1, DENSE_ROWS + 37), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([ids, ids[:, :20]], 1)  # a repeat for n-gram lookup to find
+    base = engine("compiled-int4")
+    d = CTCDrafter(base, new_draft_for(base, seed=0), generator="prefix", budget=8, proposer="hybrid",
+                   switch=first_arm)
+    spec = d.generate(ids, max_new_tokens=30)
+    assert spec.tokens == d.generate(ids, max_new_tokens=30, speculative=False).tokens
+    assert max(spec.tree_sizes) > 1
+    exact = engine("compiled-bf16", dtype=torch.float64)
+    hf = exact.model.generate(ids, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids))
+    own = CTCDrafter(exact, None, proposer="ngram", budget=4, switch=first_arm).generate(ids, max_new_tokens=20)
+    assert own.tokens == hf[0, ids.shape[1]:].tolist()
+
+
 def test_a_tree_row_is_the_one_token_steps_row_bit_for_bit():
     """Each node of a branching tree pass gets exactly the logits and hidden state that 1-token steps along
     its path get (int4, bf16 activations: where CPU flash attention would round rows apart)."""

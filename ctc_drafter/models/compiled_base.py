@@ -154,8 +154,7 @@ class CompiledBase(BaseModel):
             raise CTCDrafterError(f"the prompt is {T} tokens; the {self.backend} backend holds {self.engine.max_len}")
         rows = torch.arange(T)
         last = isinstance(logits_at, slice) and logits_at == slice(-1, None)
-        hidden, logits = self.engine.run(ids, rows, rows, self.engine.causal[:T][None, None],
-                                         head_rows=1 if last else T, eager=True)
+        hidden, logits = self.engine.run(ids, rows, rows, None, head_rows=1 if last else T, eager=True)
         return hidden, logits if last or logits_at is None else logits[:, logits_at]
 
     def _pass(self, ids, past: int, position_ids, attention_mask):

@@ -32,6 +32,7 @@ from ..errors import CTCDrafterError
 QUANTS = (None, "int8", "int4")
 INT4_GROUP = 32  # llama.cpp's Q4_1 block size
 INT4_INNER_K_TILES = 2
+DENSE_ROWS = 64  # int4 products of more rows than this (only a prefill: passes are at most 64) run dense
 
 
 class Int8Linear(nn.Module):
@@ -68,6 +69,9 @@ class Int4Linear(nn.Module):
         # [in / group, out, 2]: the kernel's layout of (scale, zero)
         self.register_buffer("scales_zeros", torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
         self._q = q.to(torch.uint8)  # kept for dequantized(); not a buffer
+        # [in, out]: the same weights for products of many rows (a long prompt), where a dense product in the
+        # activation dtype is about twice as fast as the int4 kernel (BENCHMARKS.md); not a buffer
+        self._dense = self.dequantized().to(dtype).t().contiguous()
 
     def dequantized(self) -> torch.Tensor:
         s, z = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [out, in / group] each
@@ -75,8 +79,11 @@ class Int4Linear(nn.Module):
         return ((q - 8) * s[..., None] + z[..., None]).reshape(self._q.shape)
 
     def forward(self, x):
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.weight, INT4_GROUP,
-                                                       self.scales_zeros)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > DENSE_ROWS:
+            y = x2 @ self._dense
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scales_zeros)
         return y.reshape(*x.shape[:-1], -1)
 
 
@@ -118,7 +125,7 @@ class Block(nn.Module):
         self.register_buffer("v_cache", torch.zeros(1, self.n_kv, max_len, self.hd, dtype=dtype))
 
     def forward(self, x, cos, sin, mask, input_pos, perm=None):
-        # x [1,n,d]; cos/sin [1,1,n,hd]; input_pos [n]; mask [1,1,n,max_len] bool (SDPA), or with perm [n,L]
+        # x [1,n,d]; cos/sin [1,1,n,hd]; input_pos [n]; mask [1,1,n,L] bool over cache rows 0..L-1 (SDPA), or with perm [n,L]
         # (each row's keys in position order, row_attention) mask [n,L] bool
         n = x.shape[1]
         q, k, v = self.wqkv(self.attn_norm(x)).split(
@@ -129,8 +136,13 @@ class Block(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        if perm is None:
-            y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+        if mask is None:  # a prefill at rows 0..n-1: causal over those rows only
+            y = F.scaled_dot_product_attention(q, self.k_cache[:, :, :n], self.v_cache[:, :, :n], is_causal=True,
+                                               enable_gqa=True)
+        elif perm is None:  # over the cache rows the mask covers
+            L = mask.shape[-1]
+            y = F.scaled_dot_product_attention(q, self.k_cache[:, :, :L], self.v_cache[:, :, :L], attn_mask=mask,
+                                               enable_gqa=True)
         else:
             y = row_attention(q, self.k_cache[0], self.v_cache[0], perm, mask).to(x.dtype)
         h = x + self.wo(y.transpose(1, 2).reshape(1, n, -1))
@@ -228,7 +240,7 @@ class StaticLlama(nn.Module):
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """A pass whose rows need not be consecutive positions (a token tree): ids [1,n] at RoPE positions
         [n], keys/values written at cache rows `slots` [n], row i attending to the cache rows where mask
-        [1,1,n,max_len] (bool) is True, or with perm [n,L] (row_attention; L <= max_len) to positions c where
+        [1,1,n,L] (bool, over rows 0..L-1) is True (None: rows 0..i, a prefill written at rows 0..n-1), or with perm [n,L] (row_attention; L <= max_len) to positions c where
         mask [n,L] is True, read from cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits
         [1,n or head_rows,V] in the engine's dtype); head_rows: the head only over the last rows (a prefill)."""
         if int(slots.max()) >= self.max_len:
