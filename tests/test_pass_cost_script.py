@@ -85,3 +85,16 @@ def test_compiled_static_llama_matches_eager():
     for n in (1, 4):
         eager = m(ids[:, 8:8 + n], torch.arange(8, 8 + n), eager=True)
         assert torch.allclose(m(ids[:, 8:8 + n], torch.arange(8, 8 + n)), eager, atol=1e-5)
+
+
+def test_prefill_cost_script_reads_each_prompt_on_each_engine(tiny_model_dir, tmp_path, capsys):
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"turns": ["Tell me about cats."]}\n{"turns": []}\n{"turns": ["' + "word " * 80 + '"]}\n')
+    load_script("prefill_cost").main(["--question-file", str(q), "--base-model", str(tiny_model_dir),
+                                      "--engines", "backend-int4,torch", "--reps", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("2 prompts")  # the record without turns is skipped
+    rows = {ln.split("|")[1].strip(): float(ln.split("|")[2]) for ln in out[3:]}
+    assert set(rows) == {"backend-int4", "torch"} and all(v > 0 for v in rows.values())
+    with pytest.raises(SystemExit):
+        load_script("prefill_cost").main(["--question-file", str(q), "--engines", "vllm"])
