@@ -7,7 +7,10 @@ as fast as llama.cpp does through llama-cpp-python, and its passes grow slowly w
 so this backend is lossless with respect to itself: speculative output equals this engine's own greedy
 (1-token passes), as llama.cpp's speculation is with respect to its Q4 greedy. That needs each tree row to
 round exactly as the 1-token step at its position, which CPU flash attention does not do; the passes after
-the prefill attend with static_llama.row_attention over a per-row layout (row_layout) instead.
+the prefill attend with static_llama.row_attention over a per-row layout (row_layout) instead. The prefill
+(eager: one shape per prompt) attends causally over the prompt's rows only and, past DENSE_ROWS tokens,
+multiplies the dequantized weights densely (the int4 kernel is built for few rows); the engine's greedy and
+its speculation share it.
 
 How a pass maps onto the static cache (one per engine, so one request at a time): a pass of n tokens
 runs as a bucket of B >= n rows (the next power of two: one compiled graph per bucket) written at cache

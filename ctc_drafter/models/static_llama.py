@@ -13,8 +13,8 @@ guard check per layer call.
     logits = m(ids_new, input_pos=torch.arange(P, P + n))   # [1, n, V]; rows P..P+n-1 are overwritten next time
 
 `run` is the pass our loop's compiled backends make (models/compiled_base.py): rows at any RoPE positions and
-cache rows, attending either through SDPA and a mask (the prefill) or through `row_attention`, which
-computes every row as its 1-token step would, whatever the rows per call (what lossless trees need).
+cache rows, attending either through SDPA (a prefill: causal over its own rows) or through `row_attention`,
+which computes every row as its 1-token step would, whatever the rows per call (what lossless trees need).
 
 quant: None (the dtype's own linears), "int8" (per-channel symmetric, `aten._weight_int8pack_mm`) or
 "int4" (groups of 32 with a zero point, as llama.cpp's Q4_1 blocks; `aten._weight_int4pack_mm_for_cpu`),
