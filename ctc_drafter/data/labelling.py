@@ -70,8 +70,10 @@ def reply_batches(todo: list, batch_size: int, max_tokens: int = KV_TOKENS) -> l
 
 
 def reply_seed(seed: int, record: int, turn: int) -> int:
-    """The sampling seed of one reply: fixed by --seed, the record's place in the data and the turn."""
-    return (seed << 40) + (record << 12) + turn
+    """The sampling seed of one reply: fixed by --seed, the record's place in the data and the turn. torch's
+    CPU generator keeps a seed's low 32 bits only, so --seed is mixed into them (seed 0 gives the stream
+    that every --seed gave before, when it sat above bit 40 and was dropped)."""
+    return (((record << 12) + turn) ^ (seed * 0x9E3779B1)) & 0xFFFFFFFF
 
 
 
