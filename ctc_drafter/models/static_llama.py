@@ -125,8 +125,9 @@ class Block(nn.Module):
         self.register_buffer("v_cache", torch.zeros(1, self.n_kv, max_len, self.hd, dtype=dtype))
 
     def forward(self, x, cos, sin, mask, input_pos, perm=None):
-        # x [1,n,d]; cos/sin [1,1,n,hd]; input_pos [n]; mask [1,1,n,L] bool over cache rows 0..L-1 (SDPA), or with perm [n,L]
-        # (each row's keys in position order, row_attention) mask [n,L] bool
+        # x [1,n,d]; cos/sin [1,1,n,hd]; input_pos [n]; mask None (a prefill: causal over rows 0..n-1),
+        # [1,1,n,L] bool over cache rows 0..L-1 (SDPA), or with perm [n,L] (each row's keys in position
+        # order, row_attention) [n,L] bool
         n = x.shape[1]
         q, k, v = self.wqkv(self.attn_norm(x)).split(
             [self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
@@ -240,8 +241,8 @@ class StaticLlama(nn.Module):
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """A pass whose rows need not be consecutive positions (a token tree): ids [1,n] at RoPE positions
         [n], keys/values written at cache rows `slots` [n], row i attending to the cache rows where mask
-        [1,1,n,L] (bool, over rows 0..L-1) is True (None: rows 0..i, a prefill written at rows 0..n-1), or with perm [n,L] (row_attention; L <= max_len) to positions c where
-        mask [n,L] is True, read from cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits
+        [1,1,n,L] (bool, over rows 0..L-1) is True (None: rows 0..i, a prefill written at rows 0..n-1), or
+        with perm [n,L] (row_attention; L <= max_len) to positions c where mask [n,L] is True, read from cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits
         [1,n or head_rows,V] in the engine's dtype); head_rows: the head only over the last rows (a prefill)."""
         if int(slots.max()) >= self.max_len:
             raise CTCDrafterError(f"row {int(slots.max())} is past the static cache ({self.max_len} rows)")
