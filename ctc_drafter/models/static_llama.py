@@ -242,8 +242,9 @@ class StaticLlama(nn.Module):
         """A pass whose rows need not be consecutive positions (a token tree): ids [1,n] at RoPE positions
         [n], keys/values written at cache rows `slots` [n], row i attending to the cache rows where mask
         [1,1,n,L] (bool, over rows 0..L-1) is True (None: rows 0..i, a prefill written at rows 0..n-1), or
-        with perm [n,L] (row_attention; L <= max_len) to positions c where mask [n,L] is True, read from cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits
-        [1,n or head_rows,V] in the engine's dtype); head_rows: the head only over the last rows (a prefill)."""
+        with perm [n,L] (row_attention; L <= max_len) to positions c where mask [n,L] is True, read from
+        cache rows perm[i, c]. -> (normed last hidden states [1,n,d], logits [1,n or head_rows,V] in the
+        engine's dtype); head_rows: the head only over the last rows (a prefill)."""
         if int(slots.max()) >= self.max_len:
             raise CTCDrafterError(f"row {int(slots.max())} is past the static cache ({self.max_len} rows)")
         block = Block.forward if eager or self._block is None else self._block
