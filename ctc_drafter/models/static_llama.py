@@ -137,13 +137,10 @@ class Block(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        if mask is None:  # a prefill at rows 0..n-1: causal over those rows only
-            y = F.scaled_dot_product_attention(q, self.k_cache[:, :, :n], self.v_cache[:, :, :n], is_causal=True,
-                                               enable_gqa=True)
-        elif perm is None:  # over the cache rows the mask covers
-            L = mask.shape[-1]
+        if perm is None:  # over the cache rows the mask covers; no mask: a prefill, causal over rows 0..n-1
+            L = n if mask is None else mask.shape[-1]
             y = F.scaled_dot_product_attention(q, self.k_cache[:, :, :L], self.v_cache[:, :, :L], attn_mask=mask,
-                                               enable_gqa=True)
+                                               is_causal=mask is None, enable_gqa=True)
         else:
             y = row_attention(q, self.k_cache[0], self.v_cache[0], perm, mask).to(x.dtype)
         h = x + self.wo(y.transpose(1, 2).reshape(1, n, -1))
